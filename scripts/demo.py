@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""The whole recipe, end to end, on the bundled sample corpus (CPU, offline): `make demo`.
+
+Each stage is the command a user would type for their own run, printed before it runs,
+with the demo's small sizes. A stage whose script is not in `scripts/` yet is listed as
+not available instead of run. At the end: where each artifact is, and a summary table
+read from the stages' JSON reports.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from toolkit import assets
+from toolkit.reports import read_json, write_json_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = "sample_data"
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where every stage writes its outputs."})
+    base_model: str = field(default="offline:smollm2-135m", metadata={"help": "The base model the demo extends."})
+    stages: str = field(default="all", metadata={"help": "Comma-separated stage names to run, or 'all'."})
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str  # the script that must exist for the stage to run
+    command: list
+    report: str  # the JSON report the stage writes, relative to the output dir
+    summary: callable = None  # report -> short text for the final table
+
+
+def stages(out, base_model):
+    """The recipe's stages, in order, with the demo's sizes."""
+    launch_cpu = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu_zero3_2proc.yaml"]
+    return [
+        Stage(
+            "select", "select_data.py",
+            ["python", "scripts/select_data.py",
+             "--raw_datasets", f"{SAMPLE}/pool/data/ja/ja_clean_0000.jsonl.gz",
+             "--target_datasets", f"{SAMPLE}/target/ja_target.jsonl.gz",
+             "--num_to_sample", "600", "--output_dir", f"{out}/selection", "--num_proc", "2"],
+            "selection/selection_report.json",
+        ),
+        Stage(
+            "tokenizer", "extend_tokenizer.py",
+            ["python", "scripts/extend_tokenizer.py", "--base_tokenizer", base_model,
+             "--train_files", f"{out}/selection/selected.jsonl",
+             "--eval_files", f"{SAMPLE}/eval/ja_eval.jsonl.gz", f"{SAMPLE}/eval/en_eval.jsonl.gz",
+             "--vocab_size", "53248", "--output_dir", f"{out}/tokenizer"],
+            "tokenizer/tokenizer_report.json",
+        ),
+        Stage(
+            "mix", "mix_corpus.py",
+            ["python", "scripts/mix_corpus.py", "--japanese_files", f"{out}/selection/selected.jsonl",
+             "--english_files", f"{SAMPLE}/pool/data/en/en_clean_0000.jsonl.gz",
+             "--tokenizer", f"{out}/tokenizer", "--english_token_share", "0.1", "--output_dir", f"{out}/mix"],
+            "mix/mix_report.json",
+        ),
+        Stage(
+            "pretrain", "pretrain.py",
+            launch_cpu + ["scripts/pretrain.py", "--model_name_or_path", base_model,
+                          "--tokenizer_name", f"{out}/tokenizer", "--train_files", f"{out}/mix/train.jsonl",
+                          "--eval_files_ja", f"{SAMPLE}/eval/ja_eval.jsonl.gz",
+                          "--eval_files_en", f"{SAMPLE}/eval/en_eval.jsonl.gz",
+                          "--block_size", "256", "--per_device_train_batch_size", "2",
+                          "--max_train_steps", "30", "--output_dir", f"{out}/pretrain"],
+            "pretrain/training_report.json",
+        ),
+        Stage(
+            "ablation", "evaluate_ablation.py",
+            ["python", "scripts/evaluate_ablation.py", "--models", base_model, f"{out}/pretrain",
+             "--model_names", "base", "extended", "--finetune",
+             "--sft_files", f"{SAMPLE}/sft/sft_ja.jsonl",
+             "--task_dir", f"{SAMPLE}/tasks", "--output_dir", f"{out}/ablation"],
+            "ablation/ablation_results.json",
+        ),
+        Stage(
+            "publish", "publish.py",
+            ["python", "scripts/publish.py", "--model_dir", f"{out}/pretrain",
+             "--repo_id", "your-org/smollm2-135m-ja-demo", "--reports", out, "--dry_run"],
+            "pretrain/publish_report.json",
+        ),
+    ]
+
+
+def run(stage):
+    print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
+    command = list(stage.command)
+    command[0] = {"python": sys.executable, "accelerate": str(Path(sys.executable).parent / "accelerate")}.get(
+        command[0], command[0]
+    )
+    started = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return time.time() - started
+
+
+def main():
+    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
+    out = Path(args.output_dir)
+    if not out.is_absolute():
+        out = Path(os.path.relpath(REPO_ROOT / out, REPO_ROOT))
+    wanted = None if args.stages == "all" else set(args.stages.split(","))
+    print(f"base model: {args.base_model} -> {assets.resolve(args.base_model)}")
+    results = []
+    for stage in stages(out, args.base_model):
+        if wanted is not None and stage.name not in wanted:
+            continue
+        if not (REPO_ROOT / "scripts" / stage.script).exists():
+            results.append((stage, "not available yet", None))
+            continue
+        seconds = run(stage)
+        results.append((stage, f"{seconds:.0f} s", REPO_ROOT / out / stage.report))
+    print("\n=== Summary")
+    print(f"{'stage':<10} {'time':>18}  report")
+    for stage, status, report in results:
+        print(f"{stage.name:<10} {status:>18}  {report.relative_to(REPO_ROOT) if report else '-'}")
+    summary = {
+        stage.name: {"status": status, "report": str(report) if report else None,
+                     "figures": read_json(report) if report and report.exists() else None}
+        for stage, status, report in results
+    }
+    write_json_atomic(REPO_ROOT / out / "demo_report.json", summary)
+    print(f"\nAll outputs are under {out}/ ; demo_report.json collects the stage reports.")
+
+
+if __name__ == "__main__":
+    main()

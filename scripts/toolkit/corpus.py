@@ -1,0 +1,97 @@
+"""Reading MADLAD-400-style corpora: JSONL or JSONL.gz files, one {"text": ...} per line.
+
+Bad input never disappears silently: each problem either raises `CorpusError` naming
+the file and line, or (with `skip_bad_records=True`) is counted by reason in a
+`Counter` the caller puts in its report.
+"""
+
+import glob
+import gzip
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class CorpusError(ValueError):
+    """A problem in an input file, with the file and line that caused it."""
+
+
+@dataclass
+class ReadStats:
+    lines: int = 0
+    records: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def expand_paths(patterns) -> list:
+    """Files named by paths or glob patterns, in the order given (each glob sorted)."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [str(pattern)]
+        if not matches:
+            raise CorpusError(f"{pattern}: no file matches this pattern")
+        for match in matches:
+            if not Path(match).is_file():
+                raise CorpusError(f"{match}: no such file")
+            paths.append(match)
+    return paths
+
+
+def _open_lines(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        yield from enumerate(stream, start=1)
+
+
+def iter_records(path, text_field="text", skip_bad_records=False, stats=None):
+    """Yield (line_number, record) for every good record of one JSONL(.gz) file."""
+    stats = stats if stats is not None else ReadStats()
+
+    def bad(line_number, reason, detail):
+        if not skip_bad_records:
+            raise CorpusError(f"{path}:{line_number}: {detail} (pass --skip_bad_records to count and skip such lines)")
+        stats.skipped[reason] += 1
+
+    try:
+        for line_number, raw in _open_lines(path):
+            stats.lines += 1
+            if not raw.strip():
+                bad(line_number, "blank_line", "blank line")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad(line_number, "invalid_utf8", f"invalid UTF-8 at byte {error.start}")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad(line_number, "malformed_json", f"malformed JSON ({error.msg}, column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                bad(line_number, "not_an_object", "a JSON object is expected on each line")
+                continue
+            if text_field not in record:
+                bad(line_number, "missing_text", f"no {text_field!r} field")
+                continue
+            if not isinstance(record[text_field], str):
+                bad(line_number, "text_not_string", f"{text_field!r} is {type(record[text_field]).__name__}, not a string")
+                continue
+            stats.records += 1
+            yield line_number, record
+    except (OSError, EOFError) as error:  # truncated or corrupt gzip
+        raise CorpusError(f"{path}: cannot be read ({error})") from error
+    if stats.lines == 0:
+        raise CorpusError(f"{path}: the file is empty")
+
+
+def read_texts(paths, text_field="text", skip_bad_records=False):
+    """All texts of the given files (paths or globs), with read statistics."""
+    stats = ReadStats()
+    texts = [
+        record[text_field]
+        for path in expand_paths(paths)
+        for _, record in iter_records(path, text_field, skip_bad_records, stats)
+    ]
+    return texts, stats

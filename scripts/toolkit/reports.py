@@ -1,0 +1,26 @@
+"""JSON reports: every stage writes one next to its output; later stages read them."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_json_atomic(path, payload) -> Path:
+    """Write `payload` as indented UTF-8 JSON via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(payload, stream, indent=2, ensure_ascii=False, default=str)
+        stream.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
