@@ -1,0 +1,397 @@
+"""The bilingual (English/Japanese) model card, rendered from the stages' JSON reports.
+
+ALL knowledge of the report keys lives in this module: one `*_facts(report)` function per
+report turns it into the figures the card needs. Each returns None when the report (or a
+figure the section cannot do without) is missing, and the template then leaves that section
+out with a note: the card never shows a number that no report gave. If a stage renames a
+key, adapt the one function here.
+
+    selection_report.json  -> selection_facts   (documents, characters, featurizer, inputs)
+    tokenizer_report.json  -> tokenizer_facts   (vocabulary sizes, characters/token table)
+    mix_report.json        -> mix_facts         (tokens per language, English share)
+    training_report.json   -> training_facts    (tokens, steps, GPU-hours, throughput, ZeRO, EOS)
+    ablation_results.json  -> ablation_facts    (per-task table, 95% intervals, verdict)
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from toolkit.reports import read_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_DIR = REPO_ROOT / "model_card"
+DEFAULTS_FILE = TEMPLATE_DIR / "defaults.yaml"
+
+REPORT_NAMES = {
+    "selection": "selection_report.json",
+    "tokenizer": "tokenizer_report.json",
+    "mix": "mix_report.json",
+    "training": "training_report.json",
+    "ablation": "ablation_results.json",
+}
+# Where `make demo` writes each report, relative to its output dir (looked at first).
+DEMO_PATHS = {
+    "selection": "selection/selection_report.json",
+    "tokenizer": "tokenizer/tokenizer_report.json",
+    "mix": "mix/mix_report.json",
+    "training": "pretrain/training_report.json",
+    "ablation": "ablation/ablation_results.json",
+}
+# Our offline asset names -> the Hub model they were converted from (for `base_model`).
+OFFLINE_BASE_MODELS = {
+    "offline:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "offline:mistral-7b-tokenizer": "mistralai/Mistral-7B-v0.1",
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# ----------------------------------------------------------------------------- finding reports
+def find_reports(roots) -> dict:
+    """{stage: Path} for every report found under the given folders.
+
+    Each root is tried at the demo's layout first, then searched recursively; the
+    shallowest match wins (ties: alphabetical), so `--reports OUT` finds OUT/pretrain/...
+    """
+    found = {}
+    for root in [Path(r) for r in roots if r]:
+        if not root.is_dir():
+            continue
+        for stage, name in REPORT_NAMES.items():
+            if stage in found:
+                continue
+            demo = root / DEMO_PATHS[stage]
+            if demo.is_file():
+                found[stage] = demo
+                continue
+            if (root / name).is_file():
+                found[stage] = root / name
+                continue
+            matches = sorted(root.rglob(name), key=lambda p: (len(p.parts), str(p)))
+            if matches:
+                found[stage] = matches[0]
+    return found
+
+
+def load_reports(paths: dict) -> dict:
+    return {stage: read_json(path) for stage, path in paths.items()}
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _get(report, *keys, default=None):
+    """report[k1][k2]... or `default` when any level is missing."""
+    value = report
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return default
+        value = value[key]
+    return value
+
+
+def _number(value):
+    """A finite int/float, or None (booleans, strings, NaN are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _first_number(report, *paths):
+    for path in paths:
+        value = _number(_get(report, *path))
+        if value is not None:
+            return value
+    return None
+
+
+def _flatten_numbers(tree, prefix=""):
+    """[(dotted.key, number)] for every numeric leaf of a nested dict."""
+    rows = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            rows += _flatten_numbers(value, f"{prefix}{key}.")
+    elif _number(tree) is not None:
+        rows.append((prefix.rstrip("."), tree))
+    return rows
+
+
+def hub_model_id(name):
+    """A Hub model id for a base model name, or None (local folders, random miniatures)."""
+    if not name:
+        return None
+    if name in OFFLINE_BASE_MODELS:
+        return OFFLINE_BASE_MODELS[name]
+    if name.startswith("offline:") or Path(name).exists():
+        return None
+    return name if HUB_ID.match(name) else None
+
+
+# ----------------------------------------------------------------------------- one function per report
+def selection_facts(report):
+    if not report:
+        return None
+    docs = _get(report, "documents", default={}) or {}
+    facts = {
+        "documents_read": _number(docs.get("read")),
+        "documents_filtered": _number(docs.get("filtered")) if not isinstance(docs.get("filtered"), dict)
+        else _number(sum(v for v in docs["filtered"].values() if _number(v) is not None)),
+        "documents_selected": _number(docs.get("selected")),
+        "documents_not_selected": _number(docs.get("not_selected")),
+        "characters_selected": _first_number(report, ("characters_selected",), ("characters", "selected")),
+        "featurizer": _get(report, "featurizer"),
+        "seconds": _first_number(report, ("seconds",), ("timing", "total_seconds")),
+    }
+    if isinstance(facts["featurizer"], dict):
+        facts["featurizer"] = facts["featurizer"].get("name") or ", ".join(f"{k}={v}" for k, v in facts["featurizer"].items())
+    inputs = _get(report, "inputs", default={}) or {}
+    facts["raw_inputs"] = [str(x) for x in (inputs.get("raw_datasets") or [])] if isinstance(inputs, dict) else []
+    facts["target_inputs"] = [str(x) for x in (inputs.get("target_datasets") or [])] if isinstance(inputs, dict) else []
+    facts["hub_datasets"] = sorted(
+        {hub_dataset_id(x) for x in facts["raw_inputs"] + facts["target_inputs"]} - {None}
+    )
+    if facts["documents_selected"] is None:
+        return None
+    return facts
+
+
+def hub_dataset_id(path_or_id):
+    """'allenai/MADLAD-400' from 'allenai/MADLAD-400' or 'hf://datasets/allenai/MADLAD-400/...'; else None."""
+    text = str(path_or_id)
+    if text.startswith("hf://datasets/"):
+        parts = text[len("hf://datasets/"):].split("/")
+        return "/".join(parts[:2]) if len(parts) >= 2 else None
+    if Path(text).exists() or text.startswith(("/", ".")) or "*" in text:
+        return None
+    return text if HUB_ID.match(text) else None
+
+
+def tokenizer_facts(report):
+    if not report:
+        return None
+    facts = {
+        "base_vocab_size": _number(_get(report, "base_vocab_size")),
+        "final_vocab_size": _number(_get(report, "final_vocab_size")),
+        "tokens_added": _number(_get(report, "tokens_added")),
+        "base_tokenizer": _get(report, "base_tokenizer") or _get(report, "arguments", "base_tokenizer"),
+    }
+    if facts["base_vocab_size"] is None or facts["final_vocab_size"] is None:
+        return None
+    if facts["tokens_added"] is None:
+        facts["tokens_added"] = facts["final_vocab_size"] - facts["base_vocab_size"]
+    rows = []
+    for language in ("ja", "en"):
+        base = _number(_get(report, "chars_per_token", "base", language))
+        extended = _number(_get(report, "chars_per_token", "extended", language))
+        if base is not None and extended is not None:
+            rows.append({"language": language, "base": base, "extended": extended,
+                         "ratio": extended / base if base else None})
+    facts["chars_per_token"] = rows
+    return facts
+
+
+def mix_facts(report):
+    if not report:
+        return None
+    ja = _number(_get(report, "tokens", "ja"))
+    en = _number(_get(report, "tokens", "en"))
+    if ja is None or en is None:
+        return None
+    share = _number(_get(report, "english_token_share"))
+    if share is None and ja + en:
+        share = en / (ja + en)
+    return {"tokens_ja": ja, "tokens_en": en, "tokens_total": ja + en, "english_share": share,
+            "japanese_share": None if share is None else 1 - share,
+            "tokenizer": _get(report, "tokenizer") or _get(report, "arguments", "tokenizer")}
+
+
+def training_facts(report):
+    if not report:
+        return None
+    arguments = _get(report, "arguments", default={}) or {}
+    facts = {
+        "tokens_seen": _number(_get(report, "tokens_seen")),
+        "steps": _number(_get(report, "steps")),
+        "wall_time_hours": None,
+        "gpu_hours": _number(_get(report, "gpu_hours")),
+        "tokens_per_second": _number(_get(report, "tokens_per_second")),
+        "mfu": _number(_get(report, "mfu")),
+        "hardware": _get(report, "hardware"),
+        "zero_stage": _number(_get(report, "zero_stage")),
+        "eos_appended": _get(report, "eos_appended"),
+        "base_model": arguments.get("model_name_or_path"),
+        "block_size": _number(arguments.get("block_size")),
+        "learning_rate": _number(arguments.get("learning_rate")),
+        "embedding_init": arguments.get("embedding_init"),
+        "eval": [{"name": name, "value": value} for name, value in _flatten_numbers(_get(report, "eval", default={}))],
+    }
+    seconds = _number(_get(report, "wall_time_seconds"))
+    if seconds is not None:
+        facts["wall_time_hours"] = seconds / 3600
+    if isinstance(facts["hardware"], dict):
+        hw = facts["hardware"]
+        facts["hardware"] = " ".join(str(x) for x in (hw.get("num_devices") or hw.get("num_processes"),
+                                                       "x", hw.get("device_name") or hw.get("device")) if x)
+    if facts["mfu"] is not None and facts["mfu"] > 1:  # given in percent
+        facts["mfu"] /= 100
+    if not isinstance(facts["eos_appended"], bool):
+        facts["eos_appended"] = None
+    if facts["tokens_seen"] is None and facts["steps"] is None:
+        return None
+    return facts
+
+
+def ablation_facts(report):
+    if not report:
+        return None
+    models = [str(m.get("name")) if isinstance(m, dict) else str(m) for m in (_get(report, "models", default=[]) or [])]
+    tasks = []
+    for task in _get(report, "tasks", default=[]) or []:
+        scores = task.get("scores") or {}
+        ci = task.get("ci95") or [None, None]
+        lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
+        difference = _number(task.get("difference"))
+        metric = str(task.get("metric", ""))
+        higher_is_better = task.get("higher_is_better")
+        if not isinstance(higher_is_better, bool):  # bits, perplexity, loss: lower is better
+            higher_is_better = not any(word in metric.lower() for word in ("bits", "perplexity", "loss", "error"))
+        if lo is None or hi is None:
+            outcome = "unknown"
+        elif lo <= 0 <= hi:
+            outcome = "noise"
+        else:
+            outcome = "better" if (lo > 0) == higher_is_better else "worse"
+        tasks.append({"name": str(task.get("name")), "metric": metric,
+                      "scores": [_number(scores.get(m)) for m in models],
+                      "difference": difference, "ci_low": lo, "ci_high": hi, "outcome": outcome})
+    if not models or not tasks:
+        return None
+    verdict = _get(report, "verdict")
+    return {"models": models, "tasks": tasks, "verdict": verdict if isinstance(verdict, str) else None}
+
+
+def collect_facts(reports: dict) -> dict:
+    """Every section's facts (None = section left out) from {stage: report dict}."""
+    return {
+        "selection": selection_facts(reports.get("selection")),
+        "tokenizer": tokenizer_facts(reports.get("tokenizer")),
+        "mix": mix_facts(reports.get("mix")),
+        "training": training_facts(reports.get("training")),
+        "ablation": ablation_facts(reports.get("ablation")),
+    }
+
+
+# ----------------------------------------------------------------------------- user fields
+@dataclass
+class CardConfig:
+    """What only the user knows. Defaults in model_card/defaults.yaml, then --card_config, then CLI."""
+
+    model_name: str = None
+    authors: list = field(default_factory=list)
+    acknowledgements: list = field(default_factory=list)  # strings, or {en: ..., ja: ...}
+    sponsor: object = None  # string or {en, ja}
+    hardware_description: object = None  # string or {en, ja}; overrides the training report's
+    base_model: str = None
+    datasets: list = field(default_factory=list)
+    tags: list = field(default_factory=list)
+    license: str = "apache-2.0"
+    code_url: str = None
+
+
+def load_card_config(path=None, overrides=None) -> CardConfig:
+    values = yaml.safe_load(DEFAULTS_FILE.read_text(encoding="utf-8")) or {}
+    if path:
+        user = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"{path}: the card config must be a YAML mapping (key: value)")
+        values.update(user)
+    values.update({k: v for k, v in (overrides or {}).items() if v not in (None, [], "")})
+    known = set(CardConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path or DEFAULTS_FILE}: unknown card field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return CardConfig(**values)
+
+
+def bilingual(value):
+    """{'en': ..., 'ja': ...} from a plain string (same text in both) or a dict."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {"en": value.get("en") or value.get("ja"), "ja": value.get("ja") or value.get("en")}
+    return {"en": str(value), "ja": str(value)}
+
+
+# ----------------------------------------------------------------------------- rendering
+def fmt_int(value):
+    return "n/a" if value is None else f"{int(round(value)):,}"
+
+
+def fmt_float(value, digits=2):
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def fmt_pct(value, digits=1):
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def fmt_signed(value, digits=3):
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
+def card_metadata(facts, config: CardConfig, repo_id=None) -> dict:
+    from huggingface_hub import ModelCardData
+
+    base_model = config.base_model or hub_model_id((facts.get("training") or {}).get("base_model"))
+    datasets = list(dict.fromkeys(list(config.datasets) + ((facts.get("selection") or {}).get("hub_datasets") or [])))
+    data = ModelCardData(
+        license=config.license,
+        language=["en", "ja"],
+        base_model=base_model,
+        datasets=datasets or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(list(config.tags))) or None,
+        model_name=config.model_name or (repo_id.split("/")[-1] if repo_id else None),
+    )
+    return data
+
+
+def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
+    """The card's full text: YAML front matter, then the English and the Japanese sections."""
+    data = card_metadata(facts, config, repo_id)
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / "templates")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters.update(int=fmt_int, float=fmt_float, pct=fmt_pct, signed=fmt_signed, code=lambda text: f"`{text}`")
+    training = facts.get("training") or {}
+    hardware = bilingual(config.hardware_description) or bilingual(training.get("hardware"))
+    context = {
+        "card_data": data.to_yaml(),
+        "meta": data,
+        "repo_id": repo_id,
+        "model_name": data.model_name or repo_id,
+        "base_model": data.base_model,
+        "base_model_name": data.base_model or training.get("base_model"),
+        "facts": facts,
+        "config": config,
+        "hardware": hardware,
+        "sponsor": bilingual(config.sponsor),
+        "acknowledgements": [bilingual(a) for a in config.acknowledgements],
+        "report_names": REPORT_NAMES,
+        "missing": [stage for stage in REPORT_NAMES if facts.get(stage) is None],
+    }
+    return environment.get_template("card.md.j2").render(**context)
+
+
+def split_languages(card_text: str):
+    """(english, japanese) sections of a rendered card (split at the language markers)."""
+    body = card_text.split("<!-- lang: en -->", 1)[1]
+    english, japanese = body.split("<!-- lang: ja -->", 1)
+    return english, japanese
