@@ -136,7 +136,7 @@ class FakeHub:
             if not match or not isinstance(yaml.safe_load(match.group(1)), dict):
                 return 400, {"errors": [{"message": "no YAML metadata block"}]}, None
             return 200, {"errors": [], "warnings": []}, None
-        match = re.match(r"^/api/models/([^/]+/[^/]+)/(tree|preupload|commit|branch)/([^/]+)$", path)
+        match = re.match(r"^/api/models/([^/]+/[^/]+)/(tree|preupload|commit|branch|revision)/([^/]+)$", path)
         if match:
             repo_id, action, revision = match.group(1), match.group(2), unquote(match.group(3))
             return getattr(self, f"_{action}")(method, repo_id, revision, query, body)
@@ -168,6 +168,13 @@ class FakeHub:
                 entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
             entries.append(entry)
         return 200, entries, None
+
+    def _revision(self, method, repo_id, revision, query, body):
+        repo, sha = self._resolve(repo_id, revision)
+        if repo is None:
+            return sha
+        return 200, {"id": repo_id, "sha": sha, "private": repo["private"],
+                     "siblings": [{"rfilename": path} for path in sorted(repo["commits"][sha])]}, None
 
     def _branch(self, method, repo_id, branch, query, body):
         repo, sha = self._resolve(repo_id, "main")

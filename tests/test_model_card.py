@@ -1,0 +1,149 @@
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from toolkit import model_card as mc
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reports"
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def render(root, repo_id="your-org/smollm2-135m-ja-demo", config=None):
+    facts = mc.collect_facts(mc.load_reports(mc.find_reports([root])))
+    return mc.render_card(facts, config or mc.load_card_config(), repo_id)
+
+
+@pytest.fixture
+def reports(tmp_path):
+    root = tmp_path / "reports"
+    shutil.copytree(FIXTURES, root)
+    return root
+
+
+def edit(path, **changes):
+    report = json.loads(path.read_text())
+    report.update(changes)
+    path.write_text(json.dumps(report))
+
+
+def test_card_has_both_languages_with_the_same_numbers(reports):
+    card = render(reports)
+    english, japanese = mc.split_languages(card)
+    assert "## English" in english and "## 日本語" in japanese
+    assert "継続事前学習" in japanese and "トークナイザー" in japanese and "謝辞" in japanese
+    # Same facts: every number of one section appears as often in the other.
+    assert Counter(NUMBER.findall(english)) == Counter(NUMBER.findall(japanese))
+    # And those numbers are the reports' figures, formatted once.
+    for figure in ["49,152", "53,248", "4,096", "1,081,350", "120,150", "90.0%", "10.0%", "1,480", "600",
+                   "1,873,402", "30,720", "0.91", "1.73", "1.90x", "+0.0560", "[+0.0120, +0.1010]", "ZeRO-3"]:
+        assert figure in english and figure in japanese, figure
+
+
+def test_card_metadata_is_valid_model_card_data(reports):
+    card = ModelCard(render(reports))
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["language"] == ["en", "ja"]
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # from the training report's offline name
+    assert "japanese" in data["tags"]
+    assert "datasets" not in data  # the fixture selection read local files: no Hub dataset to name
+
+
+def test_hub_inputs_become_datasets_metadata(reports):
+    edit(reports / "selection" / "selection_report.json",
+         inputs={"raw_datasets": ["allenai/MADLAD-400"], "target_datasets": ["hf://datasets/org/target/x.jsonl"]})
+    data = ModelCard(render(reports)).data
+    assert data.datasets == ["allenai/MADLAD-400", "org/target"]
+
+
+def test_missing_reports_leave_their_sections_out(reports):
+    shutil.rmtree(reports / "tokenizer")
+    (reports / "ablation" / "ablation_results.json").unlink()
+    card = render(reports)
+    english, japanese = mc.split_languages(card)
+    assert "tokenizer_report.json" in english and "tokenizer_report.json" in japanese
+    assert "ablation_results.json" in english and "ablation_results.json" in japanese
+    for figure in ["53,248", "4,096", "1.73", "passage_continuation"]:  # nothing from the missing reports
+        assert figure not in card
+    assert "| Japanese | 1,081,350 |" in english  # the other sections stay
+    assert Counter(NUMBER.findall(english)) == Counter(NUMBER.findall(japanese))
+
+
+def test_no_reports_at_all_still_renders_a_valid_card(tmp_path):
+    card = render(tmp_path)
+    english, japanese = mc.split_languages(card)
+    assert "unknown" in english and "不明" in japanese  # EOS: not claimed either way
+    assert ModelCard(card).data.license == "apache-2.0"
+    assert Counter(NUMBER.findall(english)) == Counter(NUMBER.findall(japanese))
+
+
+def test_missing_keys_inside_a_report_omit_only_what_is_missing(reports):
+    path = reports / "tokenizer" / "tokenizer_report.json"
+    report = json.loads(path.read_text())
+    del report["chars_per_token"]
+    path.write_text(json.dumps(report))
+    english, _ = mc.split_languages(render(reports))
+    assert "53,248" in english and "Extended / base" not in english
+    edit(reports / "pretrain" / "training_report.json", tokens_seen="lots", steps=None)
+    assert mc.training_facts(json.loads((reports / "pretrain" / "training_report.json").read_text())) is None
+
+
+def test_eos_statement_follows_the_training_report(reports):
+    english, japanese = mc.split_languages(render(reports))
+    assert "EOS **was trained**" in english and "EOS は**学習済み**" in japanese
+    edit(reports / "pretrain" / "training_report.json", eos_appended=False)
+    english, japanese = mc.split_languages(render(reports))
+    assert "EOS **was not trained**" in english and "EOS は**学習していません**" in japanese
+
+
+def test_ablation_reading_respects_metric_direction():
+    facts = mc.ablation_facts({"models": ["base", "ext"], "tasks": [
+        {"name": "a", "metric": "accuracy", "scores": {"base": 0.1, "ext": 0.2}, "difference": 0.1, "ci95": [0.05, 0.15]},
+        {"name": "b", "metric": "bits_per_character", "scores": {"base": 2, "ext": 1.9}, "difference": -0.1, "ci95": [-0.2, -0.01]},
+        {"name": "c", "metric": "accuracy", "scores": {"base": 0.1, "ext": 0.0}, "difference": -0.1, "ci95": [-0.2, -0.05]},
+        {"name": "d", "metric": "accuracy", "scores": {"base": 0.1, "ext": 0.1}, "difference": 0.0, "ci95": [-0.1, 0.1]},
+    ]})
+    assert [task["outcome"] for task in facts["tasks"]] == ["better", "better", "worse", "noise"]
+
+
+def test_user_fields_from_yaml_and_cli(reports, tmp_path):
+    config_file = tmp_path / "card.yaml"
+    config_file.write_text(
+        "authors: [Jane Doe]\n"
+        "sponsor: {en: 'Compute sponsored by ACME.', ja: '計算資源は ACME から提供されました。'}\n"
+        "hardware_description: {en: '1 node, 16 x A100-40GB', ja: 'A100-40GB 16 基（1 ノード）'}\n"
+    )
+    config = mc.load_card_config(config_file, {"model_name": "My JA Model", "authors": None})
+    english, japanese = mc.split_languages(render(reports, config=config))
+    assert "# My JA Model" in render(reports, config=config)
+    assert "Jane Doe" in english and "Jane Doe" in japanese
+    assert "Compute sponsored by ACME." in english and "計算資源は ACME から提供されました。" in japanese
+    assert "1 node, 16 x A100-40GB" in english and "A100-40GB 16 基" in japanese
+    assert "2 x CPU process" not in english  # the user's hardware line replaces the report's
+    config_file.write_text("author: typo\n")
+    with pytest.raises(ValueError, match="unknown card field.*author"):
+        mc.load_card_config(config_file)
+
+
+def test_find_reports_prefers_demo_layout_then_searches(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "training_report.json").write_text("{}")
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "er" / "training_report.json").write_text("{}")
+    (tmp_path / "deep" / "er" / "mix_report.json").write_text("{}")
+    found = mc.find_reports([tmp_path])
+    assert found["training"] == tmp_path / "pretrain" / "training_report.json"
+    assert found["mix"] == tmp_path / "deep" / "er" / "mix_report.json"
+    assert "selection" not in found
+
+
+def test_unreadable_report_names_the_file(reports):
+    (reports / "mix" / "mix_report.json").write_text("{not json")
+    with pytest.raises(ValueError, match="mix_report.json:1"):
+        mc.load_reports(mc.find_reports([reports]))
