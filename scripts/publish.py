@@ -72,7 +72,8 @@ MODEL_FILES = [
 ]
 # Records of the run that belong next to the model but not in the model repo: kept local, listed.
 RUN_RECORDS = [
-    "*_report.json", "*_results.json", "*.png", "*.log", "*.md", "*.csv", "runs/*", "logs/*",
+    "*_report.json", "*_results.json", "trainer_state.json", "*.png", "*.log", "*.jsonl", "*.md", "*.csv",
+    "runs/*", "logs/*",
     "tensorboard/*", "*events.out.tfevents.*",
 ]
 # Never published: training state and pickles. (pattern, why)
@@ -98,10 +99,10 @@ def classify_files(model_dir: Path, ignore_patterns):
         relative = path.relative_to(model_dir).as_posix()
         if matches(relative, ignore_patterns):
             left_out[relative] = "--ignore_patterns"
-        elif relative == "publish_report.json" or matches(relative, RUN_RECORDS) and relative != "README.md":
-            left_out[relative] = "run record, kept local"
         elif "/" not in relative and matches(relative, MODEL_FILES):
             to_upload.append(relative)
+        elif relative == "publish_report.json" or matches(relative, RUN_RECORDS):
+            left_out[relative] = "run record, kept local"
         else:
             why = next((why for pattern, why in REFUSED if fnmatch.fnmatch(relative, pattern)), "not a model file")
             refused.append(f"{relative} ({why})")
