@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""What the pre-upload checks of publish.py cost, against what an upload costs locally anyway.
+
+    python scripts/bench_publish.py --model_dir PATH_OR_OFFLINE_NAME [--repeats 3]
+
+Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card,
+file classification, weight/config check on the meta device, tokenizer + generation check,
+sha256 of every file) and (b) the baseline: huggingface_hub building the `CommitOperationAdd`
+of every file and computing its upload info (the sha256 `upload_folder` needs before it sends
+anything). Prints a markdown table with the ratio of each phase to the baseline. Best of
+`--repeats` runs (the file cache is warm after the first).
+"""
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig, HfArgumentParser
+
+import publish
+from toolkit import assets
+
+
+@dataclass
+class BenchArguments:
+    model_dir: str = field(default="offline:smollm2-135m", metadata={"help": "Model folder or offline: name."})
+    repeats: int = field(default=3, metadata={"help": "Runs per phase; the best is kept."})
+
+
+def best_of(repeats, function):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main():
+    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
+    source = Path(assets.resolve(args.model_dir))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "model"
+        folder.mkdir()
+        for item in source.iterdir():  # links, not copies: the same bytes on disk
+            if not item.name.startswith("."):
+                (folder / item.name).symlink_to(item.resolve())
+        arguments = publish.PublishArguments(model_dir=str(folder), repo_id="bench/model", dry_run=True)
+        config = AutoConfig.from_pretrained(folder)
+        publish.write_card(arguments, folder)
+        files, _ = publish.classify_files(folder, [])
+        total = sum((folder / name).stat().st_size for name in files)
+
+        def hash_all():
+            class Null:
+                def update(self, _):
+                    pass
+
+            for name in files:
+                publish.sha256_of(folder / name, Null())
+
+        def baseline():
+            from huggingface_hub import CommitOperationAdd
+
+            for name in files:
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)).upload_info.sha256
+
+        phases = {
+            "render + validate card": lambda: publish.write_card(arguments, folder),
+            "classify files": lambda: publish.classify_files(folder, []),
+            "weights vs config (meta device)": lambda: publish.check_weights(folder, files, config),
+            "tokenizer + generation config": lambda: publish.check_tokenizer_and_generation(folder, config, 128),
+            "sha256 of every file": hash_all,
+        }
+        baseline_seconds = best_of(args.repeats, baseline)
+        print(f"model: {args.model_dir} ({len(files)} files, {total / 1e6:.1f} MB); best of {args.repeats}\n")
+        print("| phase | seconds | / baseline |\n|---|---:|---:|")
+        checks = 0.0
+        for name, function in phases.items():
+            seconds = best_of(args.repeats, function)
+            checks += seconds if name != "sha256 of every file" else 0.0
+            print(f"| {name} | {seconds:.3f} | {seconds / baseline_seconds:.2f} |")
+        print(f"| all checks (no hashing) | {checks:.3f} | {checks / baseline_seconds:.2f} |")
+        print(f"| baseline: huggingface_hub upload info (sha256) of every file | {baseline_seconds:.3f} | 1.00 |")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
