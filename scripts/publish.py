@@ -254,7 +254,9 @@ def write_card(args, model_dir: Path):
         problems.append(f"language={data.language!r}")
     if problems:
         raise PublishError(f"the rendered card's metadata is not as intended: {', '.join(problems)}")
-    card.save(model_dir / "README.md")
+    temporary = model_dir / ".README.md.tmp"
+    temporary.write_text(str(card), encoding="utf-8")
+    os.replace(temporary, model_dir / "README.md")  # atomic: never a half-written card
     return {"path": str(model_dir / "README.md"), "reports": {k: str(v) for k, v in paths.items()},
             "sections_left_out": [stage for stage, value in facts.items() if value is None],
             "metadata": data.to_dict()}
@@ -399,7 +401,16 @@ def main():
     try:
         publish(args)
     except Exception as error:  # the token must not leak through any error message
-        message = str(error) if isinstance(error, PublishError) else traceback.format_exc()
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(error, PublishError):
+            message = str(error)
+        elif isinstance(error, HfHubHTTPError):  # the Hub said no: its message is the useful part
+            status = error.response.status_code if error.response is not None else None
+            hint = " (is the token valid, with write access to this namespace?)" if status in (401, 403) else ""
+            message = f"the Hub refused: {error}{hint}"
+        else:
+            message = traceback.format_exc()
         if token:
             message = message.replace(token, "***")
         print(f"error: {message}", file=sys.stderr)

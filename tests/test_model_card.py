@@ -147,3 +147,11 @@ def test_unreadable_report_names_the_file(reports):
     (reports / "mix" / "mix_report.json").write_text("{not json")
     with pytest.raises(ValueError, match="mix_report.json:1"):
         mc.load_reports(mc.find_reports([reports]))
+
+
+def test_committed_example_card_is_valid_and_bilingual():
+    text = (Path(__file__).resolve().parents[1] / "model_card" / "example" / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.license == "apache-2.0" and card.data.language == ["en", "ja"]
+    english, japanese = mc.split_languages(text)
+    assert Counter(NUMBER.findall(english)) == Counter(NUMBER.findall(japanese))
