@@ -56,10 +56,15 @@ def test_card_metadata_is_valid_model_card_data(reports):
 
 
 def test_hub_inputs_become_datasets_metadata(reports):
+    cached = "/root/.cache/huggingface/hub/datasets--allenai--MADLAD-400/snapshots/abc/data/ja/ja_clean_0000.jsonl.gz"
     edit(reports / "selection" / "selection_report.json",
-         inputs={"raw_datasets": ["allenai/MADLAD-400"], "target_datasets": ["hf://datasets/org/target/x.jsonl"]})
+         inputs={"raw_datasets": [{"path": cached, "bytes": 1}], "target_datasets": ["hf://datasets/org/target/x.jsonl"],
+                 "hub_dataset": "allenai/MADLAD-400"})
     data = ModelCard(render(reports)).data
     assert data.datasets == ["allenai/MADLAD-400", "org/target"]
+    config = mc.load_card_config(overrides={"datasets": ["my-org/english-mix"]})
+    assert ModelCard(render(reports, config=config)).data.datasets == ["my-org/english-mix", "allenai/MADLAD-400",
+                                                                       "org/target"]
 
 
 def test_missing_reports_leave_their_sections_out(reports):
@@ -86,7 +91,7 @@ def test_no_reports_at_all_still_renders_a_valid_card(tmp_path):
 def test_missing_keys_inside_a_report_omit_only_what_is_missing(reports):
     path = reports / "tokenizer" / "tokenizer_report.json"
     report = json.loads(path.read_text())
-    del report["chars_per_token"]
+    del report["characters_per_token"]
     path.write_text(json.dumps(report))
     english, _ = mc.split_languages(render(reports))
     assert "53,248" in english and "Extended / base" not in english
@@ -109,7 +114,22 @@ def test_ablation_reading_respects_metric_direction():
         {"name": "c", "metric": "accuracy", "scores": {"base": 0.1, "ext": 0.0}, "difference": -0.1, "ci95": [-0.2, -0.05]},
         {"name": "d", "metric": "accuracy", "scores": {"base": 0.1, "ext": 0.1}, "difference": 0.0, "ci95": [-0.1, 0.1]},
     ]})
-    assert [task["outcome"] for task in facts["tasks"]] == ["better", "better", "worse", "noise"]
+    assert [task["comparisons"][0]["outcome"] for task in facts["tasks"]] == ["better", "better", "worse", "noise"]
+
+
+def test_ablation_with_several_models_compares_each_to_the_baseline():
+    facts = mc.ablation_facts({
+        "models": [{"name": "raw"}, {"name": "ext"}, {"name": "ext2"}], "baseline": "raw",
+        "metrics": [{"task": "t", "metric": "accuracy", "higher_is_better": True,
+                     "values": {"raw": 0.5, "ext": 0.6, "ext2": 0.4},
+                     "differences": {"ext": {"difference": 0.1, "ci95": [0.02, 0.2], "verdict": "better"},
+                                     "ext2": {"difference": -0.1, "ci95": [-0.2, 0.01], "verdict": "within noise"}}}]})
+    assert facts["compared"] == ["ext", "ext2"] and facts["tasks"][0]["scores"] == [0.5, 0.6, 0.4]
+    assert [c["outcome"] for c in facts["tasks"][0]["comparisons"]] == ["better", "noise"]
+    config = mc.load_card_config()
+    card = mc.render_card({"ablation": facts}, config, "o/m")
+    assert "| t | accuracy | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in card
+    assert "ext2 − raw" in card
 
 
 def test_user_fields_from_yaml_and_cli(reports, tmp_path):
@@ -125,7 +145,7 @@ def test_user_fields_from_yaml_and_cli(reports, tmp_path):
     assert "Jane Doe" in english and "Jane Doe" in japanese
     assert "Compute sponsored by ACME." in english and "計算資源は ACME から提供されました。" in japanese
     assert "1 node, 16 x A100-40GB" in english and "A100-40GB 16 基" in japanese
-    assert "2 x CPU process" not in english  # the user's hardware line replaces the report's
+    assert "2 x cpu" not in english  # the user's hardware line replaces the report's
     config_file.write_text("author: typo\n")
     with pytest.raises(ValueError, match="unknown card field.*author"):
         mc.load_card_config(config_file)

@@ -130,27 +130,51 @@ def hub_model_id(name):
 
 
 # ----------------------------------------------------------------------------- one function per report
+# Key names as the stages write them (branches wip-select, wip-tokenizer, wip-pretrain,
+# wip-ablation), with the names of the first draft of the contract as fallbacks.
+def _find(tree, key):
+    """The first value stored under `key` anywhere in a nested dict (depth first), or None."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _paths(entries):
+    """Input paths from a list of strings or of {"path": ...} fingerprints."""
+    return [str(e.get("path")) if isinstance(e, dict) else str(e) for e in (entries or [])]
+
+
 def selection_facts(report):
     if not report:
         return None
     docs = _get(report, "documents", default={}) or {}
+    filtered = docs.get("filtered")
+    if isinstance(filtered, dict):  # {reason: count}
+        filtered = _number(docs.get("filtered_total")) or sum(v for v in filtered.values() if _number(v) is not None)
+    featurizer = _get(report, "settings", "featurizer") or _get(report, "featurizer")
+    if isinstance(featurizer, dict):
+        featurizer = featurizer.get("name") or ", ".join(f"{k}={v}" for k, v in featurizer.items())
+    inputs = _get(report, "inputs", default={}) or {}
+    hub_dataset = inputs.get("hub_dataset") if isinstance(inputs, dict) else None
     facts = {
         "documents_read": _number(docs.get("read")),
-        "documents_filtered": _number(docs.get("filtered")) if not isinstance(docs.get("filtered"), dict)
-        else _number(sum(v for v in docs["filtered"].values() if _number(v) is not None)),
+        "documents_filtered": _number(filtered),
         "documents_selected": _number(docs.get("selected")),
         "documents_not_selected": _number(docs.get("not_selected")),
-        "characters_selected": _first_number(report, ("characters_selected",), ("characters", "selected")),
-        "featurizer": _get(report, "featurizer"),
-        "seconds": _first_number(report, ("seconds",), ("timing", "total_seconds")),
+        "characters_selected": _first_number(report, ("characters", "selected"), ("characters_selected",)),
+        "featurizer": featurizer,
+        "seconds": _first_number(report, ("timing_s", "total_s"), ("seconds",)),
+        "raw_inputs": _paths(inputs.get("raw_datasets")) if isinstance(inputs, dict) else [],
+        "target_inputs": _paths(inputs.get("target_datasets")) if isinstance(inputs, dict) else [],
     }
-    if isinstance(facts["featurizer"], dict):
-        facts["featurizer"] = facts["featurizer"].get("name") or ", ".join(f"{k}={v}" for k, v in facts["featurizer"].items())
-    inputs = _get(report, "inputs", default={}) or {}
-    facts["raw_inputs"] = [str(x) for x in (inputs.get("raw_datasets") or [])] if isinstance(inputs, dict) else []
-    facts["target_inputs"] = [str(x) for x in (inputs.get("target_datasets") or [])] if isinstance(inputs, dict) else []
+    hub = [hub_dataset] if isinstance(hub_dataset, str) else []
     facts["hub_datasets"] = sorted(
-        {hub_dataset_id(x) for x in facts["raw_inputs"] + facts["target_inputs"]} - {None}
+        set(hub) | ({hub_dataset_id(x) for x in facts["raw_inputs"] + facts["target_inputs"]} - {None})
     )
     if facts["documents_selected"] is None:
         return None
@@ -158,11 +182,15 @@ def selection_facts(report):
 
 
 def hub_dataset_id(path_or_id):
-    """'allenai/MADLAD-400' from 'allenai/MADLAD-400' or 'hf://datasets/allenai/MADLAD-400/...'; else None."""
+    """'allenai/MADLAD-400' from 'allenai/MADLAD-400', 'hf://datasets/allenai/MADLAD-400/...' or a
+    Hub cache path (.../datasets--allenai--MADLAD-400/...); else None (local files)."""
     text = str(path_or_id)
     if text.startswith("hf://datasets/"):
         parts = text[len("hf://datasets/"):].split("/")
         return "/".join(parts[:2]) if len(parts) >= 2 else None
+    cached = re.search(r"datasets--([^/]+?)--([^/]+)", text)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
     if Path(text).exists() or text.startswith(("/", ".")) or "*" in text:
         return None
     return text if HUB_ID.match(text) else None
@@ -175,7 +203,7 @@ def tokenizer_facts(report):
         "base_vocab_size": _number(_get(report, "base_vocab_size")),
         "final_vocab_size": _number(_get(report, "final_vocab_size")),
         "tokens_added": _number(_get(report, "tokens_added")),
-        "base_tokenizer": _get(report, "base_tokenizer") or _get(report, "arguments", "base_tokenizer"),
+        "base_tokenizer": _get(report, "base_tokenizer"),
     }
     if facts["base_vocab_size"] is None or facts["final_vocab_size"] is None:
         return None
@@ -183,8 +211,9 @@ def tokenizer_facts(report):
         facts["tokens_added"] = facts["final_vocab_size"] - facts["base_vocab_size"]
     rows = []
     for language in ("ja", "en"):
-        base = _number(_get(report, "chars_per_token", "base", language))
-        extended = _number(_get(report, "chars_per_token", "extended", language))
+        base = _first_number(report, ("characters_per_token", language, "base"), ("chars_per_token", "base", language))
+        extended = _first_number(report, ("characters_per_token", language, "extended"),
+                                 ("chars_per_token", "extended", language))
         if base is not None and extended is not None:
             rows.append({"language": language, "base": base, "extended": extended,
                          "ratio": extended / base if base else None})
@@ -199,12 +228,11 @@ def mix_facts(report):
     en = _number(_get(report, "tokens", "en"))
     if ja is None or en is None:
         return None
-    share = _number(_get(report, "english_token_share"))
+    share = _first_number(report, ("english_share", "achieved"), ("english_token_share",))
     if share is None and ja + en:
         share = en / (ja + en)
     return {"tokens_ja": ja, "tokens_en": en, "tokens_total": ja + en, "english_share": share,
-            "japanese_share": None if share is None else 1 - share,
-            "tokenizer": _get(report, "tokenizer") or _get(report, "arguments", "tokenizer")}
+            "japanese_share": None if share is None else 1 - share}
 
 
 def training_facts(report):
@@ -219,18 +247,21 @@ def training_facts(report):
         "tokens_per_second": _number(_get(report, "tokens_per_second")),
         "mfu": _number(_get(report, "mfu")),
         "hardware": _get(report, "hardware"),
-        "zero_stage": _number(_get(report, "zero_stage")),
-        "eos_appended": _get(report, "eos_appended"),
-        "base_model": arguments.get("model_name_or_path"),
-        "block_size": _number(arguments.get("block_size")),
-        "learning_rate": _number(arguments.get("learning_rate")),
-        "embedding_init": arguments.get("embedding_init"),
-        "eval": [{"name": name, "value": value} for name, value in _flatten_numbers(_get(report, "eval", default={}))],
+        "zero_stage": _number(_first_number(report, ("zero_stage",), ("deepspeed", "zero_stage"))),
+        "eos_appended": _get(report, "eos_appended", default=_get(report, "data", "eos_appended")),
+        "base_model": _find(arguments, "model_name_or_path") or _get(report, "model"),
+        "block_size": _number(_find(arguments, "block_size")),
+        "learning_rate": _number(_find(arguments, "learning_rate")),
+        "embedding_init": _find(arguments, "embedding_init"),
+        "parameters": _number(_get(report, "parameters")),
     }
-    seconds = _number(_get(report, "wall_time_seconds"))
+    seconds = _first_number(report, ("train_wall_seconds",), ("wall_time_seconds",))
     if seconds is not None:
         facts["wall_time_hours"] = seconds / 3600
-    if isinstance(facts["hardware"], dict):
+    if facts["hardware"] is None and _get(report, "device") is not None:
+        processes = _number(_get(report, "processes"))
+        facts["hardware"] = f"{int(processes)} x {_get(report, 'device')}" if processes else str(_get(report, "device"))
+    elif isinstance(facts["hardware"], dict):
         hw = facts["hardware"]
         facts["hardware"] = " ".join(str(x) for x in (hw.get("num_devices") or hw.get("num_processes"),
                                                        "x", hw.get("device_name") or hw.get("device")) if x)
@@ -238,38 +269,74 @@ def training_facts(report):
         facts["mfu"] /= 100
     if not isinstance(facts["eos_appended"], bool):
         facts["eos_appended"] = None
+    final = _get(report, "final_eval") or _get(report, "eval") or {}
+    start = dict(_flatten_numbers(_get(report, "eval_at_start") or {}))
+    facts["eval"] = [{"name": name, "value": value, "start": start.get(name)}
+                     for name, value in _flatten_numbers(final) if not name.endswith("documents")]
+    facts["eval_has_start"] = any(row["start"] is not None for row in facts["eval"])
     if facts["tokens_seen"] is None and facts["steps"] is None:
         return None
     return facts
 
 
+def _outcome(lo, hi, higher_is_better, verdict=None):
+    if verdict in ("better", "worse"):
+        return verdict
+    if verdict == "within noise":
+        return "noise"
+    if lo is None or hi is None:
+        return "unknown"
+    if lo <= 0 <= hi:
+        return "noise"
+    return "better" if (lo > 0) == higher_is_better else "worse"
+
+
+def _higher_is_better(row, metric):
+    value = row.get("higher_is_better")
+    if isinstance(value, bool):
+        return value
+    return not any(word in metric.lower() for word in ("bits", "perplexity", "loss", "error"))
+
+
 def ablation_facts(report):
+    """Rows of (task, metric): each model's value, and each other model's difference to the baseline."""
     if not report:
         return None
     models = [str(m.get("name")) if isinstance(m, dict) else str(m) for m in (_get(report, "models", default=[]) or [])]
-    tasks = []
-    for task in _get(report, "tasks", default=[]) or []:
-        scores = task.get("scores") or {}
-        ci = task.get("ci95") or [None, None]
-        lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
-        difference = _number(task.get("difference"))
-        metric = str(task.get("metric", ""))
-        higher_is_better = task.get("higher_is_better")
-        if not isinstance(higher_is_better, bool):  # bits, perplexity, loss: lower is better
-            higher_is_better = not any(word in metric.lower() for word in ("bits", "perplexity", "loss", "error"))
-        if lo is None or hi is None:
-            outcome = "unknown"
-        elif lo <= 0 <= hi:
-            outcome = "noise"
-        else:
-            outcome = "better" if (lo > 0) == higher_is_better else "worse"
-        tasks.append({"name": str(task.get("name")), "metric": metric,
-                      "scores": [_number(scores.get(m)) for m in models],
-                      "difference": difference, "ci_low": lo, "ci_high": hi, "outcome": outcome})
-    if not models or not tasks:
+    if not models:
+        return None
+    baseline = _get(report, "baseline") if _get(report, "baseline") in models else models[0]
+    compared = [m for m in models if m != baseline]
+    rows = []
+    if isinstance(_get(report, "metrics"), list):  # evaluate_ablation.py's schema
+        for row in report["metrics"]:
+            metric = str(row.get("metric", ""))
+            values = row.get("values") or {}
+            comparisons = []
+            for model in compared:
+                diff = (row.get("differences") or {}).get(model) or {}
+                ci = diff.get("ci95") or [None, None]
+                lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
+                comparisons.append({"difference": _number(diff.get("difference")), "ci_low": lo, "ci_high": hi,
+                                    "outcome": _outcome(lo, hi, _higher_is_better(row, metric), diff.get("verdict"))})
+            rows.append({"name": str(row.get("task")), "metric": metric,
+                         "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
+    else:  # the first draft: tasks [{name, metric, scores, difference, ci95}] for two models
+        for task in _get(report, "tasks", default=[]) or []:
+            if not isinstance(task, dict) or "scores" not in task:
+                continue
+            metric = str(task.get("metric", ""))
+            ci = task.get("ci95") or [None, None]
+            lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
+            rows.append({"name": str(task.get("name")), "metric": metric,
+                         "scores": [_number((task.get("scores") or {}).get(m)) for m in [baseline] + compared],
+                         "comparisons": [{"difference": _number(task.get("difference")), "ci_low": lo, "ci_high": hi,
+                                          "outcome": _outcome(lo, hi, _higher_is_better(task, metric))}][:len(compared)]})
+    if not rows:
         return None
     verdict = _get(report, "verdict")
-    return {"models": models, "tasks": tasks, "verdict": verdict if isinstance(verdict, str) else None}
+    return {"models": [baseline] + compared, "baseline": baseline, "compared": compared, "tasks": rows,
+            "verdict": verdict if isinstance(verdict, str) else None}
 
 
 def collect_facts(reports: dict) -> dict:
@@ -361,6 +428,7 @@ def card_metadata(facts, config: CardConfig, repo_id=None) -> dict:
 
 def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
     """The card's full text: YAML front matter, then the English and the Japanese sections."""
+    facts = {stage: facts.get(stage) for stage in REPORT_NAMES}
     data = card_metadata(facts, config, repo_id)
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / "templates")),
