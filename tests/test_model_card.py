@@ -175,3 +175,18 @@ def test_committed_example_card_is_valid_and_bilingual():
     assert card.data.license == "apache-2.0" and card.data.language == ["en", "ja"]
     english, japanese = mc.split_languages(text)
     assert Counter(NUMBER.findall(english)) == Counter(NUMBER.findall(japanese))
+
+
+def test_training_claims_only_what_the_report_says(reports):
+    path = reports / "pretrain" / "training_report.json"
+    report = json.loads(path.read_text())
+    for key in ("zero_stage", "eos_appended"):
+        del report[key]
+    path.write_text(json.dumps(report))
+    english, japanese = mc.split_languages(render(reports))
+    assert "DeepSpeed" not in english and "DeepSpeed" not in japanese
+    assert "EOS is **unknown**" not in english and "**unknown**" in english and "**不明**" in japanese
+    report["distributed_type"] = "DistributedType.DEEPSPEED"
+    path.write_text(json.dumps(report))
+    english, japanese = mc.split_languages(render(reports))
+    assert "and DeepSpeed." in english and "ZeRO" not in english and "DeepSpeed で" in japanese

@@ -255,6 +255,7 @@ def training_facts(report):
         "embedding_init": _find(arguments, "embedding_init"),
         "parameters": _number(_get(report, "parameters")),
     }
+    facts["deepspeed"] = facts["zero_stage"] is not None or "DEEPSPEED" in str(_get(report, "distributed_type")).upper()
     seconds = _first_number(report, ("train_wall_seconds",), ("wall_time_seconds",))
     if seconds is not None:
         facts["wall_time_hours"] = seconds / 3600
