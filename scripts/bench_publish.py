@@ -19,8 +19,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, HfArgumentParser
 
-import publish
-from toolkit import assets
+from toolkit import assets, model_card, publishing
 
 
 @dataclass
@@ -47,10 +46,10 @@ def main():
         for item in source.iterdir():  # links, not copies: the same bytes on disk
             if not item.name.startswith("."):
                 (folder / item.name).symlink_to(item.resolve())
-        arguments = publish.PublishArguments(model_dir=str(folder), repo_id="bench/model", dry_run=True)
+        card_config = model_card.load_card_config()
         config = AutoConfig.from_pretrained(folder)
-        publish.write_card(arguments, folder)
-        files, _ = publish.classify_files(folder, [])
+        model_card.write_card(folder, "bench/model", [folder], card_config)
+        files, _ = publishing.classify_files(folder, [])
         total = sum((folder / name).stat().st_size for name in files)
 
         def hash_all():
@@ -59,7 +58,7 @@ def main():
                     pass
 
             for name in files:
-                publish.sha256_of(folder / name, Null())
+                publishing.sha256_of(folder / name, Null())
 
         def baseline():
             from huggingface_hub import CommitOperationAdd
@@ -68,10 +67,10 @@ def main():
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)).upload_info.sha256
 
         phases = {
-            "render + validate card": lambda: publish.write_card(arguments, folder),
-            "classify files": lambda: publish.classify_files(folder, []),
-            "weights vs config (meta device)": lambda: publish.check_weights(folder, files, config),
-            "tokenizer + generation config": lambda: publish.check_tokenizer_and_generation(folder, config, 128),
+            "render + validate card": lambda: model_card.write_card(folder, "bench/model", [folder], card_config),
+            "classify files": lambda: publishing.classify_files(folder, []),
+            "weights vs config (meta device)": lambda: publishing.check_weights(folder, files, config),
+            "tokenizer + generation config": lambda: publishing.check_tokenizer_and_generation(folder, config, 128),
             "sha256 of every file": hash_all,
         }
         baseline_seconds = best_of(args.repeats, baseline)

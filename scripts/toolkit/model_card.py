@@ -14,6 +14,7 @@ key, adapt the one function here.
 """
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +458,31 @@ def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
         "missing": [stage for stage in REPORT_NAMES if facts.get(stage) is None],
     }
     return environment.get_template("card.md.j2").render(**context)
+
+
+def write_card(model_dir, repo_id, report_roots, config: CardConfig) -> dict:
+    """Render the card from the reports under `report_roots`, check its metadata with
+    huggingface_hub's ModelCard/ModelCardData, and write MODEL_DIR/README.md atomically."""
+    from huggingface_hub import ModelCard
+
+    model_dir = Path(model_dir)
+    paths = find_reports(report_roots)
+    facts = collect_facts(load_reports(paths))
+    card = ModelCard(render_card(facts, config, repo_id))  # parses the front matter into ModelCardData
+    data = card.data
+    problems = [f"{key}={getattr(data, key)!r}" for key, want in
+                (("license", config.license), ("library_name", "transformers"), ("pipeline_tag", "text-generation"))
+                if getattr(data, key) != want]
+    if data.language != ["en", "ja"] or "<!-- lang: ja -->" not in card.text:
+        problems.append(f"language={data.language!r}")
+    if problems:
+        raise ValueError(f"the rendered card's metadata is not as intended: {', '.join(problems)}")
+    temporary = model_dir / ".README.md.tmp"
+    temporary.write_text(str(card), encoding="utf-8")
+    os.replace(temporary, model_dir / "README.md")  # atomic: never a half-written card
+    return {"path": str(model_dir / "README.md"), "reports": {k: str(v) for k, v in paths.items()},
+            "sections_left_out": [stage for stage, value in facts.items() if value is None],
+            "metadata": data.to_dict()}
 
 
 def split_languages(card_text: str):
