@@ -187,8 +187,9 @@ def test_offline_mode_refuses_a_real_upload(model_dir):
 
 @pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "org/bad name!", "org/--double--dash", ""])
 def test_invalid_repo_id(model_dir, repo_id):
-    with pytest.raises(publish.PublishError, match="repo"):
+    with pytest.raises(publish.PublishError, match=r"--repo_id .*(not a valid Hub repo id|give it as ORG/NAME)"):
         publish.publish(arguments(model_dir, repo_id=repo_id))
+    assert not (model_dir / "README.md").exists()  # refused before anything was written
 
 
 def test_missing_weights(model_dir):
