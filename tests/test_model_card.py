@@ -62,6 +62,8 @@ def test_hub_inputs_become_datasets_metadata(reports):
                  "hub_dataset": "allenai/MADLAD-400"})
     data = ModelCard(render(reports)).data
     assert data.datasets == ["allenai/MADLAD-400", "org/target"]
+    english, japanese = mc.split_languages(render(reports))
+    assert "MADLAD-400 authors" in english and "MADLAD-400 を公開した" in japanese
     config = mc.load_card_config(overrides={"datasets": ["my-org/english-mix"]})
     assert ModelCard(render(reports, config=config)).data.datasets == ["my-org/english-mix", "allenai/MADLAD-400",
                                                                        "org/target"]
