@@ -92,14 +92,14 @@ def read_training_text(args, stats):
             file_texts.append(text)
             characters += len(text)
         ratio = japanese_char_ratio("".join(file_texts))
-        if file_texts and ratio < args.min_japanese_ratio:
+        if "".join(file_texts).strip() and ratio < args.min_japanese_ratio:
             raise ExtensionError(
                 f"{path}: only {ratio:.1%} of its non-space characters are kana or kanji (at least "
                 f"{args.min_japanese_ratio:.0%} expected); --train_files must be Japanese text"
             )
         texts += file_texts
-    if characters == 0:
-        raise ExtensionError(f"{', '.join(args.train_files)}: no training text (every record is empty)")
+    if not "".join(texts).strip():
+        raise ExtensionError(f"{', '.join(args.train_files)}: no training text (every record is empty or blank)")
     return texts
 
 

@@ -336,3 +336,32 @@ def merge_into_base(base_json: dict, family: str, trained: TrainedBpe, max_new_t
     list_format = not model["merges"] or isinstance(model["merges"][0], list)
     model["merges"] = model["merges"] + [list(pair) if list_format else " ".join(pair) for pair in new_merges]
     return MergeResult(tokenizer_json, added, len(new_merges), skipped)
+
+
+def standalone_tokenizer(base_json: dict, family: str, trained: TrainedBpe) -> Tokenizer:
+    """The trained BPE on its own, lossless, with the base's special tokens and decoder.
+
+    Vocabulary: the base's special tokens, then (SentencePiece family) the 256 <0xNN> byte
+    fallback tokens, then the trained tokens. Used as the "Japanese-only BPE of the same
+    size" reference and to check that the merged tokenizer segments as the trained one.
+    """
+    specials = [token["content"] for token in sorted(base_json["added_tokens"], key=lambda token: token["id"])]
+    tokens = list(specials)
+    if family == SENTENCEPIECE:
+        tokens += [f"<0x{byte:02X}>" for byte in range(256)]
+    tokens += [token for token in trained.tokens if token not in set(tokens)]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    unk = base_json["model"].get("unk_token")
+    model = models.BPE(vocab=vocab, merges=list(trained.merges), unk_token=unk,
+                       byte_fallback=family == SENTENCEPIECE, fuse_unk=family == SENTENCEPIECE)
+    tokenizer = training_tokenizer(base_json, family)
+    tokenizer.model = model
+    base = Tokenizer.from_str(json.dumps(base_json))
+    tokenizer.decoder = base.decoder
+    tokenizer.add_special_tokens(specials)
+    return tokenizer
+
+
+def sizes_for_standalone(base_json: dict, family: str, total: int) -> int:
+    """The BpeTrainer size that makes standalone_tokenizer() hold `total` tokens."""
+    return total - len(base_json["added_tokens"]) - (256 if family == SENTENCEPIECE else 0)
