@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, HfArgumentParser
+from huggingface_hub import hf_hub_download
+from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from toolkit import assets
 from toolkit.corpus import ReadStats, expand_paths, iter_records
@@ -142,15 +143,41 @@ def save_tokenizer(base, tokenizer_json, output_dir: Path):
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_base(name_or_path):
+    """The base as transformers loads it, and its tokenizers pipeline as JSON.
+
+    transformers 5 rebuilds Llama/Mistral tokenizers (class LlamaTokenizer on the Hub) with
+    a pipeline that does not segment as SentencePiece does (see README). When such a base
+    ships its SentencePiece tokenizer.model, the base is rebuilt from that file with
+    toolkit.assets.sentencepiece_bpe_to_tokenizers, which matches SentencePiece exactly.
+    """
+    resolved = assets.resolve(name_or_path)
+    base = AutoTokenizer.from_pretrained(resolved)
+    if type(base).__name__ not in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        return resolved, base, json.loads(base.backend_tokenizer.to_str()), "tokenizer.json"
+    model_file = Path(resolved) / "tokenizer.model"
+    if not model_file.is_file():
+        try:
+            model_file = Path(hf_hub_download(resolved, "tokenizer.model"))
+        except Exception as error:  # no tokenizer.model on the Hub either: keep transformers' pipeline
+            print(f"note: {name_or_path}: no tokenizer.model ({error}); using transformers' tokenizer as loaded",
+                  file=sys.stderr)
+            return resolved, base, json.loads(base.backend_tokenizer.to_str()), "tokenizer.json"
+    exact = assets.sentencepiece_bpe_to_tokenizers(model_file)
+    rebuilt = PreTrainedTokenizerFast(tokenizer_object=exact, **base.special_tokens_map,
+                                      clean_up_tokenization_spaces=False, model_max_length=base.model_max_length)
+    if base.chat_template:
+        rebuilt.chat_template = base.chat_template
+    return resolved, rebuilt, json.loads(exact.to_str()), "tokenizer.model (SentencePiece-exact rebuild)"
+
+
 def main():
     (args,) = HfArgumentParser(ExtensionArguments).parse_args_into_dataclasses()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
 
     # The base, and the size to reach.
-    resolved = assets.resolve(args.base_tokenizer)
-    base = AutoTokenizer.from_pretrained(resolved)
-    base_json = json.loads(base.backend_tokenizer.to_str())
+    resolved, base, base_json, base_source = load_base(args.base_tokenizer)
     family = tokenizer_family(base_json, args.base_tokenizer)
     base_vocab_size = base_size(base_json)
     if args.vocab_size <= base_vocab_size:
@@ -213,6 +240,7 @@ def main():
     report = {
         "base_tokenizer": args.base_tokenizer,
         "base_tokenizer_resolved": resolved,
+        "base_pipeline_from": base_source,
         "family": family,
         "train_files": args.train_files,
         "train_documents": len(texts),

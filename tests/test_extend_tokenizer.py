@@ -284,3 +284,34 @@ def test_contains_japanese_script_for_both_families():
     assert contains_japanese_script("ãģ", BYTE_LEVEL)  # a fragment of a kana
     assert not contains_japanese_script("Ġthe", BYTE_LEVEL) and not contains_japanese_script("ĠãģA", BYTE_LEVEL)
     assert contains_japanese("日本")
+
+
+def test_hub_layout_llama_tokenizer_is_rebuilt_sentencepiece_exact(monkeypatch, tmp_path, japanese_train_file,
+                                                                  mistral_tokenizer_path, eval_texts):
+    """mistralai/Mistral-7B-v0.1 on the Hub: tokenizer.model + a config naming LlamaTokenizer.
+
+    transformers 5 rebuilds that class with a pipeline that differs from SentencePiece; the
+    extension starts from tokenizer.model instead, so English stays SentencePiece-exact."""
+    import shutil
+
+    import sentencepiece
+
+    hub = tmp_path / "Mistral-7B-v0.1"
+    hub.mkdir()
+    shutil.copyfile(f"{mistral_tokenizer_path}/tokenizer.model", hub / "tokenizer.model")
+    (hub / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False, "legacy": True, "tokenizer_class": "LlamaTokenizer"}))
+    as_loaded = AutoTokenizer.from_pretrained(hub)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(hub / "tokenizer.model"))
+    texts = [" leading space", "  two leading spaces"] + eval_texts[1][:40]
+    assert any(as_loaded(text)["input_ids"] != [1] + reference.encode(text) for text in texts)
+
+    run_extension(monkeypatch, "--base_tokenizer", hub, "--train_files", japanese_train_file,
+                  "--vocab_size", 32512, "--output_dir", tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.model").exists()  # it would describe the base vocabulary only
+    assert read_json(tmp_path / "out" / "tokenizer_report.json")["base_pipeline_from"].startswith("tokenizer.model")
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == [1] + reference.encode(text), text[:60]
+    assert len(tokenizer.tokenize("パッケージを編集してください")) < len(reference.encode("パッケージを編集してください"))
