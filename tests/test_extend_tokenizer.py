@@ -315,3 +315,24 @@ def test_hub_layout_llama_tokenizer_is_rebuilt_sentencepiece_exact(monkeypatch, 
     for text in texts:
         assert tokenizer(text)["input_ids"] == [1] + reference.encode(text), text[:60]
     assert len(tokenizer.tokenize("パッケージを編集してください")) < len(reference.encode("パッケージを編集してください"))
+
+
+def test_japanese_only_tokens_off_keeps_other_pieces_too(japanese_train_file, mistral_tokenizer_path):
+    base_json = json.loads(AutoTokenizer.from_pretrained(mistral_tokenizer_path).backend_tokenizer.to_str())
+    texts = read_texts([japanese_train_file])[0][:60]
+    trained = train_bpe(base_json, SENTENCEPIECE, texts, 1500, show_progress=False)
+    only = merge_into_base(base_json, SENTENCEPIECE, trained, 400, japanese_only=True)
+    everything = merge_into_base(base_json, SENTENCEPIECE, trained, 400, japanese_only=False)
+    assert len(only.added_tokens) == len(everything.added_tokens) == 400
+    assert all(contains_japanese_script(token, SENTENCEPIECE) for token in only.added_tokens)
+    assert not all(contains_japanese_script(token, SENTENCEPIECE) for token in everything.added_tokens)
+    assert only.skipped["not_japanese"] > 0 and everything.skipped["not_japanese"] == 0
+
+
+def test_max_train_characters_limits_the_training_text(monkeypatch, tmp_path, japanese_train_file):
+    run_extension(monkeypatch, "--base_tokenizer", "offline:mistral-7b-tokenizer", "--train_files", japanese_train_file,
+                  "--max_train_characters", 20000, "--vocab_size", 32064, "--output_dir", tmp_path)
+    report = read_json(tmp_path / "tokenizer_report.json")
+    texts = read_texts([japanese_train_file])[0]
+    assert 20000 <= report["train_characters"] < 20000 + max(map(len, texts))
+    assert report["train_documents"] < len(texts)
