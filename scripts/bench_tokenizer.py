@@ -27,7 +27,7 @@ from toolkit.reports import read_json, write_json_atomic
 from toolkit.tokenizer_extension import (
     characters_per_token,
     encoding_throughput,
-    sizes_for_standalone,
+    standalone_training_size,
     standalone_tokenizer,
     tokenizer_family,
     train_bpe,
@@ -84,7 +84,7 @@ def main():
         base_json = json.loads(base.backend_tokenizer.to_str())
         family = tokenizer_family(base_json, base_name)
         size = report["final_vocab_size"]  # the reference gets the same total the extension reached
-        trained = train_bpe(base_json, family, train_texts, sizes_for_standalone(base_json, family, size),
+        trained = train_bpe(base_json, family, train_texts, standalone_training_size(base_json, family, size),
                             show_progress=False)
         reference = standalone_tokenizer(base_json, family, trained)
         base_speed, extended_speed = throughput_ratio(base, extended, ja + en, args.repeats)

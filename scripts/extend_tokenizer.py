@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from tokenizers import Tokenizer
 from huggingface_hub import hf_hub_download

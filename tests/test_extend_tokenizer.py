@@ -2,6 +2,7 @@ import gzip
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -77,7 +78,7 @@ def _extend(base, train_file, sample_data, output_dir, vocab_size):
 
 
 @pytest.fixture(scope="module")
-def extended(request, japanese_train_file, sample_data, tmp_path_factory, mistral_tokenizer_path, smollm2_path):
+def extended(japanese_train_file, sample_data, tmp_path_factory, mistral_tokenizer_path, smollm2_path):
     """Both families, extended by about 1k tokens: (base path, extended path, family)."""
     cases = {
         "mistral": (mistral_tokenizer_path, "offline:mistral-7b-tokenizer", 33000, SENTENCEPIECE),
@@ -96,7 +97,7 @@ FAMILIES = ["mistral", "smollm2"]
 @pytest.mark.parametrize("name", FAMILIES)
 def test_base_ids_merges_and_special_tokens_are_preserved(extended, name):
     base_path, output, _ = extended[name]
-    base_json = json.loads((base_path and open(f"{base_path}/tokenizer.json", encoding="utf-8").read()))
+    base_json = json.loads((Path(base_path) / "tokenizer.json").read_text(encoding="utf-8"))
     new_json = json.loads((output / "tokenizer.json").read_text(encoding="utf-8"))
     base_vocab, new_vocab = base_json["model"]["vocab"], new_json["model"]["vocab"]
     assert all(new_vocab[token] == index for token, index in base_vocab.items())

@@ -308,7 +308,7 @@ def merge_into_base(base_json: dict, family: str, trained: TrainedBpe, max_new_t
         if family == SENTENCEPIECE:  # characters the base lacks become tokens before merges use them
             missing = [character for character in dict.fromkeys(token) if character not in vocab]
             if len(added) + len(missing) >= max_new_tokens:
-                break
+                continue  # no room for its characters and the token; a later candidate may fit
             for character in missing:
                 add(character)
         pieces = bpe_segment(token, ranks)
@@ -362,6 +362,6 @@ def standalone_tokenizer(base_json: dict, family: str, trained: TrainedBpe) -> T
     return tokenizer
 
 
-def sizes_for_standalone(base_json: dict, family: str, total: int) -> int:
+def standalone_training_size(base_json: dict, family: str, total: int) -> int:
     """The BpeTrainer size that makes standalone_tokenizer() hold `total` tokens."""
     return total - len(base_json["added_tokens"]) - (256 if family == SENTENCEPIECE else 0)
