@@ -57,7 +57,9 @@ SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.tx
 class ExtensionArguments:
     base_tokenizer: str = field(metadata={"help": "Hub id, local folder, or offline:NAME of the tokenizer to extend."})
     train_files: List[str] = field(metadata={"help": "Japanese JSONL(.gz) files (or globs) with a text field."})
-    vocab_size: int = field(metadata={"help": "Total vocabulary size after extension (rounded up to --pad_to_multiple_of)."})
+    vocab_size: int = field(
+        metadata={"help": "Total vocabulary size after extension (rounded up to --pad_to_multiple_of)."}
+    )
     output_dir: str = field(metadata={"help": "Where the extended tokenizer and tokenizer_report.json go."})
     eval_files: List[str] = field(
         default_factory=list,

@@ -107,7 +107,8 @@ def main():
         "tokenizers": rows,
     })
     print(table, end="")
-    print(f"wrote {output_dir / 'efficiency.md'}, {output_dir / 'efficiency.png'}, {output_dir / 'efficiency_report.json'}")
+    written = ", ".join(str(output_dir / name) for name in ("efficiency.md", "efficiency.png", "efficiency_report.json"))
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def eval_texts(sample_data):
 def _extend(base, train_file, sample_data, output_dir, vocab_size):
     with pytest.MonkeyPatch.context() as monkeypatch:
         run_extension(monkeypatch, "--base_tokenizer", base, "--train_files", train_file,
-                      "--eval_files", sample_data / "eval" / "ja_eval.jsonl.gz", sample_data / "eval" / "en_eval.jsonl.gz",
+                      "--eval_files", sample_data / "eval" / "ja_eval.jsonl.gz",
+                      sample_data / "eval" / "en_eval.jsonl.gz",
                       "--vocab_size", vocab_size, "--output_dir", output_dir)
     return output_dir
 
