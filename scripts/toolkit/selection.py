@@ -1,0 +1,499 @@
+"""DSIR importance resampling that works for Japanese (and any text without spaces).
+
+`JapaneseDSIR` subclasses `data_selection.HashedNgramDSIR` and keeps its API
+(`fit_importance_estimator`, `compute_importance_weights`, `resample`), changing four things:
+
+- Features. `featurizer="japanese_char_ngrams"` (default) hashes character 1..n-grams of
+  NFKC-normalised, lowercased, whitespace-collapsed text. The package's word/punctuation
+  regex turns a whole Japanese clause into one "word"; characters are the unit that works.
+  Hashing is vectorised numpy over code points (a splitmix64 chain, deterministic across
+  processes and machines, never Python's salted `hash()`), on batches of documents at once.
+  `featurizer="dsir_default"` keeps the package's own featurizer, for comparison.
+- Fitting uses the same features as scoring. The package fits with the module-level
+  `get_ngram_counts` whatever `self.featurizer` is; here `_fit_bow` calls this class's
+  batch featurizer, so fit and score cannot disagree.
+- Smoothing. Bucket probabilities are add-alpha smoothed, p = (count + alpha) / (total +
+  alpha * num_buckets), for the raw and the target counts, so a bucket the small target
+  sample never hit gives a bounded penalty instead of log(1e-8).
+- Length filter in characters (`min_example_chars`), after normalisation, instead of the
+  package's `min_example_length` in "words" (which still applies to `dsir_default`).
+
+The passes over the raw pool run on `num_proc` processes in ordered batches, so the
+result does not depend on the number of processes; the per-file weights are cached under
+`cache_dir` and reused when the inputs and settings are unchanged (resume).
+"""
+
+import hashlib
+import json
+import os
+import re
+import time
+import unicodedata
+from collections import Counter, deque
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from data_selection import HashedNgramDSIR
+from data_selection.hashed_ngram_dsir import get_ngram_counts
+from tqdm import tqdm
+
+from toolkit.corpus import BadRecord, CorpusError, bad_record_error, expand_paths, iter_lines, parse_line
+
+FEATURIZERS = ("japanese_char_ngrams", "dsir_default")
+
+# Per-line status codes kept in the cache (perexample_metadata).
+CANDIDATE, TOO_SHORT, TOO_FEW_WORDS = 0, 1, 2
+FILTER_REASONS = {TOO_SHORT: "too_short_chars", TOO_FEW_WORDS: "too_few_words"}
+BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string")
+BAD_CODE = {reason: 10 + index for index, reason in enumerate(BAD_REASONS)}
+CODE_REASON = {**FILTER_REASONS, **{code: reason for reason, code in BAD_CODE.items()}}
+
+_WHITESPACE = re.compile(r"\s+")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def normalize_text(text: str) -> str:
+    """NFKC (full-width ASCII -> ASCII, half-width kana -> kana), lowercase, whitespace runs -> one space."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wraps modulo 2**64; deterministic everywhere)."""
+    x = values + _GOLDEN
+    x ^= x >> _S30
+    x *= _MIX1
+    x ^= x >> _S27
+    x *= _MIX2
+    x ^= x >> _S31
+    return x
+
+
+def char_ngram_buckets(normalized_texts, ngrams=3, num_buckets=10000):
+    """Hashed character 1..`ngrams`-grams of already normalised texts, all documents at once.
+
+    Returns (buckets, documents): two int64 arrays, one entry per n-gram occurrence; an
+    n-gram never spans two documents. An n-gram's hash chains splitmix64 over its code
+    points, then mixes in n, so "ab" and the 1-gram of some character never share a hash.
+    """
+    lengths = np.fromiter(map(len, normalized_texts), dtype=np.int64, count=len(normalized_texts))
+    joined = "".join(normalized_texts).encode("utf-32-le", errors="surrogatepass")
+    codes = np.frombuffer(joined, dtype=np.uint32).astype(np.uint64)
+    documents = np.repeat(np.arange(len(normalized_texts), dtype=np.int64), lengths)
+    buckets_parts, documents_parts = [], []
+    chain = codes
+    modulus = np.uint64(num_buckets)
+    for n in range(1, ngrams + 1):
+        if n > 1:
+            chain = _splitmix64(chain[:-1]) ^ codes[n - 1:]
+            valid = documents[: len(chain)] == documents[n - 1:]
+            hashed, owners = chain[valid], documents[: len(chain)][valid]
+        else:
+            hashed, owners = chain, documents
+        buckets_parts.append((_splitmix64(hashed ^ np.uint64(n)) % modulus).astype(np.int64))
+        documents_parts.append(owners)
+    return np.concatenate(buckets_parts), np.concatenate(documents_parts)
+
+
+class JapaneseDSIR(HashedNgramDSIR):
+    """HashedNgramDSIR with character n-gram features, smoothing, a character length filter,
+    parallel ordered passes, per-file caching, seeded resampling and full accounting."""
+
+    def __init__(
+        self,
+        raw_datasets,
+        target_datasets,
+        cache_dir,
+        featurizer="japanese_char_ngrams",
+        ngrams=3,
+        num_buckets=10000,
+        min_example_chars=100,
+        min_example_length=100,
+        smoothing_alpha=1.0,
+        num_proc=None,
+        seed=0,
+        text_field="text",
+        skip_bad_records=False,
+        batch_size=512,
+        show_progress=True,
+    ):
+        if featurizer not in FEATURIZERS:
+            raise ValueError(f"featurizer {featurizer!r} is not one of {FEATURIZERS}")
+        super().__init__(
+            raw_datasets=list(raw_datasets),
+            target_datasets=list(target_datasets),
+            cache_dir=cache_dir,
+            num_proc=num_proc,
+            ngrams=ngrams if featurizer == "japanese_char_ngrams" else 2,
+            num_buckets=num_buckets,
+            min_example_length=min_example_length,
+        )
+        self.featurizer_name = featurizer
+        self.min_example_chars = min_example_chars
+        self.smoothing_alpha = smoothing_alpha
+        self.seed = seed
+        self.text_field = text_field
+        self.skip_bad_records = skip_bad_records
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.raw_counts = self.target_counts = None
+        self.timings = {}
+        self.resumed = {}
+        self.target_stats = {}
+
+    # ----- features -------------------------------------------------------------------
+    def settings(self) -> dict:
+        """Everything that changes the features or the weights (part of the cache key)."""
+        return selection_settings(self.featurizer_name, self.ngrams, self.num_buckets, self.min_example_chars,
+                                  self.min_example_length, self.smoothing_alpha, self.text_field)
+
+    def featurize_batch(self, texts):
+        """(buckets, documents, lengths, words) for a batch of raw texts.
+
+        lengths: characters after normalisation (the length filter's unit);
+        words: the package's word count (only for dsir_default, else None).
+        """
+        normalized = [normalize_text(text) for text in texts]
+        lengths = np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized))
+        if self.featurizer_name == "japanese_char_ngrams":
+            buckets, documents = char_ngram_buckets(normalized, self.ngrams, self.num_buckets)
+            return buckets, documents, lengths, None
+        buckets_parts, documents_parts, words = [], [], []
+        for index, text in enumerate(texts):
+            counts = get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self.tokenizer)
+            words.append(self.get_perexample_metadata(None, counts))
+            nonzero = np.flatnonzero(counts)
+            buckets_parts.append(np.repeat(nonzero, counts[nonzero]))
+            documents_parts.append(np.full(int(counts.sum()), index, dtype=np.int64))
+        concat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+        return concat(buckets_parts), concat(documents_parts), lengths, np.asarray(words)
+
+    def featurizer(self, text: str) -> np.ndarray:
+        """The package's per-document API: a count vector over the hash buckets."""
+        buckets, _, _, _ = self.featurize_batch([text])
+        return np.bincount(buckets, minlength=self.num_buckets)
+
+    def get_perexample_metadata(self, ex, features):
+        """The length the filter looks at: words for dsir_default (as the package), else characters."""
+        if self.featurizer_name == "dsir_default":
+            return super().get_perexample_metadata(ex, features)
+        return len(normalize_text(ex[self.text_field]))
+
+    def score_batch(self, texts) -> np.ndarray:
+        """Log importance weights of a batch of texts (= log_diff . features for each)."""
+        buckets, documents, _, _ = self.featurize_batch(texts)
+        return np.bincount(documents, weights=self.log_diff[buckets], minlength=len(texts))
+
+    # ----- passes over files ----------------------------------------------------------
+    def _scan(self, paths, mode, description, apply_filter=True):
+        """One ordered pass over `paths`; mode "count" returns bucket counts, "score" per-file arrays."""
+        task = {"mode": mode, "apply_filter": apply_filter}
+        results = _ordered_map(
+            self, task, self._batches(paths), self.num_proc, self.show_progress, description
+        )
+        return results
+
+    def _batches(self, paths):
+        for file_index, path in enumerate(paths):
+            batch, first = [], None
+            for line_number, raw in iter_lines(path):
+                if first is None:
+                    first = line_number
+                batch.append(raw)
+                if len(batch) >= self.batch_size:
+                    yield file_index, path, first, batch
+                    batch, first = [], None
+            if batch:
+                yield file_index, path, first, batch
+
+    def _fit_bow(self, paths, num_tokens_to_fit=None, apply_filter=True, description="fit"):
+        """Bucket counts of `paths` with THIS class's featurizer (the package uses get_ngram_counts)."""
+        counts = np.zeros(self.num_buckets, dtype=np.int64)
+        stats = Counter()
+        for result in self._scan(paths, "count", description, apply_filter):
+            counts += result["counts"]
+            stats.update(result["stats"])
+            if num_tokens_to_fit is not None and counts.sum() >= num_tokens_to_fit:
+                stats["stopped_early_at_ngrams"] = int(counts.sum())
+                break
+        return counts, dict(stats)
+
+    def fit_importance_estimator(self, num_tokens_to_fit="auto") -> None:
+        """Fit raw and target bucket distributions (add-alpha smoothed) and their log ratio."""
+        if num_tokens_to_fit == "auto":
+            num_tokens_to_fit = 100000 * self.num_buckets
+        elif num_tokens_to_fit == "all":
+            num_tokens_to_fit = None
+        estimator_path = self.cache_dir / "estimator.npz"
+        started = time.time()
+        if estimator_path.exists():
+            saved = np.load(estimator_path)
+            self.raw_counts, self.target_counts = saved["raw_counts"], saved["target_counts"]
+            self.target_stats = json.loads(str(saved["target_stats"]))
+            self.resumed["estimator"] = True
+        else:
+            self.raw_counts, _ = self._fit_bow(self.raw_datasets, num_tokens_to_fit, description="fit raw")
+            self.target_counts, self.target_stats = self._fit_bow(
+                self.target_datasets, None, apply_filter=False, description="fit target"
+            )
+            if self.target_counts.sum() == 0:
+                raise CorpusError(f"the target datasets {self.target_datasets} contain no text to fit on")
+            _save_atomic(estimator_path, raw_counts=self.raw_counts, target_counts=self.target_counts,
+                         target_stats=json.dumps(self.target_stats))
+            self.resumed["estimator"] = False
+        self.raw_probs = smoothed_probs(self.raw_counts, self.smoothing_alpha)
+        self.target_probs = smoothed_probs(self.target_counts, self.smoothing_alpha)
+        self.log_diff = np.log(self.target_probs) - np.log(self.raw_probs)
+        self.timings["fit_s"] = round(time.time() - started, 3)
+
+    def compute_importance_weights(self) -> None:
+        """Score every raw line; cache per file: log weight, status code and characters."""
+        started = time.time()
+        self.log_importance_weights_dir.mkdir(parents=True, exist_ok=True)
+        self.perexample_metadata_dir.mkdir(parents=True, exist_ok=True)
+        todo = [(index, path) for index, path in enumerate(self.raw_datasets) if not self._weights_path(index).exists()]
+        self.resumed["weights_files_reused"] = len(self.raw_datasets) - len(todo)
+        pending = {}
+        for result in self._scan([path for _, path in todo], "score", "score raw"):
+            file_index = todo[result["file_index"]][0]
+            pending.setdefault(file_index, []).append(result)
+            if result["last_in_file"]:
+                parts = pending.pop(file_index)
+                np.save(_temporary(self._metadata_path(file_index)),
+                        np.stack([np.concatenate([p["status"] for p in parts]),
+                                  np.concatenate([p["chars"] for p in parts])]))
+                np.save(_temporary(self._weights_path(file_index)), np.concatenate([p["scores"] for p in parts]))
+                os.replace(_temporary(self._metadata_path(file_index)), self._metadata_path(file_index))
+                os.replace(_temporary(self._weights_path(file_index)), self._weights_path(file_index))
+        self.timings["score_s"] = round(time.time() - started, 3)
+
+    def _weights_path(self, index):
+        return self.log_importance_weights_dir / f"{index}.npy"
+
+    def _metadata_path(self, index):
+        return self.perexample_metadata_dir / f"{index}.npy"
+
+    def load_weights(self):
+        """(log_weights, status, chars) over all raw lines, in file and line order."""
+        weights = [np.load(self._weights_path(i)) for i in range(len(self.raw_datasets))]
+        metadata = [np.load(self._metadata_path(i)) for i in range(len(self.raw_datasets))]
+        return (np.concatenate(weights), np.concatenate([m[0] for m in metadata]),
+                np.concatenate([m[1] for m in metadata]))
+
+    def choose(self, num_to_sample, top_k=False) -> np.ndarray:
+        """Boolean mask over all raw lines: Gumbel top-k sampling without replacement (as the
+        package does), among the candidates that passed the filters, seeded by `self.seed`."""
+        log_weights, status, _ = self.load_weights()
+        candidates = np.flatnonzero(status == CANDIDATE)
+        if num_to_sample > len(candidates):
+            raise ValueError(
+                f"--num_to_sample {num_to_sample} is more than the {len(candidates)} documents that passed the "
+                f"filters; lower it, add raw data, or lower --min_example_chars"
+            )
+        keys = log_weights[candidates].astype(np.float64)
+        if not top_k:
+            keys = keys + np.random.default_rng(self.seed).gumbel(size=len(candidates))
+        chosen = candidates[np.argsort(-keys, kind="stable")[:num_to_sample]]
+        mask = np.zeros(len(status), dtype=bool)
+        mask[chosen] = True
+        return mask
+
+    def resample(self, out_dir, num_to_sample, cache_dir=None, top_k=False) -> dict:
+        """Write the chosen documents, original lines byte for byte, to out_dir/selected.jsonl."""
+        started = time.time()
+        mask = self.choose(num_to_sample, top_k)
+        out_path = Path(out_dir) / "selected.jsonl"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = out_path.with_name(f".{out_path.name}.tmp")
+        position, written = 0, 0
+        with open(temporary, "wb") as stream:
+            for path in tqdm(self.raw_datasets, desc="write selected", unit="file", disable=not self.show_progress):
+                for _, raw in iter_lines(path):
+                    if mask[position]:
+                        stream.write(raw.rstrip(b"\r\n") + b"\n")
+                        written += 1
+                    position += 1
+        if position != len(mask):
+            raise CorpusError(f"the raw files changed since their weights were cached under {self.cache_dir}; "
+                              f"delete that folder and run again")
+        os.replace(temporary, out_path)
+        self.timings["resample_s"] = round(time.time() - started, 3)
+        return {"path": str(out_path), "documents": written, "mask": mask}
+
+
+def selection_settings(featurizer, ngrams, num_buckets, min_example_chars, min_example_length, smoothing_alpha,
+                       text_field="text") -> dict:
+    default = featurizer == "dsir_default"
+    return {
+        "featurizer": featurizer,
+        "ngrams": 2 if default else ngrams,
+        "num_buckets": num_buckets,
+        "min_example_chars": min_example_chars,
+        "min_example_length_words": min_example_length if default else None,
+        "smoothing_alpha": smoothing_alpha,
+        "text_field": text_field,
+        "normalisation": "the package's (lowercase, WordPunct words)" if default
+        else "NFKC, lowercase, whitespace runs -> one space",
+    }
+
+
+def smoothed_probs(counts, alpha):
+    counts = np.asarray(counts, dtype=np.float64)
+    return (counts + alpha) / (counts.sum() + alpha * len(counts))
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".tmp.{path.name}")
+
+
+def _save_atomic(path: Path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp.{path.stem}.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)
+
+
+# ----- worker side: parse + featurize + score one batch of raw lines --------------------
+_WORKER = {}
+
+
+def _init_worker(dsir, task):
+    _WORKER["dsir"], _WORKER["task"] = dsir, task
+
+
+def _process_batch(item):
+    file_index, path, first_line, raw_lines = item
+    dsir, task = _WORKER["dsir"], _WORKER["task"]
+    status = np.full(len(raw_lines), CANDIDATE, dtype=np.int64)
+    texts, positions = [], []
+    for offset, raw in enumerate(raw_lines):
+        try:
+            record = parse_line(raw, dsir.text_field)
+        except BadRecord as bad:
+            if not dsir.skip_bad_records:
+                raise bad_record_error(path, first_line + offset, bad) from None
+            status[offset] = BAD_CODE[bad.reason]
+            continue
+        texts.append(record[dsir.text_field])
+        positions.append(offset)
+    positions = np.asarray(positions, dtype=np.int64)
+    buckets, documents, lengths, words = dsir.featurize_batch(texts)
+    chars = np.zeros(len(raw_lines), dtype=np.int64)
+    chars[positions] = lengths
+    keep = np.ones(len(texts), dtype=bool)
+    if task["apply_filter"]:
+        too_short = lengths < dsir.min_example_chars
+        status[positions[too_short]] = TOO_SHORT
+        keep &= ~too_short
+        if words is not None:
+            too_few = (words < dsir.min_example_length) & keep
+            status[positions[too_few]] = TOO_FEW_WORDS
+            keep &= ~too_few
+    result = {"file_index": file_index, "status": status, "chars": chars}
+    if task["mode"] == "count":
+        result["counts"] = np.bincount(buckets[keep[documents]], minlength=dsir.num_buckets)
+        result["stats"] = {"documents": len(raw_lines), "used": int(keep.sum()), "characters": int(lengths.sum()),
+                           **Counter(CODE_REASON[c] for c in status if c != CANDIDATE)}
+    else:
+        scores = np.full(len(raw_lines), np.nan)
+        scores[positions] = np.bincount(documents, weights=dsir.log_diff[buckets], minlength=len(texts))
+        result["scores"] = scores
+    return result
+
+
+def _ordered_map(dsir, task, batches, num_proc, show_progress, description):
+    """Results of `_process_batch` in input order, at most 2 * num_proc batches in flight."""
+    progress = tqdm(desc=description, unit="doc", disable=not show_progress, mininterval=1.0)
+    batches = _mark_last(batches)
+    try:
+        if num_proc <= 1:
+            _init_worker(dsir, task)
+            for item, last in batches:
+                result = _process_batch(item)
+                result["last_in_file"] = last
+                progress.update(len(item[3]))
+                yield result
+            return
+        with get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(dsir, task)) as pool:
+            in_flight = deque()
+            for item, last in batches:
+                in_flight.append((pool.apply_async(_process_batch, (item,)), last, len(item[3])))
+                if len(in_flight) >= 2 * num_proc:
+                    yield _collect(in_flight.popleft(), progress)
+            while in_flight:
+                yield _collect(in_flight.popleft(), progress)
+    finally:
+        progress.close()
+
+
+def _collect(entry, progress):
+    future, last, size = entry
+    result = future.get()
+    result["last_in_file"] = last
+    progress.update(size)
+    return result
+
+
+def _mark_last(batches):
+    """(batch, is_last_batch_of_its_file) pairs."""
+    previous = None
+    for item in batches:
+        if previous is not None:
+            yield previous, previous[0] != item[0]
+        previous = item
+    if previous is not None:
+        yield previous, True
+
+
+# ----- inputs: local files, globs, and Hub datasets -----------------------------------
+HF_PREFIX = "hf://datasets/"
+
+
+def snapshot_download(**kwargs):  # indirection so that tests can stand in for the Hub
+    from huggingface_hub import snapshot_download as download
+
+    return download(**kwargs)
+
+
+def resolve_inputs(patterns, hub_dataset=None, hub_files=(), revision=None, cache_dir=None):
+    """Local files for the given paths/globs, `hf://datasets/<org>/<name>/<pattern>` entries, and
+    a `hub_dataset` id with `hub_files` patterns. From the Hub only the files matching the
+    patterns are downloaded (snapshot_download with allow_patterns), as the original recipe did."""
+    hub = {}
+    local = []
+    for pattern in patterns:
+        pattern = str(pattern)
+        if pattern.startswith(HF_PREFIX):
+            parts = pattern[len(HF_PREFIX):].split("/", 2)
+            if len(parts) < 3:
+                raise ValueError(f"{pattern}: expected hf://datasets/<org>/<name>/<file pattern>")
+            hub.setdefault(f"{parts[0]}/{parts[1]}", []).append(parts[2])
+        else:
+            local.append(pattern)
+    if hub_dataset:
+        if not hub_files:
+            raise ValueError("--hub_dataset needs --hub_files (e.g. 'data/ja/ja_clean_0000.jsonl.gz')")
+        hub.setdefault(hub_dataset, []).extend(hub_files)
+    paths = expand_paths(local) if local else []
+    for repo_id, file_patterns in hub.items():
+        folder = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=list(file_patterns),
+                                   revision=revision, cache_dir=cache_dir)
+        for file_pattern in file_patterns:
+            try:
+                paths.extend(expand_paths([str(Path(folder) / file_pattern)]))
+            except CorpusError as error:
+                raise CorpusError(f"hf://datasets/{repo_id}/{file_pattern}: nothing downloaded matches ({error})") from None
+    return paths
+
+
+def file_fingerprint(paths) -> list:
+    return [{"path": str(path), "bytes": os.path.getsize(path), "mtime": int(os.path.getmtime(path))} for path in paths]
+
+
+def cache_key(raw_paths, target_paths, settings) -> str:
+    payload = json.dumps({"raw": file_fingerprint(raw_paths), "target": file_fingerprint(target_paths),
+                          "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
