@@ -35,13 +35,14 @@ class SelectionArguments:
         "help": "japanese_char_ngrams (hashed character 1..n-grams) or dsir_default (the package's words).",
         "choices": list(selection.FEATURIZERS)})
     ngrams: int = field(default=3, metadata={"help": "Largest character n-gram (japanese_char_ngrams)."})
-    num_buckets: int = field(default=10000, metadata={"help": "Hash buckets (the package's default: 10000)."})
+    num_buckets: int = field(default=None, metadata={
+        "help": "Hash buckets (default: 65536 for japanese_char_ngrams, the package's 10000 for dsir_default)."})
     min_example_chars: int = field(default=100, metadata={
         "help": "Drop raw documents shorter than this many characters (after whitespace normalisation)."})
     min_example_length: int = field(default=100, metadata={
         "help": "dsir_default only: the package's filter in WordPunct words (100 as in the package)."})
-    smoothing_alpha: float = field(default=1.0, metadata={
-        "help": "Add-alpha smoothing of the bucket counts of raw and target (0 = none; then log(0) guards as the package)."})
+    smoothing_alpha: float = field(default=0.01, metadata={
+        "help": "Add-alpha smoothing: p = (count + alpha) / (total + alpha * num_buckets), for raw and target."})
     num_tokens_to_fit: str = field(default="auto", metadata={
         "help": "n-grams of the raw pool to fit on: 'auto' (100k x num_buckets, as the package), 'all', or a number."})
     top_k: bool = field(default=False, metadata={"help": "Take the K highest weights instead of sampling."})

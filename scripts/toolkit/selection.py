@@ -26,7 +26,6 @@ result does not depend on the number of processes; the per-file weights are cach
 import hashlib
 import json
 import os
-import re
 import time
 import unicodedata
 from collections import Counter, deque
@@ -41,6 +40,9 @@ from tqdm import tqdm
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, expand_paths, iter_lines, parse_line
 
 FEATURIZERS = ("japanese_char_ngrams", "dsir_default")
+# 2**16 buckets for character n-grams (Japanese alone has thousands of distinct characters);
+# the package's 10000 for its own featurizer.
+DEFAULT_BUCKETS = {"japanese_char_ngrams": 2**16, "dsir_default": 10000}
 
 # Per-line status codes kept in the cache (perexample_metadata).
 CANDIDATE, TOO_SHORT, TOO_FEW_WORDS = 0, 1, 2
@@ -49,53 +51,79 @@ BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", 
 BAD_CODE = {reason: 10 + index for index, reason in enumerate(BAD_REASONS)}
 CODE_REASON = {**FILTER_REASONS, **{code: reason for reason, code in BAD_CODE.items()}}
 
-_WHITESPACE = re.compile(r"\s+")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_K_CHAIN = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial chain over code points
+_K_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_K_MIX2 = np.uint64(0x94D049BB133111EB)
+_S29, _S32 = np.uint64(29), np.uint64(32)
 
 
 def normalize_text(text: str) -> str:
     """NFKC (full-width ASCII -> ASCII, half-width kana -> kana), lowercase, whitespace runs -> one space."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
-
-
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wraps modulo 2**64; deterministic everywhere)."""
-    x = values + _GOLDEN
-    x ^= x >> _S30
-    x *= _MIX1
-    x ^= x >> _S27
-    x *= _MIX2
-    x ^= x >> _S31
-    return x
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def char_ngram_buckets(normalized_texts, ngrams=3, num_buckets=10000):
     """Hashed character 1..`ngrams`-grams of already normalised texts, all documents at once.
 
-    Returns (buckets, documents): two int64 arrays, one entry per n-gram occurrence; an
-    n-gram never spans two documents. An n-gram's hash chains splitmix64 over its code
-    points, then mixes in n, so "ab" and the 1-gram of some character never share a hash.
+    Returns (buckets, starts, lengths): `buckets[n - 1]` is an int64 array over every
+    character position of the concatenated texts, holding the bucket of the n-gram that
+    starts there, or `num_buckets` (a "no n-gram" sentinel) where it would run past the
+    end of its document. The hash is a polynomial over code points modulo 2**64 (numpy
+    uint64 wraps), salted with n and mixed, then reduced to [0, num_buckets) by a
+    multiply-shift: the same on every process and machine, unlike Python's `hash()`.
     """
+    if num_buckets >= 2**32:
+        raise ValueError("num_buckets must be below 2**32")
     lengths = np.fromiter(map(len, normalized_texts), dtype=np.int64, count=len(normalized_texts))
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
     joined = "".join(normalized_texts).encode("utf-32-le", errors="surrogatepass")
     codes = np.frombuffer(joined, dtype=np.uint32).astype(np.uint64)
-    documents = np.repeat(np.arange(len(normalized_texts), dtype=np.int64), lengths)
-    buckets_parts, documents_parts = [], []
-    chain = codes
-    modulus = np.uint64(num_buckets)
+    total = len(codes)
+    buckets, chain = [], codes
     for n in range(1, ngrams + 1):
         if n > 1:
-            chain = _splitmix64(chain[:-1]) ^ codes[n - 1:]
-            valid = documents[: len(chain)] == documents[n - 1:]
-            hashed, owners = chain[valid], documents[: len(chain)][valid]
-        else:
-            hashed, owners = chain, documents
-        buckets_parts.append((_splitmix64(hashed ^ np.uint64(n)) % modulus).astype(np.int64))
-        documents_parts.append(owners)
-    return np.concatenate(buckets_parts), np.concatenate(documents_parts)
+            chain = chain[:-1] * _K_CHAIN
+            chain += codes[n - 1:]
+        mixed = chain ^ np.uint64(n)
+        mixed *= _K_MIX1
+        mixed ^= mixed >> _S29
+        mixed *= _K_MIX2
+        mixed >>= _S32
+        mixed *= np.uint64(num_buckets)
+        mixed >>= _S32
+        bucket = np.full(total, num_buckets, dtype=np.int64)
+        bucket[: len(mixed)] = mixed
+        for k in range(1, n):  # the n-gram starting k characters before a document's end crosses it
+            crossing = ends[lengths >= k] - k
+            bucket[crossing] = num_buckets
+        buckets.append(bucket)
+    return buckets, starts, lengths
+
+
+def char_ngram_counts(normalized_texts, ngrams, num_buckets) -> np.ndarray:
+    """Bucket counts summed over the texts (what fitting needs)."""
+    buckets, _, _ = char_ngram_buckets(normalized_texts, ngrams, num_buckets)
+    counts = np.zeros(num_buckets + 1, dtype=np.int64)
+    for bucket in buckets:
+        counts += np.bincount(bucket, minlength=num_buckets + 1)
+    return counts[:num_buckets]
+
+
+def char_ngram_scores(normalized_texts, log_diff, ngrams) -> np.ndarray:
+    """log_diff . (bucket counts of each text), without building the count vectors."""
+    buckets, starts, lengths = char_ngram_buckets(normalized_texts, ngrams, len(log_diff))
+    if len(normalized_texts) == 0:
+        return np.zeros(0)
+    weights = np.append(np.asarray(log_diff, dtype=np.float64), 0.0)  # the sentinel scores 0
+    scores = np.zeros(len(normalized_texts))
+    total = int(lengths.sum())
+    for bucket in buckets:
+        values = np.zeros(total + 1)
+        values[:total] = weights[bucket]
+        scores += np.add.reduceat(values, starts)
+    scores[lengths == 0] = 0.0  # reduceat gives the next document's first value for an empty one
+    return scores
 
 
 class JapaneseDSIR(HashedNgramDSIR):
@@ -109,10 +137,10 @@ class JapaneseDSIR(HashedNgramDSIR):
         cache_dir,
         featurizer="japanese_char_ngrams",
         ngrams=3,
-        num_buckets=10000,
+        num_buckets=None,
         min_example_chars=100,
         min_example_length=100,
-        smoothing_alpha=1.0,
+        smoothing_alpha=0.01,
         num_proc=None,
         seed=0,
         text_field="text",
@@ -120,6 +148,8 @@ class JapaneseDSIR(HashedNgramDSIR):
         batch_size=512,
         show_progress=True,
     ):
+        if smoothing_alpha <= 0:
+            raise ValueError(f"smoothing_alpha must be > 0 (got {smoothing_alpha}): it keeps every log ratio finite")
         if featurizer not in FEATURIZERS:
             raise ValueError(f"featurizer {featurizer!r} is not one of {FEATURIZERS}")
         super().__init__(
@@ -128,7 +158,7 @@ class JapaneseDSIR(HashedNgramDSIR):
             cache_dir=cache_dir,
             num_proc=num_proc,
             ngrams=ngrams if featurizer == "japanese_char_ngrams" else 2,
-            num_buckets=num_buckets,
+            num_buckets=num_buckets or DEFAULT_BUCKETS[featurizer],
             min_example_length=min_example_length,
         )
         self.featurizer_name = featurizer
@@ -150,42 +180,50 @@ class JapaneseDSIR(HashedNgramDSIR):
         return selection_settings(self.featurizer_name, self.ngrams, self.num_buckets, self.min_example_chars,
                                   self.min_example_length, self.smoothing_alpha, self.text_field)
 
-    def featurize_batch(self, texts):
-        """(buckets, documents, lengths, words) for a batch of raw texts.
+    def prepare(self, texts):
+        """(features, lengths, words) of a batch of raw texts.
 
-        lengths: characters after normalisation (the length filter's unit);
-        words: the package's word count (only for dsir_default, else None).
+        features: the normalised texts (japanese_char_ngrams) or one count vector per text
+        (dsir_default); lengths: characters after normalisation (the length filter's unit);
+        words: the package's word count per text (dsir_default only, else None).
         """
         normalized = [normalize_text(text) for text in texts]
         lengths = np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized))
         if self.featurizer_name == "japanese_char_ngrams":
-            buckets, documents = char_ngram_buckets(normalized, self.ngrams, self.num_buckets)
-            return buckets, documents, lengths, None
-        buckets_parts, documents_parts, words = [], [], []
-        for index, text in enumerate(texts):
-            counts = get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self.tokenizer)
-            words.append(self.get_perexample_metadata(None, counts))
-            nonzero = np.flatnonzero(counts)
-            buckets_parts.append(np.repeat(nonzero, counts[nonzero]))
-            documents_parts.append(np.full(int(counts.sum()), index, dtype=np.int64))
-        concat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
-        return concat(buckets_parts), concat(documents_parts), lengths, np.asarray(words)
+            return normalized, lengths, None
+        counts = [get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self.tokenizer)
+                  for text in texts]
+        words = np.asarray([HashedNgramDSIR.get_perexample_metadata(self, None, c) for c in counts])
+        return counts, lengths, words
+
+    def count_features(self, features, keep=None) -> np.ndarray:
+        """Bucket counts summed over the kept texts of a batch (fitting)."""
+        kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
+        if self.featurizer_name == "japanese_char_ngrams":
+            return char_ngram_counts(kept, self.ngrams, self.num_buckets)
+        return np.sum(kept, axis=0) if kept else np.zeros(self.num_buckets, dtype=np.int64)
+
+    def score_features(self, features, keep=None) -> np.ndarray:
+        """Log importance weights (log_diff . counts) of the kept texts of a batch (scoring)."""
+        kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
+        if self.featurizer_name == "japanese_char_ngrams":
+            return char_ngram_scores(kept, self.log_diff, self.ngrams)
+        return np.asarray([self.importance_estimator(c) for c in kept], dtype=np.float64)
 
     def featurizer(self, text: str) -> np.ndarray:
         """The package's per-document API: a count vector over the hash buckets."""
-        buckets, _, _, _ = self.featurize_batch([text])
-        return np.bincount(buckets, minlength=self.num_buckets)
+        features, _, _ = self.prepare([text])
+        return self.count_features(features)
+
+    def score_batch(self, texts) -> np.ndarray:
+        features, _, _ = self.prepare(texts)
+        return self.score_features(features)
 
     def get_perexample_metadata(self, ex, features):
         """The length the filter looks at: words for dsir_default (as the package), else characters."""
         if self.featurizer_name == "dsir_default":
             return super().get_perexample_metadata(ex, features)
         return len(normalize_text(ex[self.text_field]))
-
-    def score_batch(self, texts) -> np.ndarray:
-        """Log importance weights of a batch of texts (= log_diff . features for each)."""
-        buckets, documents, _, _ = self.featurize_batch(texts)
-        return np.bincount(documents, weights=self.log_diff[buckets], minlength=len(texts))
 
     # ----- passes over files ----------------------------------------------------------
     def _scan(self, paths, mode, description, apply_filter=True):
@@ -330,7 +368,7 @@ def selection_settings(featurizer, ngrams, num_buckets, min_example_chars, min_e
     return {
         "featurizer": featurizer,
         "ngrams": 2 if default else ngrams,
-        "num_buckets": num_buckets,
+        "num_buckets": num_buckets or DEFAULT_BUCKETS[featurizer],
         "min_example_chars": min_example_chars,
         "min_example_length_words": min_example_length if default else None,
         "smoothing_alpha": smoothing_alpha,
@@ -380,7 +418,7 @@ def _process_batch(item):
         texts.append(record[dsir.text_field])
         positions.append(offset)
     positions = np.asarray(positions, dtype=np.int64)
-    buckets, documents, lengths, words = dsir.featurize_batch(texts)
+    features, lengths, words = dsir.prepare(texts)
     chars = np.zeros(len(raw_lines), dtype=np.int64)
     chars[positions] = lengths
     keep = np.ones(len(texts), dtype=bool)
@@ -394,12 +432,12 @@ def _process_batch(item):
             keep &= ~too_few
     result = {"file_index": file_index, "status": status, "chars": chars}
     if task["mode"] == "count":
-        result["counts"] = np.bincount(buckets[keep[documents]], minlength=dsir.num_buckets)
+        result["counts"] = dsir.count_features(features, keep)
         result["stats"] = {"documents": len(raw_lines), "used": int(keep.sum()), "characters": int(lengths.sum()),
                            **Counter(CODE_REASON[c] for c in status if c != CANDIDATE)}
     else:
         scores = np.full(len(raw_lines), np.nan)
-        scores[positions] = np.bincount(documents, weights=dsir.log_diff[buckets], minlength=len(texts))
+        scores[positions[keep]] = dsir.score_features(features, keep)
         result["scores"] = scores
     return result
 

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Benchmarks of scripts/select_data.py (numbers in BENCHMARKS.md).
+
+(a) Selection quality: pool = several Japanese sources + English, target = one Japanese
+    source; precision = share of the K selected documents whose `source` is the target's.
+    Compared: the data-selection package as is, our class with the package's featurizer,
+    our Japanese featurizer, and random selection; same pool, same K, several seeds.
+(b) Throughput of featurize + score, documents/second on one core, on the same Japanese
+    documents, the package's featurizer against ours, in one run.
+
+    python scripts/bench_select_data.py --output_dir outputs/bench_select
+"""
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from data_selection import HashedNgramDSIR
+from transformers import HfArgumentParser
+
+from toolkit.corpus import read_texts
+from toolkit.reports import write_json_atomic
+from toolkit.selection import JapaneseDSIR
+
+
+@dataclass
+class BenchArguments:
+    output_dir: str = field(default="outputs/bench_select")
+    pool: list[str] = field(default_factory=lambda: ["sample_data/pool/data/ja/ja_clean_0000.jsonl.gz",
+                                                     "sample_data/pool/data/en/en_clean_0000.jsonl.gz"])
+    target: list[str] = field(default_factory=lambda: ["sample_data/target/ja_target.jsonl.gz"])
+    target_source: str = field(default="debian-reference-ja")
+    num_to_sample: list[int] = field(default_factory=lambda: [150, 300])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    throughput_docs: str = field(default="sample_data/pool/data/ja/ja_clean_0000.jsonl.gz")
+    repeats: int = field(default=3, metadata={"help": "Throughput: best of this many timed passes."})
+
+
+def sources_of(paths):
+    sources = []
+    for path in paths:
+        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
+            sources.extend(json.loads(line)["source"] for line in f)
+    return np.asarray(sources)
+
+
+def plain_copies(paths, folder):
+    """The package's loader reads plain .jsonl only: decompressed copies for the as-is baseline."""
+    copies = []
+    for index, path in enumerate(paths):
+        copy = os.path.join(folder, f"{index}.jsonl")
+        with gzip.open(path, "rb") as source, open(copy, "wb") as target:
+            shutil.copyfileobj(source, target)
+        copies.append(copy)
+    return copies
+
+
+def package_as_is(pool, target, k, seed, work):
+    """data-selection 1.0.3 unmodified: HashedNgramDSIR fit / compute / resample."""
+    folder = tempfile.mkdtemp(dir=work)
+    dsir = HashedNgramDSIR(plain_copies(pool, folder), plain_copies(target, folder),
+                           cache_dir=os.path.join(folder, "cache"), num_proc=1)
+    dsir.fit_importance_estimator(num_tokens_to_fit="auto")
+    dsir.compute_importance_weights()
+    np.random.seed(seed)
+    out = os.path.join(folder, "out")
+    dsir.resample(out_dir=out, num_to_sample=k, cache_dir=os.path.join(folder, "resample_cache"))
+    chosen = []
+    for name in sorted(os.listdir(out)):
+        with open(os.path.join(out, name), encoding="utf-8") as f:
+            chosen.extend(json.loads(line)["source"] for line in f)
+    shutil.rmtree(folder)
+    return np.asarray(chosen), None
+
+
+def ours(pool, target, k, seed, work, **kwargs):
+    folder = tempfile.mkdtemp(dir=work)
+    dsir = JapaneseDSIR(pool, target, cache_dir=folder, num_proc=1, seed=seed, show_progress=False, **kwargs)
+    dsir.fit_importance_estimator()
+    dsir.compute_importance_weights()
+    mask = dsir.choose(k)
+    _, status, _ = dsir.load_weights()
+    shutil.rmtree(folder)
+    return mask, int((status == 0).sum())
+
+
+def quality(args, work):
+    sources = sources_of(args.pool)
+    methods = {
+        "data-selection 1.0.3 as is (HashedNgramDSIR, 100-word filter)": lambda k, s: package_as_is(args.pool, args.target, k, s, work),
+        "JapaneseDSIR, featurizer=dsir_default (package features, 100-word filter)":
+            lambda k, s: ours(args.pool, args.target, k, s, work, featurizer="dsir_default"),
+        "JapaneseDSIR, featurizer=dsir_default, no word filter (>=100 chars)":
+            lambda k, s: ours(args.pool, args.target, k, s, work, featurizer="dsir_default", min_example_length=0),
+        "JapaneseDSIR, featurizer=japanese_char_ngrams, 10000 buckets, alpha=1 (untuned)":
+            lambda k, s: ours(args.pool, args.target, k, s, work, num_buckets=10000, smoothing_alpha=1.0),
+        "JapaneseDSIR, featurizer=japanese_char_ngrams (defaults: 1-3 grams, 65536 buckets, alpha=0.01)":
+            lambda k, s: ours(args.pool, args.target, k, s, work),
+    }
+    rows = []
+    for name, method in methods.items():
+        for k in args.num_to_sample:
+            precisions, candidates, languages = [], None, Counter()
+            for seed in args.seeds:
+                chosen, candidates = method(k, seed)
+                chosen_sources = chosen if chosen.dtype.kind == "U" else sources[chosen]
+                precisions.append(float(np.mean(chosen_sources == args.target_source)))
+                languages.update("en" if not s.endswith("-ja") else "ja" for s in chosen_sources)
+            rows.append({"method": name, "k": k, "precision_mean": round(float(np.mean(precisions)), 3),
+                         "precision_per_seed": [round(p, 3) for p in precisions], "candidates": candidates,
+                         "selected_english_share": round(languages["en"] / sum(languages.values()), 3)})
+            print(rows[-1], flush=True)
+    share = float(np.mean(sources == args.target_source))
+    for k in args.num_to_sample:
+        rows.append({"method": "random selection (expected precision = source share of the pool)", "k": k,
+                     "precision_mean": round(share, 3), "candidates": len(sources)})
+    return rows
+
+
+def throughput(args, work):
+    texts, _ = read_texts([args.throughput_docs])
+    results = {"documents": len(texts), "characters": sum(map(len, texts)), "cores": 1}
+    package = HashedNgramDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(work, "tp_package"), num_proc=1)
+    mine = JapaneseDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(work, "tp_ours"), num_proc=1,
+                        show_progress=False)
+    mine.fit_importance_estimator()
+    # Scoring cost does not depend on the fitted values: the package's own fit is skipped here.
+    package.log_diff = np.random.default_rng(0).normal(size=package.num_buckets)
+
+    def timed(function):
+        best = float("inf")
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            function()
+            best = min(best, time.perf_counter() - started)
+        return round(len(texts) / best, 1)
+
+    results["package_featurizer_per_doc"] = timed(
+        lambda: [package.importance_estimator(package.featurizer(text)) for text in texts])
+    results["ours_per_doc_api"] = timed(lambda: [mine.importance_estimator(mine.featurizer(text)) for text in texts])
+    results["ours_batched_512"] = timed(
+        lambda: [mine.score_batch(texts[i:i + 512]) for i in range(0, len(texts), 512)])
+    results["ratio_batched_vs_package"] = round(results["ours_batched_512"] / results["package_featurizer_per_doc"], 1)
+    results["ratio_per_doc_vs_package"] = round(results["ours_per_doc_api"] / results["package_featurizer_per_doc"], 1)
+    print(results, flush=True)
+    return results
+
+
+def main():
+    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
+    os.makedirs(args.output_dir, exist_ok=True)
+    work = tempfile.mkdtemp(dir=args.output_dir)
+    try:
+        report = {"throughput_docs_per_s_per_core": throughput(args, work), "quality": quality(args, work)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_json_atomic(os.path.join(args.output_dir, "bench_select_report.json"), report)
+    print("\n| method | K | precision (mean over seeds) | per seed | candidates | English share of selected |")
+    print("|---|---:|---:|---|---:|---:|")
+    for row in report["quality"]:
+        print(f"| {row['method']} | {row['k']} | {row['precision_mean']:.3f} | {row.get('precision_per_seed', '-')} "
+              f"| {row.get('candidates', '-')} | {row.get('selected_english_share', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
