@@ -40,6 +40,7 @@ class BenchArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     throughput_docs: str = field(default="sample_data/pool/data/ja/ja_clean_0000.jsonl.gz")
     repeats: int = field(default=3, metadata={"help": "Throughput: best of this many timed passes."})
+    parts: list[str] = field(default_factory=lambda: ["throughput", "quality"], metadata={"help": "What to measure."})
 
 
 def sources_of(paths):
@@ -157,10 +158,11 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.output_dir)
     try:
-        report = {"throughput_docs_per_s_per_core": throughput(args, work), "quality": quality(args, work)}
+        report = {"throughput_docs_per_s_per_core": throughput(args, work) if "throughput" in args.parts else None,
+                  "quality": quality(args, work) if "quality" in args.parts else []}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_json_atomic(os.path.join(args.output_dir, "bench_select_report.json"), report)
+    write_json_atomic(os.path.join(args.output_dir, f"bench_select_report_{'_'.join(args.parts)}.json"), report)
     print("\n| method | K | precision (mean over seeds) | per seed | candidates | English share of selected |")
     print("|---|---:|---:|---|---:|---:|")
     for row in report["quality"]:

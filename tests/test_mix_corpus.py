@@ -74,6 +74,7 @@ def test_a_bigger_vocabulary_changes_how_much_english_is_needed(tmp_path, mistra
 def test_not_enough_english_is_an_error_or_a_reported_lower_share(tmp_path, mistral_tokenizer_path, small_inputs):
     with pytest.raises(SystemExit, match="--allow_lower_english_share"):
         run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], "--english_token_share", "0.9")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # nothing half-written
     _, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"],
                              "--english_token_share", "0.9", "--allow_lower_english_share", out="low")
     assert report["english_share"]["reached"] is False and report["english_share"]["achieved"] < 0.9
