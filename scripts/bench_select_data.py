@@ -62,64 +62,77 @@ def plain_copies(paths, folder):
     return copies
 
 
-def package_as_is(pool, target, k, seed, work):
-    """data-selection 1.0.3 unmodified: HashedNgramDSIR fit / compute / resample."""
+def package_as_is(pool, target, work):
+    """data-selection 1.0.3 unmodified: HashedNgramDSIR fit / compute once, resample per (K, seed)."""
     folder = tempfile.mkdtemp(dir=work)
     dsir = HashedNgramDSIR(plain_copies(pool, folder), plain_copies(target, folder),
                            cache_dir=os.path.join(folder, "cache"), num_proc=1)
     dsir.fit_importance_estimator(num_tokens_to_fit="auto")
     dsir.compute_importance_weights()
-    np.random.seed(seed)
-    out = os.path.join(folder, "out")
-    dsir.resample(out_dir=out, num_to_sample=k, cache_dir=os.path.join(folder, "resample_cache"))
-    chosen = []
-    for name in sorted(os.listdir(out)):
-        with open(os.path.join(out, name), encoding="utf-8") as f:
-            chosen.extend(json.loads(line)["source"] for line in f)
-    shutil.rmtree(folder)
-    return np.asarray(chosen), None
+
+    def choose(k, seed):
+        np.random.seed(seed)
+        out = tempfile.mkdtemp(dir=folder)
+        os.rmdir(out)
+        dsir.resample(out_dir=out, num_to_sample=k, cache_dir=out + "_cache")
+        chosen = []
+        for name in sorted(os.listdir(out)):
+            with open(os.path.join(out, name), encoding="utf-8") as f:
+                chosen.extend(json.loads(line)["source"] for line in f)
+        return np.asarray(chosen)
+
+    return choose, None
 
 
-def ours(pool, target, k, seed, work, **kwargs):
-    folder = tempfile.mkdtemp(dir=work)
-    dsir = JapaneseDSIR(pool, target, cache_dir=folder, num_proc=1, seed=seed, show_progress=False, **kwargs)
+def ours(pool, target, work, sources, **kwargs):
+    """JapaneseDSIR: fit / compute once, then Gumbel top-k per (K, seed)."""
+    dsir = JapaneseDSIR(pool, target, cache_dir=tempfile.mkdtemp(dir=work), num_proc=1, show_progress=False, **kwargs)
     dsir.fit_importance_estimator()
     dsir.compute_importance_weights()
-    mask = dsir.choose(k)
     _, status, _ = dsir.load_weights()
-    shutil.rmtree(folder)
-    return mask, int((status == 0).sum())
+
+    def choose(k, seed):
+        dsir.seed = seed
+        return sources[dsir.choose(k)]
+
+    return choose, int((status == 0).sum())
+
+
+METHODS = {
+    "data-selection 1.0.3 as is (HashedNgramDSIR: words, 10000 buckets, 100-word filter, no smoothing)": None,
+    "JapaneseDSIR featurizer=dsir_default (package's words), 100-word filter, alpha=1":
+        dict(featurizer="dsir_default"),
+    "JapaneseDSIR featurizer=dsir_default (package's words), no word filter (>=100 chars), alpha=1":
+        dict(featurizer="dsir_default", min_example_length=0),
+    "JapaneseDSIR featurizer=japanese_char_ngrams --no_latin_words (every character a unit), alpha=1":
+        dict(latin_words=False),
+    "JapaneseDSIR featurizer=japanese_char_ngrams, 10000 buckets (the package's count), alpha=1":
+        dict(num_buckets=10000),
+    "JapaneseDSIR featurizer=japanese_char_ngrams, defaults (1-3 grams, ASCII words, 65536 buckets, alpha=1)": {},
+}
 
 
 def quality(args, work):
     sources = sources_of(args.pool)
-    methods = {
-        "data-selection 1.0.3 as is (HashedNgramDSIR, 100-word filter)": lambda k, s: package_as_is(args.pool, args.target, k, s, work),
-        "JapaneseDSIR, featurizer=dsir_default (package features, 100-word filter)":
-            lambda k, s: ours(args.pool, args.target, k, s, work, featurizer="dsir_default"),
-        "JapaneseDSIR, featurizer=dsir_default, no word filter (>=100 chars)":
-            lambda k, s: ours(args.pool, args.target, k, s, work, featurizer="dsir_default", min_example_length=0),
-        "JapaneseDSIR, featurizer=japanese_char_ngrams, 10000 buckets, alpha=1 (untuned)":
-            lambda k, s: ours(args.pool, args.target, k, s, work, num_buckets=10000, smoothing_alpha=1.0),
-        "JapaneseDSIR, featurizer=japanese_char_ngrams (defaults: 1-3 grams, 65536 buckets, alpha=0.01)":
-            lambda k, s: ours(args.pool, args.target, k, s, work),
-    }
     rows = []
-    for name, method in methods.items():
+    for name, kwargs in METHODS.items():
+        if kwargs is None:
+            choose, candidates = package_as_is(args.pool, args.target, work)
+        else:
+            choose, candidates = ours(args.pool, args.target, work, sources, **kwargs)
         for k in args.num_to_sample:
-            precisions, candidates, languages = [], None, Counter()
+            precisions, languages = [], Counter()
             for seed in args.seeds:
-                chosen, candidates = method(k, seed)
-                chosen_sources = chosen if chosen.dtype.kind == "U" else sources[chosen]
+                chosen_sources = choose(k, seed)
                 precisions.append(float(np.mean(chosen_sources == args.target_source)))
-                languages.update("en" if not s.endswith("-ja") else "ja" for s in chosen_sources)
+                languages.update("ja" if s.endswith("-ja") else "en" for s in chosen_sources)
             rows.append({"method": name, "k": k, "precision_mean": round(float(np.mean(precisions)), 3),
                          "precision_per_seed": [round(p, 3) for p in precisions], "candidates": candidates,
                          "selected_english_share": round(languages["en"] / sum(languages.values()), 3)})
             print(rows[-1], flush=True)
     share = float(np.mean(sources == args.target_source))
     for k in args.num_to_sample:
-        rows.append({"method": "random selection (expected precision = source share of the pool)", "k": k,
+        rows.append({"method": "random selection (expected precision = the source's share of the pool)", "k": k,
                      "precision_mean": round(share, 3), "candidates": len(sources)})
     return rows
 

@@ -41,8 +41,11 @@ class SelectionArguments:
         "help": "Drop raw documents shorter than this many characters (after whitespace normalisation)."})
     min_example_length: int = field(default=100, metadata={
         "help": "dsir_default only: the package's filter in WordPunct words (100 as in the package)."})
-    smoothing_alpha: float = field(default=0.01, metadata={
+    smoothing_alpha: float = field(default=1.0, metadata={
         "help": "Add-alpha smoothing: p = (count + alpha) / (total + alpha * num_buckets), for raw and target."})
+    no_latin_words: bool = field(default=False, metadata={
+        "help": "japanese_char_ngrams: make every character a unit, including ASCII letters and spaces "
+                "(default: a run of ASCII letters/digits is one unit, a word)."})
     num_tokens_to_fit: str = field(default="auto", metadata={
         "help": "n-grams of the raw pool to fit on: 'auto' (100k x num_buckets, as the package), 'all', or a number."})
     top_k: bool = field(default=False, metadata={"help": "Take the K highest weights instead of sampling."})
@@ -79,11 +82,12 @@ def main(argv=None):
     # 2. The DSIR object; its cache folder is keyed by the inputs and every setting (resume).
     dsir_kwargs = dict(featurizer=args.featurizer, ngrams=args.ngrams, num_buckets=args.num_buckets,
                        min_example_chars=args.min_example_chars, min_example_length=args.min_example_length,
-                       smoothing_alpha=args.smoothing_alpha, num_proc=num_proc, seed=args.seed,
+                       smoothing_alpha=args.smoothing_alpha, latin_words=not args.no_latin_words, num_proc=num_proc, seed=args.seed,
                        text_field=args.text_field, skip_bad_records=args.skip_bad_records,
                        batch_size=args.batch_size, show_progress=not args.no_progress)
     settings = {**selection.selection_settings(args.featurizer, args.ngrams, args.num_buckets, args.min_example_chars,
-                                               args.min_example_length, args.smoothing_alpha, args.text_field),
+                                               args.min_example_length, args.smoothing_alpha, args.text_field,
+                                               not args.no_latin_words),
                 "num_tokens_to_fit": num_tokens_to_fit}
     cache_dir = os.path.join(args.output_dir, "cache", selection.cache_key(raw_paths, target_paths, settings))
     dsir = selection.JapaneseDSIR(raw_paths, target_paths, cache_dir=cache_dir, **dsir_kwargs)

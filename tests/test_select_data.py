@@ -55,6 +55,16 @@ def test_char_ngrams_count_every_1_to_n_gram_within_each_document():
     assert selection.char_ngram_counts([""], 3, 64).sum() == 0
 
 
+def test_ascii_runs_are_words_and_japanese_is_characters():
+    bucket = lambda text, latin=True: selection.char_ngram_counts([selection.normalize_text(text)], 3, 1 << 20, latin)  # noqa: E731
+    assert bucket("apt-get install").sum() == 4 + 3 + 2  # apt - get install
+    assert bucket("apt-get install", latin=False).sum() == 15 + 14 + 13  # every character, spaces too
+    # the word "apt" is the same unit whether it stands alone or sits inside Japanese
+    alone, inside = bucket("apt"), bucket("aptを使う")
+    assert np.all(inside[alone > 0] >= 1)
+    assert bucket("日本語").sum() == bucket("日本語", latin=False).sum() == 6
+
+
 def test_char_ngrams_distinguish_japanese_clauses_the_default_featurizer_lumps(ja_texts):
     ours = selection.char_ngram_counts([selection.normalize_text("日本の首都は東京です")], 3, 1 << 16)
     default = get_ngram_counts("日本の首都は東京です", n=2, num_buckets=1 << 16)
@@ -64,10 +74,10 @@ def test_char_ngrams_distinguish_japanese_clauses_the_default_featurizer_lumps(j
 
 def test_hashes_are_the_same_in_another_process():
     code = ("import sys; sys.path.insert(0, 'scripts'); from toolkit import selection; "
-            "print(selection.char_ngram_buckets(['データ選択 test'], 3, 1000)[0][2].tolist())")
+            "print(selection.char_ngram_buckets(['データ選択 test'], 3, 1000)[0][0].tolist())")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout
-    here = selection.char_ngram_buckets(["データ選択 test"], 3, 1000)[0][2].tolist()
+    here = selection.char_ngram_buckets(["データ選択 test"], 3, 1000)[0][0].tolist()
     assert output == f"{here}\n" and len(set(here)) > 5
 
 

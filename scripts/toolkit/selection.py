@@ -62,29 +62,74 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-def char_ngram_buckets(normalized_texts, ngrams=3, num_buckets=10000):
-    """Hashed character 1..`ngrams`-grams of already normalised texts, all documents at once.
+_POWERS = {"k": np.ones(1, dtype=np.uint64), "inverse": np.ones(1, dtype=np.uint64)}
+_K_INVERSE = np.uint64(pow(int(_K_CHAIN), -1, 2**64))
 
-    Returns (buckets, starts, lengths): `buckets[n - 1]` is an int64 array over every
-    character position of the concatenated texts, holding the bucket of the n-gram that
-    starts there, or `num_buckets` (a "no n-gram" sentinel) where it would run past the
-    end of its document. The hash is a polynomial over code points modulo 2**64 (numpy
-    uint64 wraps), salted with n and mixed, then reduced to [0, num_buckets) by a
-    multiply-shift: the same on every process and machine, unlike Python's `hash()`.
+
+def _powers(n):
+    """K**j and K**-j modulo 2**64 for j < n (cached, grown by doubling)."""
+    if len(_POWERS["k"]) < n:
+        size = max(n, 2 * len(_POWERS["k"]))
+        for key, base in (("k", _K_CHAIN), ("inverse", _K_INVERSE)):
+            table = np.full(size, base, dtype=np.uint64)
+            table[0] = 1
+            _POWERS[key] = np.multiply.accumulate(table)  # wraps modulo 2**64
+    return _POWERS["k"][:n], _POWERS["inverse"][:n]
+
+
+def _units(codes, starts, lengths, latin_words):
+    """The units n-grams are made of, and how many each document has.
+
+    Every character is a unit (spaces included) unless `latin_words`: then spaces are not
+    units and each run of ASCII letters, digits and "_" is ONE unit (a word), hashed as a
+    polynomial of its code points; kana, kanji and punctuation stay one unit each.
+    """
+    if not latin_words:
+        return codes, lengths
+    total = len(codes)
+    word = ((codes >= 97) & (codes <= 122)) | ((codes >= 48) & (codes <= 57)) | (codes == 95)
+    space = codes == 32
+    continues = np.zeros(total, dtype=bool)
+    continues[1:] = word[1:] & word[:-1]
+    continues[starts[lengths > 0]] = False  # a run never continues into the next document
+    positions = np.flatnonzero(~space & ~continues)
+    k_powers, inverse_powers = _powers(total)
+    weighted = codes * inverse_powers
+    weighted[space] = 0
+    # sum over each unit's characters of c_j K^-j, times K^start: sum of c_j K^-(j - start)
+    sums = np.add.reduceat(weighted, positions) if len(positions) else np.zeros(0, dtype=np.uint64)
+    units = sums * k_powers[positions]
+    owners = np.searchsorted(np.cumsum(lengths), positions, side="right")
+    return units, np.bincount(owners, minlength=len(lengths)).astype(np.int64)
+
+
+def char_ngram_buckets(normalized_texts, ngrams=3, num_buckets=10000, latin_words=True):
+    """Hashed 1..`ngrams`-grams of already normalised texts, all documents at once.
+
+    Units are characters, except that with `latin_words` a run of ASCII letters/digits is
+    one unit and spaces are none (`_units`), so Japanese gets character n-grams and the
+    commands, names and English words inside it stay whole words, as the package sees them.
+    Returns (buckets, starts, lengths) in units: `buckets[n - 1]` is an int64 array over
+    every unit of the concatenated texts, holding the bucket of the n-gram that starts
+    there, or `num_buckets` (a "no n-gram" sentinel) where it would run past the end of
+    its document. The hash is a polynomial over code points modulo 2**64 (numpy uint64
+    wraps), salted with n and mixed, then reduced to [0, num_buckets) by a multiply-shift:
+    the same on every process and machine, unlike Python's `hash()`.
     """
     if num_buckets >= 2**32:
         raise ValueError("num_buckets must be below 2**32")
-    lengths = np.fromiter(map(len, normalized_texts), dtype=np.int64, count=len(normalized_texts))
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
+    char_lengths = np.fromiter(map(len, normalized_texts), dtype=np.int64, count=len(normalized_texts))
     joined = "".join(normalized_texts).encode("utf-32-le", errors="surrogatepass")
     codes = np.frombuffer(joined, dtype=np.uint32).astype(np.uint64)
-    total = len(codes)
-    buckets, chain = [], codes
+    units, lengths = _units(codes, np.cumsum(char_lengths) - char_lengths, char_lengths, latin_words)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    total = len(units)
+    buckets, chain = [], units
     for n in range(1, ngrams + 1):
         if n > 1:
             chain = chain[:-1] * _K_CHAIN
-            chain += codes[n - 1:]
+            chain += units[n - 1:]
         mixed = chain ^ np.uint64(n)
         mixed *= _K_MIX1
         mixed ^= mixed >> _S29
@@ -94,25 +139,25 @@ def char_ngram_buckets(normalized_texts, ngrams=3, num_buckets=10000):
         mixed >>= _S32
         bucket = np.full(total, num_buckets, dtype=np.int64)
         bucket[: len(mixed)] = mixed
-        for k in range(1, n):  # the n-gram starting k characters before a document's end crosses it
+        for k in range(1, n):  # the n-gram starting k units before a document's end crosses it
             crossing = ends[lengths >= k] - k
             bucket[crossing] = num_buckets
         buckets.append(bucket)
     return buckets, starts, lengths
 
 
-def char_ngram_counts(normalized_texts, ngrams, num_buckets) -> np.ndarray:
+def char_ngram_counts(normalized_texts, ngrams, num_buckets, latin_words=True) -> np.ndarray:
     """Bucket counts summed over the texts (what fitting needs)."""
-    buckets, _, _ = char_ngram_buckets(normalized_texts, ngrams, num_buckets)
+    buckets, _, _ = char_ngram_buckets(normalized_texts, ngrams, num_buckets, latin_words)
     counts = np.zeros(num_buckets + 1, dtype=np.int64)
     for bucket in buckets:
         counts += np.bincount(bucket, minlength=num_buckets + 1)
     return counts[:num_buckets]
 
 
-def char_ngram_scores(normalized_texts, log_diff, ngrams) -> np.ndarray:
+def char_ngram_scores(normalized_texts, log_diff, ngrams, latin_words=True) -> np.ndarray:
     """log_diff . (bucket counts of each text), without building the count vectors."""
-    buckets, starts, lengths = char_ngram_buckets(normalized_texts, ngrams, len(log_diff))
+    buckets, starts, lengths = char_ngram_buckets(normalized_texts, ngrams, len(log_diff), latin_words)
     if len(normalized_texts) == 0:
         return np.zeros(0)
     weights = np.append(np.asarray(log_diff, dtype=np.float64), 0.0)  # the sentinel scores 0
@@ -140,7 +185,8 @@ class JapaneseDSIR(HashedNgramDSIR):
         num_buckets=None,
         min_example_chars=100,
         min_example_length=100,
-        smoothing_alpha=0.01,
+        smoothing_alpha=1.0,
+        latin_words=True,
         num_proc=None,
         seed=0,
         text_field="text",
@@ -164,6 +210,7 @@ class JapaneseDSIR(HashedNgramDSIR):
         self.featurizer_name = featurizer
         self.min_example_chars = min_example_chars
         self.smoothing_alpha = smoothing_alpha
+        self.latin_words = latin_words
         self.seed = seed
         self.text_field = text_field
         self.skip_bad_records = skip_bad_records
@@ -178,7 +225,7 @@ class JapaneseDSIR(HashedNgramDSIR):
     def settings(self) -> dict:
         """Everything that changes the features or the weights (part of the cache key)."""
         return selection_settings(self.featurizer_name, self.ngrams, self.num_buckets, self.min_example_chars,
-                                  self.min_example_length, self.smoothing_alpha, self.text_field)
+                                  self.min_example_length, self.smoothing_alpha, self.text_field, self.latin_words)
 
     def prepare(self, texts):
         """(features, lengths, words) of a batch of raw texts.
@@ -200,15 +247,19 @@ class JapaneseDSIR(HashedNgramDSIR):
         """Bucket counts summed over the kept texts of a batch (fitting)."""
         kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
         if self.featurizer_name == "japanese_char_ngrams":
-            return char_ngram_counts(kept, self.ngrams, self.num_buckets)
+            return char_ngram_counts(kept, self.ngrams, self.num_buckets, self.latin_words)
         return np.sum(kept, axis=0) if kept else np.zeros(self.num_buckets, dtype=np.int64)
 
     def score_features(self, features, keep=None) -> np.ndarray:
         """Log importance weights (log_diff . counts) of the kept texts of a batch (scoring)."""
         kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
         if self.featurizer_name == "japanese_char_ngrams":
-            return char_ngram_scores(kept, self.log_diff, self.ngrams)
+            return char_ngram_scores(kept, self.log_diff, self.ngrams, self.latin_words)
         return np.asarray([self.importance_estimator(c) for c in kept], dtype=np.float64)
+
+    def importance_estimator(self, features) -> float:
+        """log_diff . features; in float64 (numpy's float . int64 dot skips BLAS and is ~100x slower)."""
+        return float(self.log_diff @ np.asarray(features, dtype=np.float64))
 
     def featurizer(self, text: str) -> np.ndarray:
         """The package's per-document API: a count vector over the hash buckets."""
@@ -363,7 +414,7 @@ class JapaneseDSIR(HashedNgramDSIR):
 
 
 def selection_settings(featurizer, ngrams, num_buckets, min_example_chars, min_example_length, smoothing_alpha,
-                       text_field="text") -> dict:
+                       text_field="text", latin_words=True) -> dict:
     default = featurizer == "dsir_default"
     return {
         "featurizer": featurizer,
@@ -372,6 +423,7 @@ def selection_settings(featurizer, ngrams, num_buckets, min_example_chars, min_e
         "min_example_chars": min_example_chars,
         "min_example_length_words": min_example_length if default else None,
         "smoothing_alpha": smoothing_alpha,
+        "latin_words": None if default else latin_words,
         "text_field": text_field,
         "normalisation": "the package's (lowercase, WordPunct words)" if default
         else "NFKC, lowercase, whitespace runs -> one space",
