@@ -40,7 +40,8 @@ class BenchArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     throughput_docs: str = field(default="sample_data/pool/data/ja/ja_clean_0000.jsonl.gz")
     repeats: int = field(default=3, metadata={"help": "Throughput: best of this many timed passes."})
-    parts: list[str] = field(default_factory=lambda: ["throughput", "quality"], metadata={"help": "What to measure."})
+    parts: list[str] = field(default_factory=lambda: ["throughput", "end_to_end", "quality"],
+                             metadata={"help": "What to measure: throughput, end_to_end, quality."})
 
 
 def sources_of(paths):
@@ -51,11 +52,11 @@ def sources_of(paths):
     return np.asarray(sources)
 
 
-def plain_copies(paths, folder):
+def plain_copies(paths, folder, prefix):
     """The package's loader reads plain .jsonl only: decompressed copies for the as-is baseline."""
     copies = []
     for index, path in enumerate(paths):
-        copy = os.path.join(folder, f"{index}.jsonl")
+        copy = os.path.join(folder, f"{prefix}_{index}.jsonl")
         with gzip.open(path, "rb") as source, open(copy, "wb") as target:
             shutil.copyfileobj(source, target)
         copies.append(copy)
@@ -65,7 +66,7 @@ def plain_copies(paths, folder):
 def package_as_is(pool, target, work):
     """data-selection 1.0.3 unmodified: HashedNgramDSIR fit / compute once, resample per (K, seed)."""
     folder = tempfile.mkdtemp(dir=work)
-    dsir = HashedNgramDSIR(plain_copies(pool, folder), plain_copies(target, folder),
+    dsir = HashedNgramDSIR(plain_copies(pool, folder, "raw"), plain_copies(target, folder, "target"),
                            cache_dir=os.path.join(folder, "cache"), num_proc=1)
     dsir.fit_importance_estimator(num_tokens_to_fit="auto")
     dsir.compute_importance_weights()
@@ -166,12 +167,35 @@ def throughput(args, work):
     return results
 
 
+def end_to_end(args, work):
+    """fit_importance_estimator + compute_importance_weights on one process, from the files
+    (JSON parsing, gzip and the length filter included), package vs ours, same documents."""
+    folder = tempfile.mkdtemp(dir=work)
+    results = {"documents": len(sources_of([args.throughput_docs])), "cores": 1}
+    package = HashedNgramDSIR(plain_copies([args.throughput_docs], folder, "raw"), plain_copies(args.target, folder, "target"),
+                              cache_dir=os.path.join(folder, "package"), num_proc=1)
+    mine = JapaneseDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(folder, "ours"), num_proc=1,
+                        show_progress=False)
+    for name, dsir in (("package", package), ("ours", mine)):
+        started = time.perf_counter()
+        dsir.fit_importance_estimator()
+        fitted = time.perf_counter()
+        dsir.compute_importance_weights()
+        done = time.perf_counter()
+        results[name] = {"fit_s": round(fitted - started, 3), "compute_s": round(done - fitted, 3),
+                         "compute_docs_per_s": round(results["documents"] / (done - fitted), 1)}
+    results["ratio_compute"] = round(results["ours"]["compute_docs_per_s"] / results["package"]["compute_docs_per_s"], 1)
+    print(results, flush=True)
+    return results
+
+
 def main():
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.output_dir)
     try:
         report = {"throughput_docs_per_s_per_core": throughput(args, work) if "throughput" in args.parts else None,
+                  "end_to_end_one_core": end_to_end(args, work) if "end_to_end" in args.parts else None,
                   "quality": quality(args, work) if "quality" in args.parts else []}
     finally:
         shutil.rmtree(work, ignore_errors=True)
