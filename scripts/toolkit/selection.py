@@ -3,18 +3,20 @@
 `JapaneseDSIR` subclasses `data_selection.HashedNgramDSIR` and keeps its API
 (`fit_importance_estimator`, `compute_importance_weights`, `resample`), changing four things:
 
-- Features. `featurizer="japanese_char_ngrams"` (default) hashes character 1..n-grams of
-  NFKC-normalised, lowercased, whitespace-collapsed text. The package's word/punctuation
+- Features. `featurizer="japanese_char_ngrams"` (default) hashes 1..n-grams of units of
+  NFKC-normalised, lowercased, whitespace-collapsed text: a unit is a character, except
+  that a run of ASCII letters/digits is one unit (a word). The package's word/punctuation
   regex turns a whole Japanese clause into one "word"; characters are the unit that works.
-  Hashing is vectorised numpy over code points (a splitmix64 chain, deterministic across
-  processes and machines, never Python's salted `hash()`), on batches of documents at once.
+  Hashing is vectorised numpy over code points (polynomial hashes modulo 2**64 and a
+  multiply-shift, deterministic across processes and machines, never Python's salted
+  `hash()`), on batches of documents at once.
   `featurizer="dsir_default"` keeps the package's own featurizer, for comparison.
 - Fitting uses the same features as scoring. The package fits with the module-level
   `get_ngram_counts` whatever `self.featurizer` is; here `_fit_bow` calls this class's
   batch featurizer, so fit and score cannot disagree.
-- Smoothing. Bucket probabilities are add-alpha smoothed, p = (count + alpha) / (total +
-  alpha * num_buckets), for the raw and the target counts, so a bucket the small target
-  sample never hit gives a bounded penalty instead of log(1e-8).
+- Smoothing. Bucket probabilities are add-alpha smoothed (default alpha = 1, add-one),
+  p = (count + alpha) / (total + alpha * num_buckets), for the raw and the target counts,
+  so a bucket the small target sample never hit gives a bounded penalty instead of log(1e-8).
 - Length filter in characters (`min_example_chars`), after normalisation, instead of the
   package's `min_example_length` in "words" (which still applies to `dsir_default`).
 
