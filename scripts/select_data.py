@@ -77,20 +77,20 @@ def main(argv=None):
                                          args.hub_revision, args.hub_cache_dir)
     target_paths = selection.resolve_inputs(args.target_datasets, revision=args.hub_revision,
                                             cache_dir=args.hub_cache_dir)
-    num_tokens_to_fit = args.num_tokens_to_fit if args.num_tokens_to_fit in ("auto", "all") else int(args.num_tokens_to_fit)
+    num_tokens_to_fit = args.num_tokens_to_fit
+    if num_tokens_to_fit not in ("auto", "all"):
+        num_tokens_to_fit = int(num_tokens_to_fit)
 
     # 2. The DSIR object; its cache folder is keyed by the inputs and every setting (resume).
-    dsir_kwargs = dict(featurizer=args.featurizer, ngrams=args.ngrams, num_buckets=args.num_buckets,
-                       min_example_chars=args.min_example_chars, min_example_length=args.min_example_length,
-                       smoothing_alpha=args.smoothing_alpha, latin_words=not args.no_latin_words, num_proc=num_proc, seed=args.seed,
-                       text_field=args.text_field, skip_bad_records=args.skip_bad_records,
-                       batch_size=args.batch_size, show_progress=not args.no_progress)
-    settings = {**selection.selection_settings(args.featurizer, args.ngrams, args.num_buckets, args.min_example_chars,
-                                               args.min_example_length, args.smoothing_alpha, args.text_field,
-                                               not args.no_latin_words),
-                "num_tokens_to_fit": num_tokens_to_fit}
+    features = dict(featurizer=args.featurizer, ngrams=args.ngrams, num_buckets=args.num_buckets,
+                    min_example_chars=args.min_example_chars, min_example_length=args.min_example_length,
+                    smoothing_alpha=args.smoothing_alpha, latin_words=not args.no_latin_words,
+                    text_field=args.text_field)
+    settings = {**selection.selection_settings(**features), "num_tokens_to_fit": num_tokens_to_fit}
     cache_dir = os.path.join(args.output_dir, "cache", selection.cache_key(raw_paths, target_paths, settings))
-    dsir = selection.JapaneseDSIR(raw_paths, target_paths, cache_dir=cache_dir, **dsir_kwargs)
+    dsir = selection.JapaneseDSIR(raw_paths, target_paths, cache_dir=cache_dir, num_proc=num_proc, seed=args.seed,
+                                  skip_bad_records=args.skip_bad_records, batch_size=args.batch_size,
+                                  show_progress=not args.no_progress, **features)
 
     # 3. The package's three steps.
     dsir.fit_importance_estimator(num_tokens_to_fit=num_tokens_to_fit)
