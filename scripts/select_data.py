@@ -99,10 +99,36 @@ def main(argv=None):
 
     # 4. The report: every document read is selected, filtered (with a reason) or not selected.
     report = build_report(args, dsir, raw_paths, target_paths, selected, settings, num_proc, time.time() - started)
+    report["output"]["plot"] = plot_weights(dsir, selected["mask"], os.path.join(args.output_dir, "log_importance_weights.png"))
     write_json_atomic(os.path.join(args.output_dir, "selection_report.json"), report)
     counts = report["documents"]
     print(f"read {counts['read']}, filtered {counts['filtered_total']}, selected {counts['selected']}, "
           f"not selected {counts['not_selected']} -> {selected['path']}")
+
+
+def plot_weights(dsir, mask, path):
+    """Histogram of the log importance weights: all candidates against the selected ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log_weights, status, _ = dsir.load_weights()
+    candidates = log_weights[status == selection.CANDIDATE]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(candidates.min(), candidates.max(), 60)
+    axis.hist(candidates, bins=bins, alpha=0.6, label=f"candidates ({len(candidates):,})")
+    axis.hist(log_weights[mask], bins=bins, alpha=0.8, label=f"selected ({int(mask.sum()):,})")
+    axis.set_xlabel("log importance weight (sum of log p_target/p_raw over the document's n-grams)")
+    axis.set_ylabel("documents")
+    axis.set_title(f"DSIR weights, featurizer {dsir.featurizer_name}")
+    axis.legend()
+    figure.tight_layout()
+    temporary = os.path.join(os.path.dirname(path), ".tmp." + os.path.basename(path))
+    figure.savefig(temporary, dpi=100, format="png")
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
 
 
 def build_report(args, dsir, raw_paths, target_paths, selected, settings, num_proc, seconds):

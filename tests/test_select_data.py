@@ -144,6 +144,7 @@ def test_selection_keeps_original_lines_and_accounts_for_every_document(tmp_path
     assert len(selected) == 300 and set(selected) <= raw_lines  # byte for byte, every field kept
     docs = report["documents"]
     assert docs["read"] == 1510 == docs["selected"] + docs["filtered_total"] + docs["not_selected"]
+    assert (out / "log_importance_weights.png").read_bytes().startswith(b"\x89PNG")
     # DSIR towards the Debian Reference picks it far more often than its share of the pool
     sources = [json.loads(line)["source"] for line in selected]
     pool_share = sum('"debian-reference-ja"' in line for line in raw_lines) / len(raw_lines)
