@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
-from toolkit.corpus import ReadStats, iter_records
+from toolkit.corpus import CorpusError, ReadStats, iter_records
 from toolkit.selection import resolve_inputs
 from toolkit.reports import write_json_atomic
 
@@ -185,4 +185,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CorpusError as error:  # bad input: the message names the file and line; no traceback
+        raise SystemExit(f"mix_corpus.py: error: {error}") from None

@@ -20,6 +20,7 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from toolkit import selection
+from toolkit.corpus import CorpusError
 from toolkit.reports import write_json_atomic
 
 
@@ -177,4 +178,7 @@ def build_report(args, dsir, raw_paths, target_paths, selected, settings, num_pr
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CorpusError as error:  # bad input: the message names the file and line; no traceback
+        raise SystemExit(f"select_data.py: error: {error}") from None

@@ -233,3 +233,13 @@ def test_hub_dataset_downloads_only_the_named_files(tmp_path, monkeypatch, sampl
     assert paths == [TARGET, str(sample_data / "pool/data/en/en_clean_0000.jsonl.gz")]
     with pytest.raises(CorpusError, match="nothing downloaded matches"):
         selection.resolve_inputs(["hf://datasets/allenai/MADLAD-400/data/xx/xx_clean_0000.jsonl.gz"])
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"text": 5}\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, "scripts/select_data.py", "--raw_datasets", str(raw), "--target_datasets",
+                             TARGET, "--num_to_sample", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{raw}:1: 'text' is int, not a string" in result.stderr and "Traceback" not in result.stderr
