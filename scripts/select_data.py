@@ -149,8 +149,8 @@ def build_report(args, dsir, raw_paths, target_paths, selected, settings, num_pr
     if documents["read"] != documents["selected"] + documents["filtered_total"] + documents["not_selected"]:
         raise AssertionError(f"document accounting does not add up: {documents}")
     per_file, start = [], 0
-    for path in raw_paths:
-        count = int(np.load(dsir._metadata_path(raw_paths.index(path))).shape[1])
+    for index, path in enumerate(raw_paths):
+        count = int(np.load(dsir._metadata_path(index)).shape[1])
         per_file.append({"path": path, "read": count, "selected": int(mask[start:start + count].sum())})
         start += count
     quantiles = lambda values: {f"p{q}": round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)}  # noqa: E731
