@@ -44,39 +44,64 @@ def _open_lines(path):
         yield from enumerate(stream, start=1)
 
 
+def iter_lines(path):
+    """Yield (line_number, raw bytes) of one JSONL(.gz) file; `CorpusError` if unreadable or empty."""
+    count = 0
+    try:
+        for count, raw in _open_lines(path):
+            yield count, raw
+    except (OSError, EOFError) as error:  # truncated or corrupt gzip
+        raise CorpusError(f"{path}: cannot be read ({error})") from error
+    if count == 0:
+        raise CorpusError(f"{path}: the file is empty")
+
+
+class BadRecord(ValueError):
+    """One line that is not a usable record: `reason` is the counter key, `detail` the message."""
+
+    def __init__(self, reason, detail):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_line(raw: bytes, text_field="text") -> dict:
+    """The record on one raw JSONL line, or `BadRecord` saying why it is not one."""
+    if not raw.strip():
+        raise BadRecord("blank_line", "blank line")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRecord("invalid_utf8", f"invalid UTF-8 at byte {error.start}") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise BadRecord("malformed_json", f"malformed JSON ({error.msg}, column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRecord("not_an_object", "a JSON object is expected on each line")
+    if text_field not in record:
+        raise BadRecord("missing_text", f"no {text_field!r} field")
+    if not isinstance(record[text_field], str):
+        raise BadRecord("text_not_string", f"{text_field!r} is {type(record[text_field]).__name__}, not a string")
+    return record
+
+
+def bad_record_error(path, line_number, bad: BadRecord) -> CorpusError:
+    return CorpusError(f"{path}:{line_number}: {bad.detail} (pass --skip_bad_records to count and skip such lines)")
+
+
 def iter_records(path, text_field="text", skip_bad_records=False, stats=None):
     """Yield (line_number, record) for every good record of one JSONL(.gz) file."""
     stats = stats if stats is not None else ReadStats()
-
-    def bad(line_number, reason, detail):
-        if not skip_bad_records:
-            raise CorpusError(f"{path}:{line_number}: {detail} (pass --skip_bad_records to count and skip such lines)")
-        stats.skipped[reason] += 1
-
     try:
         for line_number, raw in _open_lines(path):
             stats.lines += 1
-            if not raw.strip():
-                bad(line_number, "blank_line", "blank line")
-                continue
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                bad(line_number, "invalid_utf8", f"invalid UTF-8 at byte {error.start}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                bad(line_number, "malformed_json", f"malformed JSON ({error.msg}, column {error.colno})")
-                continue
-            if not isinstance(record, dict):
-                bad(line_number, "not_an_object", "a JSON object is expected on each line")
-                continue
-            if text_field not in record:
-                bad(line_number, "missing_text", f"no {text_field!r} field")
-                continue
-            if not isinstance(record[text_field], str):
-                bad(line_number, "text_not_string", f"{text_field!r} is {type(record[text_field]).__name__}, not a string")
+                record = parse_line(raw, text_field)
+            except BadRecord as bad:
+                if not skip_bad_records:
+                    raise bad_record_error(path, line_number, bad) from None
+                stats.skipped[bad.reason] += 1
                 continue
             stats.records += 1
             yield line_number, record

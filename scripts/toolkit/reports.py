@@ -14,6 +14,7 @@ def write_json_atomic(path, payload) -> Path:
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         json.dump(payload, stream, indent=2, ensure_ascii=False, default=str)
         stream.write("\n")
+    os.chmod(temporary, 0o644)  # mkstemp creates 0600; reports are for everyone to read
     os.replace(temporary, path)
     return path
 
