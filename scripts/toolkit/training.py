@@ -501,9 +501,12 @@ def save_consolidated(accelerator, model, output_dir, tokenizer=None, dtype="bfl
         unwrapped = accelerator.unwrap_model(model)
         temporary = output_dir / ".tmp-model"
         shutil.rmtree(temporary, ignore_errors=True)
-        unwrapped.config.dtype = torch_dtype
         unwrapped.save_pretrained(temporary, state_dict=state_dict, max_shard_size=max_shard_size,
                                   safe_serialization=True)
+        config_file = temporary / "config.json"  # save_pretrained records the training dtype
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["dtype"] = dtype
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(temporary)
         for stale in list(output_dir.glob("model*.safetensors")) + list(output_dir.glob("model.safetensors.index.json")):
