@@ -200,3 +200,44 @@ def test_zero3_training_and_exact_resume(tmp_path, tiny_mistral_path, extended_t
     for step in range(5, 9):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step
     assert resumed_report["tokens_seen"] == report["tokens_seen"]
+
+
+# --------------------------------------------------------------------------- shared training blocks
+
+
+def test_param_groups_and_frozen_body(tiny_mistral_path, tmp_path):
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), learning_rate=1e-3, embedding_learning_rate=5e-3,
+                                  freeze_non_embedding_steps=2, num_warmup_steps=0, report_to="none")
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    optimizer = training.make_optimizer(model, args)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
+    assert {names[id(p)] for p in groups["embedding"]["params"]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    scheduler = training.make_scheduler(optimizer, args, num_training_steps=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = torch.randint(0, 32000, (2, 16))
+    for step in range(3):
+        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        assert (rates["decay"] == 0.0) == (step < 2) and rates["embedding"] > 0
+        assert rates["embedding"] == pytest.approx(5 * (rates["decay"] or rates["embedding"] / 5))
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        if step == 1:  # two frozen steps: only the embeddings moved
+            moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+            assert moved == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_sampler_resumes_mid_epoch_and_shards():
+    from toolkit.training import ShardedEpochSampler
+
+    full = [list(ShardedEpochSampler(20, 2, seed=1, epoch=0, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(full[0] + full[1]) == sorted(set(full[0] + full[1])) and len(full[0]) == 10
+    later = list(ShardedEpochSampler(20, 2, seed=1, epoch=0, rank=1, world_size=2, start_batch=3))
+    assert later == full[1][6:]
+    assert list(ShardedEpochSampler(20, 2, seed=1, epoch=1, rank=0, world_size=2)) != full[0]
