@@ -241,3 +241,15 @@ def test_sampler_resumes_mid_epoch_and_shards():
     later = list(ShardedEpochSampler(20, 2, seed=1, epoch=0, rank=1, world_size=2, start_batch=3))
     assert later == full[1][6:]
     assert list(ShardedEpochSampler(20, 2, seed=1, epoch=1, rank=0, world_size=2)) != full[0]
+
+
+def test_count_windows_matches_text_nll(tiny_mistral_path):
+    from toolkit.metrics import count_windows, text_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for length, window in [(2, 8), (8, 8), (9, 8), (40, 8), (41, 16), (100, 10)]:
+        calls.clear()
+        text_nll(model, list(range(3, 3 + length)), max_length=window)
+        assert count_windows(length, max_length=window) == len(calls), (length, window)
