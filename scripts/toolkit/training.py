@@ -138,6 +138,7 @@ def make_accelerator(args: LoopArguments, project_name: str = "train"):
         )
         config["gradient_clipping"] = args.max_grad_norm
         config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     accelerator.project_name = project_name
     return accelerator
 
