@@ -89,7 +89,7 @@ def stages(out, base_model):
         Stage(
             "publish", "publish.py",
             ["python", "scripts/publish.py", "--model_dir", f"{out}/pretrain",
-             "--repo_id", "your-org/smollm2-135m-ja-demo", "--reports", out, "--dry_run"],
+             "--repo_id", "your-org/smollm2-135m-ja-demo", "--reports", str(out), "--dry_run"],
             "pretrain/publish_report.json",
         ),
     ]
