@@ -61,7 +61,7 @@ class BuildArguments:
     output_dir: str = field(default="sample_data", metadata={"help": "Writes sft/ and tasks/ under it."})
     num_sft_records: int = field(default=360, metadata={"help": "SFT records, a third of each kind when possible."})
     num_choices: int = field(default=4, metadata={"help": "Options per multiple-choice question."})
-    body_chars: int = field(default=240, metadata={"help": "Section text shown for heading tasks (cut at a sentence end)."})
+    body_chars: int = field(default=160, metadata={"help": "Section text shown for heading tasks (cut at a sentence end)."})
     seed: int = field(default=0)
 
 
@@ -86,13 +86,13 @@ def heading_example(record, body_chars):
 
 
 def continuation_example(record):
-    """A passage of 120-300 characters and the next 1-2 sentences (20-120 characters)."""
+    """A passage of 80-200 characters and the next 1-2 sentences (20-120 characters)."""
     text = record["text"]
     first, _, rest = text.partition("\n\n")
     if NUMBERED_HEADING.match(first.strip()) or MANPAGE_NAME.match(text):
         text = rest
     flat = " ".join(text.split())
-    passage = cut_at_sentence(flat, 300, minimum=120)
+    passage = cut_at_sentence(flat, 200, minimum=80)
     if not passage.endswith(SENTENCE_END):
         return None
     following = flat[len(passage):].lstrip()

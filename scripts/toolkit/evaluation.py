@@ -80,11 +80,13 @@ def read_tasks(task_dir, names=None, max_examples=None):
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, context, continuations):
-    """Summed log-probability of each continuation after `context` (one padded batch).
+    """Summed log-probability of each continuation after `context`.
 
     The text context + continuation is tokenised whole (as the model sees it) and the
     tokens that cover any continuation character are scored, so no tokenizer-specific
     boundary handling (SentencePiece's leading "▁", byte-level BPE merges) is needed.
+    The token prefix shared by all options runs once; its KV cache is repeated for a
+    padded batch of the options' remaining tokens.
     """
     sequences, first_scored = [], []
     for continuation in continuations:
@@ -95,20 +97,32 @@ def continuation_logprobs(model, tokenizer, context, continuations):
             raise ValueError("the context must contain at least one token before the continuation")
         sequences.append(ids)
         first_scored.append(first)
-    width = max(map(len, sequences))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, ids in enumerate(sequences):
-        batch[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    shared = min(first_scored)  # the token before the first scored one must stay in every suffix
+    while shared > 1 and any(ids[:shared - 1] != sequences[0][:shared - 1] for ids in sequences):
+        shared -= 1
+    shared -= 1  # tokens [0, shared) run once
     device = next(model.parameters()).device
-    logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
+    prefix = torch.tensor([sequences[0][:shared]], device=device)
+    cache = model(input_ids=prefix, use_cache=True).past_key_values if shared else None
+    suffixes = [ids[shared:] for ids in sequences]
+    width = max(map(len, suffixes))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = torch.full((len(suffixes), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(suffixes), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for row, ids in enumerate(suffixes):
+        batch[row, : len(ids)] = torch.tensor(ids)
+        mask[row, shared: shared + len(ids)] = 1
+    if cache is not None:
+        cache.batch_repeat_interleave(len(suffixes))
+    logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                   use_cache=cache is not None).logits.float()
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
     scores = []
-    for row, ids in enumerate(sequences):
-        targets = torch.tensor(ids[first_scored[row]:], device=device)
-        positions = torch.arange(first_scored[row] - 1, len(ids) - 1, device=device)
+    for row, ids in enumerate(suffixes):
+        start = first_scored[row] - shared  # index in the suffix of the first scored token
+        targets = torch.tensor(ids[start:], device=device)
+        positions = torch.arange(start - 1, len(ids) - 1, device=device)
         scores.append(logprobs[row, positions, targets].sum().item())
     return scores
 
@@ -172,13 +186,16 @@ def ratio_of_sums(rows):
     return rows[:, 0].sum() / math.log(2) / rows[:, 1].sum()
 
 
-def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=4):
-    """Run lm-evaluation-harness tasks on an in-memory model; returns its `results` dict.
+def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=4,
+                  samples=False):
+    """Run lm-evaluation-harness tasks on an in-memory model.
 
     `tasks` are lm-eval task or group names (e.g. the JGLUE tasks of `japanese_leaderboard`:
     ja_leaderboard_jcommonsenseqa, ja_leaderboard_jnli, ja_leaderboard_marc_ja,
     ja_leaderboard_jsquad, which download their data from the Hub) or local tasks found
-    under `include_path` (a folder of task YAML files).
+    under `include_path` (a folder of task YAML files). Returns {"results": lm-eval's
+    aggregate results} and, with `samples=True`, "samples": {task: {metric: [per-question
+    values in doc_id order]}} for paired comparisons.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -188,7 +205,17 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(
         model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-        log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+        log_samples=samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
         fewshot_random_seed=0,
     )
-    return output["results"]
+    result = {"results": output["results"]}
+    if samples:
+        result["samples"] = {}
+        for task, logged in output["samples"].items():
+            metrics = [m for m in output["results"][task] if "," in m and "stderr" not in m]
+            ordered = sorted(logged, key=lambda sample: sample["doc_id"])
+            result["samples"][task] = {
+                metric.split(",")[0]: [float(sample[metric.split(",")[0]]) for sample in ordered]
+                for metric in metrics if metric.split(",")[0] in ordered[0]
+            }
+    return result
