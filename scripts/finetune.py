@@ -82,20 +82,22 @@ def main():
     template_source = "tokenizer" if template == tokenizer.chat_template else (
         "default" if script_args.chat_template in ("auto", "default") else script_args.chat_template)
     chats = read_chat_records(script_args.train_files)
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, answers_cut, dropped = [], 0, 0, 0
     for messages in chats:
         full = tokenize_chat(tokenizer, messages, template)
         example = tokenize_chat(tokenizer, messages, template, max_length=script_args.max_seq_length)
+        answer_tokens = sum(label != IGNORE_INDEX for label in example["labels"])
         truncated += len(full["input_ids"]) > script_args.max_seq_length
-        if all(label == IGNORE_INDEX for label in example["labels"]):
-            dropped += 1  # the answer lies entirely past --max_seq_length
+        answers_cut += answer_tokens < sum(label != IGNORE_INDEX for label in full["labels"])
+        if answer_tokens == 0:
+            dropped += 1  # only when --max_seq_length cannot even hold the prompt's start
             continue
         examples.append(example)
     if not examples:
         raise ValueError(f"{script_args.train_files}: no chat keeps any answer token within --max_seq_length "
                          f"{script_args.max_seq_length}; raise it")
-    accelerator.print(f"{len(examples)} chats ({truncated} cut to {script_args.max_seq_length} tokens, "
-                      f"{dropped} dropped: no answer left); chat template: {template_source}")
+    accelerator.print(f"{len(examples)} chats ({truncated} cut in the prompt's middle to {script_args.max_seq_length} "
+                      f"tokens, {answers_cut} with a cut answer, {dropped} dropped); chat template: {template_source}")
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if loop_args.gradient_checkpointing:
@@ -123,7 +125,8 @@ def main():
             "model": script_args.model_name_or_path,
             "train_files": script_args.train_files,
             "chat_template_source": template_source,
-            "chats": len(chats), "examples": len(examples), "truncated": truncated, "dropped_no_answer_left": dropped,
+            "chats": len(chats), "examples": len(examples), "truncated": truncated,
+            "answers_cut": answers_cut, "dropped_no_answer_left": dropped,
             "tokens": sum(len(e["input_ids"]) for e in examples),
             "answer_tokens": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples),
             "steps": state.step, "epochs_started": state.epoch + 1, "processes": accelerator.num_processes,

@@ -18,6 +18,8 @@ tokenizer's own BOS/EOS, so an instruct-tuned model later looks familiar to user
 `finetune.py --chat_template default` forces it for every base, which makes the
 prompts identical when the bases' own templates differ.
 
+Long chats are cut in the middle of the prompt (`cut_middle`), not dropped.
+
 Loss mask: labels are -100 everywhere except on the tokens of each assistant message's
 content and the EOS token that closes it. If the template does not put EOS right after
 an answer, one is inserted: every answer ends with EOS, so the model learns to stop.
@@ -152,6 +154,23 @@ def tokenize_chat(tokenizer, messages, template, max_length=None):
     if open_answer is not None:
         input_ids.append(eos)
         labels.append(eos)
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if max_length is not None and len(input_ids) > max_length:
+        input_ids, labels = cut_middle(input_ids, labels, max_length)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def cut_middle(input_ids, labels, max_length):
+    """Shorten a chat to `max_length` tokens without losing its answers when they fit.
+
+    Keeps the start (system prompt, the instruction at the head of the user message: at
+    most a quarter of the budget) and the end (the rest of the prompt and the answers);
+    the middle of the prompt goes. So every chat stays in the data for every tokenizer:
+    a base whose tokenizer needs more tokens sees less of the passage, not fewer records.
+    If the answers alone do not fit, the chat is cut at the end instead.
+    """
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    head = min(max_length // 4, first)
+    tail = max_length - head
+    if len(input_ids) - first > tail:
+        return input_ids[:max_length], labels[:max_length]
+    return input_ids[:head] + input_ids[-tail:], labels[:head] + labels[-tail:]
