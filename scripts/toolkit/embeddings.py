@@ -56,12 +56,17 @@ def check_extension(base_tokenizer, tokenizer, model=None, name="tokenizer", bas
                 "(scripts/extend_tokenizer.py --base_tokenizer <the model>)."
             )
     if model is not None:
-        rows = model.get_input_embeddings().weight.shape[0]
+        rows = embedding_rows(model.get_input_embeddings().weight)
         if rows < len(base_tokenizer):
             raise ValueError(
                 f"the model has {rows} embedding rows but its {base_name} has {len(base_tokenizer)} tokens: "
                 "tokenizer and model do not belong together"
             )
+
+
+def embedding_rows(weight) -> int:
+    """Rows of an embedding matrix, also when ZeRO-3 has partitioned it (shape then reads 0)."""
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
 
 
 def _decompose_text(base_tokenizer, text):
@@ -121,7 +126,7 @@ def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad
         raise ValueError(f"--embedding_init must be one of {', '.join(INITS)}, not {init!r}")
     check_extension(base_tokenizer, tokenizer, model)
     input_embeddings = model.get_input_embeddings()
-    old_rows = input_embeddings.weight.shape[0]
+    old_rows = embedding_rows(input_embeddings.weight)
     target = max(old_rows, math.ceil(len(tokenizer) / pad_to_multiple_of) * pad_to_multiple_of)
     decompositions = decompose_new_tokens(base_tokenizer, tokenizer)
     if target != old_rows:

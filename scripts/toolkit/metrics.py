@@ -90,3 +90,19 @@ def bits_per_character(model, tokenizer, texts, max_length=1024) -> BitsPerChara
         result.utf8_bytes += len(text.encode("utf-8"))
         result.tokens += len(ids) - 1
     return result
+
+
+def count_windows(num_ids, max_length=1024, stride=None) -> int:
+    """How many forward passes `text_nll` makes for `num_ids` ids (same window arithmetic).
+
+    Distributed evaluation needs it up front: under ZeRO-3 every process must run the same
+    number of forward passes, so processes with less text add padding passes.
+    """
+    stride = stride or max_length // 2
+    calls, scored_until, start = 0, 1, 0
+    while scored_until < num_ids:
+        end = min(start + max_length, num_ids)
+        calls += 1
+        scored_until = end
+        start = max(end - (max_length - stride), start + 1) if end < num_ids else end
+    return calls

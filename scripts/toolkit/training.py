@@ -37,6 +37,7 @@ API (stable; later changes are additive only):
                                   full weights (ZeRO-3 gathered) as sharded safetensors + index, via
                                   `accelerator.get_state_dict` and `save_pretrained` on the main process
     model_flops_per_token(config, seq_len, num_parameters) / peak_flops_per_device(args)
+    log_metrics(accelerator, output_dir, record)   trackers + metrics.jsonl + console, for records outside the loop
     read_metrics(output_dir) -> list[dict];  plot_metrics(output_dir) -> Path (loss-curve PNG)
 
 MFU = achieved FLOP/s / (processes x peak FLOP/s of one device), with the PaLM count
@@ -434,11 +435,11 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
                 }
                 if flops_per_token and peak:
                     record["mfu"] = tokens / seconds * flops_per_token / (peak * accelerator.num_processes)
-                _log(accelerator, output_dir, record, progress)
+                log_metrics(accelerator, output_dir, record, progress)
                 window_loss, window_micro, window_tokens, window_started = 0.0, 0, 0, time.time()
             if evaluate is not None and args.eval_steps and state.step % args.eval_steps == 0 \
                     and state.step < num_training_steps:
-                _log(accelerator, output_dir, {"step": state.step, **evaluate(state.step)}, progress)
+                log_metrics(accelerator, output_dir, {"step": state.step, **evaluate(state.step)}, progress)
                 model.train()
                 window_started = time.time()
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
@@ -464,12 +465,18 @@ def _learning_rates(optimizer) -> dict:
     return rates
 
 
-def _log(accelerator, output_dir, record, progress):
+def log_metrics(accelerator, output_dir, record, progress=None):
+    """Log `record` (with a "step") to the trackers, metrics.jsonl and the console (main process)."""
+    output_dir = Path(output_dir)
     step = record["step"]
     scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
     accelerator.log(scalars, step=step)
     if accelerator.is_main_process:
         _append_metrics(output_dir / METRICS_FILE, record)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if progress is None:
+            print(json.dumps(record), flush=True)
+            return
         shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "grad_norm", "mfu")
                  or k.endswith("bits_per_character")}
         progress.set_postfix(shown, refresh=False)
