@@ -10,7 +10,8 @@ Japanese), split so that evaluation never sees pretraining or fine-tuning text:
   documents (`pool/data/ja/`), which pretraining may also read: fine-tuning teaches the
   answer formats, not the answers.
 - `tasks/*.jsonl` from the held-out **eval** documents (`eval/ja_eval.jsonl.gz`), which no
-  other stage reads. Tasks are built by fixed rules (below and in `tasks/README.md`) and a
+  other stage reads, minus any question whose shown text also occurs in the pool (the
+  manuals repeat some sections in a parent section). Tasks are built by fixed rules (below and in `tasks/README.md`) and a
   seeded random choice of distractors, so the same inputs give the same bytes.
 
 Task kinds (the user message is the prompt; the answer is the assistant's reply):
@@ -132,6 +133,8 @@ def extract(documents, body_chars):
     return found
 
 
+# The texts a question shows: none may occur in the pool.
+SHOWN_FIELDS = {"heading": ("body",), "continuation": ("passage", "continuation"), "manpage": ("description",)}
 ANSWER_FIELD = {"heading": "title", "continuation": "continuation", "manpage": "description"}
 
 
@@ -193,8 +196,17 @@ def main():
     rng = random.Random(args.seed)
     output = Path(args.output_dir)
 
-    pool = extract(read_documents(args.pool_files), args.body_chars)
+    pool_documents = read_documents(args.pool_files)
+    pool = extract(pool_documents, args.body_chars)
     held_out = extract(read_documents(args.eval_files), args.body_chars)
+    # The corpus splits manuals into sections, and a parent section may repeat a child's text:
+    # drop held-out examples whose text also occurs in the pool (pretraining may read it).
+    pool_text = "\n".join(" ".join(document["text"].split()) for document in pool_documents)
+    contaminated = {}
+    for kind, examples in held_out.items():
+        clean = [e for e in examples if not any(e[f] in pool_text for f in SHOWN_FIELDS[kind])]
+        contaminated[kind] = len(examples) - len(clean)
+        held_out[kind] = clean
     eval_answers = {answer for kind, examples in held_out.items() for answer in
                     (example[ANSWER_FIELD[kind]] for example in examples)}
     # The SFT set never contains an answer that a task asks for (e.g. the heading "概観").
@@ -215,6 +227,7 @@ def main():
         "seed": args.seed, "num_choices": args.num_choices, "body_chars": args.body_chars,
         "records": counts,
         "sft_kinds": dict(Counter(record["kind"] for record in sft)),
+        "held_out_examples_dropped_as_also_in_pool": contaminated,
         "examples_found": {"pool": {k: len(v) for k, v in pool.items()},
                            "eval": {k: len(v) for k, v in held_out.items()}},
     }
