@@ -318,11 +318,11 @@ def main():
     timings = {}
 
     # Fail on bad inputs before spending time on fine-tuning.
+    for model in args.models:
+        require_eos(AutoTokenizer.from_pretrained(assets.resolve(model)), model)
     tasks = read_tasks(args.task_dir, args.tasks, args.max_task_examples)
     heldout = {"ja": heldout_texts(args.eval_files_ja, args), "en": heldout_texts(args.eval_files_en, args)}
     metric_modules = {name: load_metric(name) for name in ("exact_match", "char_f1")}
-    for model in args.models:
-        require_eos(AutoTokenizer.from_pretrained(assets.resolve(model)), model)
 
     models = []
     for name, model in zip(names, args.models):
