@@ -152,7 +152,10 @@ def run_finetune(name, model, args, settings):
 def load_model(path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     require_eos(tokenizer, path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if torch.cuda.is_available():  # one GPU, bf16: a 7B model fits a 40 GB card
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model, tokenizer
 
