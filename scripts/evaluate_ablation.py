@@ -349,6 +349,14 @@ def main():
 
     rows = compare(names, results, args)
     verdict = verdict_paragraph(names, rows)
+    if settings.finetune:
+        seen = {(m["finetune_report"]["examples"], m["finetune_report"]["steps"]) for m in models}
+        if len(seen) > 1:  # e.g. --max_seq_length too short for one tokenizer's prompts
+            verdict += (" Caution: the fine-tunes did not see the same data (examples, steps per model: "
+                        + ", ".join(f"{m['name']} {m['finetune_report']['examples']}, {m['finetune_report']['steps']}"
+                                    for m in models) + ").")
+    else:
+        verdict += " The models were evaluated as given (no --finetune)."
     table = markdown_table(names, rows)
     (output / "ablation_table.md").write_text(table + "\n" + verdict + "\n", encoding="utf-8")
     bar_chart(names, rows, output / "ablation_chart.png")
