@@ -67,7 +67,7 @@ from toolkit import assets
 from toolkit.chat import chat_template, require_eos
 from toolkit.corpus import read_texts
 from toolkit.evaluation import (
-    generate_answer, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_tasks, score_multiple_choice,
+    generate_answers, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_tasks, score_multiple_choice,
 )
 from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
@@ -88,6 +88,7 @@ class AblationArguments:
     max_eval_characters: int = field(default=None, metadata={"help": "Cut each held-out document to N characters."})
     max_task_examples: int = field(default=None, metadata={"help": "First N questions per task."})
     max_new_tokens: int = field(default=32, metadata={"help": "Token budget of a generated answer."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's, else the default), default, or a .jinja file."})
     lm_eval_tasks: list[str] = field(
         default_factory=lambda: ["ja_debian_heading_mc"],
@@ -188,11 +189,11 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
                                     "label": example["label"], "scores_per_character": scores})
             per_example[(task.name, "accuracy")] = correct
         else:
-            answers, stopped = [], []
-            for example in tqdm(task.examples, desc=task.name, leave=False):
-                text, eos, length = generate_answer(model, tokenizer, template, example["prompt"], args.max_new_tokens)
-                answers.append(text)
-                stopped.append(float(eos))
+            generated = generate_answers(model, tokenizer, template, [e["prompt"] for e in task.examples],
+                                         args.max_new_tokens, batch_size=args.generation_batch_size)
+            answers = [text for text, _, _ in generated]
+            stopped = [float(eos) for _, eos, _ in generated]
+            for example, (text, eos, length) in zip(task.examples, generated):
                 predictions.append({"task": task.name, "id": example.get("id"), "answer": text,
                                     "reference": example["reference"], "stopped_with_eos": eos, "new_tokens": length})
             references = [example["reference"] for example in task.examples]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import (
-    TaskError, continuation_logprobs, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task,
+    TaskError, continuation_logprobs, generate_answers, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task,
     score_multiple_choice,
 )
 
@@ -161,3 +161,13 @@ def test_an_empty_task_file_is_refused(tmp_path):
     (tasks / "mine.jsonl").write_text("")
     done = run_ablation(tmp_path, "--models", "offline:tiny-mistral", "--task_dir", str(tasks))
     assert done.returncode != 0 and f"{tasks / 'mine.jsonl'}: the file is empty" in done.stderr
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(tiny):
+    model, tokenizer = tiny
+    template = chat_template(tokenizer)
+    prompts = ["見出しを答えてください。", "次の文章の続きを一文書いてください。\n\nGIMP は画像編集ソフトです。", "短い"]
+    batched = generate_answers(model, tokenizer, template, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate_answers(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert all(length == 6 and not stopped for _, stopped, length in batched)  # a random model never stops

@@ -136,19 +136,28 @@ def score_multiple_choice(model, tokenizer, template, example):
 
 
 @torch.no_grad()
-def generate_answer(model, tokenizer, template, prompt, max_new_tokens):
-    """Greedy answer to one prompt: (text without special tokens, stopped with EOS?, new tokens)."""
-    context = prompt_text(tokenizer, prompt, template)
-    inputs = tokenizer(context, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
-    stopped = tokenizer.eos_token_id in new
-    if stopped:
-        new = new[: new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new)
+def generate_answers(model, tokenizer, template, prompts, max_new_tokens, batch_size=8):
+    """Greedy answers, batched with left padding: [(text, stopped with EOS?, new tokens)]."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    answers = []
+    for first in range(0, len(prompts), batch_size):
+        contexts = [tokenizer(prompt_text(tokenizer, p, template), add_special_tokens=False)["input_ids"]
+                    for p in prompts[first:first + batch_size]]
+        width = max(map(len, contexts))
+        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context):] = torch.tensor(context)
+            mask[row, width - len(context):] = 1
+        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        for row in output[:, width:].tolist():
+            stopped = eos in row
+            new = row[: row.index(eos)] if stopped else row
+            answers.append((tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
+    return answers
 
 
 def load_metric(name):
