@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
-from toolkit.chat import IGNORE_INDEX, chat_template, read_chat_records, require_eos, tokenize_chat
+from toolkit.chat import IGNORE_INDEX, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat
 from toolkit.reports import write_json_atomic
 from toolkit.training import (
     LoopArguments, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics, resume,
@@ -87,7 +87,10 @@ def main():
     examples, truncated, answers_cut, dropped = [], 0, 0, 0
     for messages in chats:
         full = tokenize_chat(tokenizer, messages, template)
-        example = tokenize_chat(tokenizer, messages, template, max_length=script_args.max_seq_length)
+        example = full
+        if len(full["input_ids"]) > script_args.max_seq_length:
+            example = dict(zip(("input_ids", "labels"),
+                               cut_middle(full["input_ids"], full["labels"], script_args.max_seq_length)))
         answer_tokens = sum(label != IGNORE_INDEX for label in example["labels"])
         truncated += len(full["input_ids"]) > script_args.max_seq_length
         answers_cut += answer_tokens < sum(label != IGNORE_INDEX for label in full["labels"])
