@@ -87,7 +87,10 @@ class AblationArguments:
     max_eval_documents: int = field(default=None, metadata={"help": "First N held-out documents per language."})
     max_eval_characters: int = field(default=None, metadata={"help": "Cut each held-out document to N characters."})
     max_task_examples: int = field(default=None, metadata={"help": "First N questions per task."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Token budget of a generated answer."})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Token budget of a generated answer (a heading is at most 40 characters; a raw "
+                              "base tokenizer needs over one token per Japanese character)."}
+    )
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's, else the default), default, or a .jinja file."})
     lm_eval_tasks: list[str] = field(
