@@ -301,6 +301,8 @@ def bar_chart(names, rows, path):
         axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
         axis.set_title(f"{row['task']}\n{row['metric']} {'↑' if row['higher_is_better'] else '↓'}", fontsize=8)
         axis.tick_params(labelsize=7)
+        if row["higher_is_better"]:  # rates and accuracies
+            axis.set_ylim(0, 1.05)
         for name in names[1:]:
             low, high = row["differences"][name]["ci95"]
             index = names.index(name)
