@@ -171,3 +171,17 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny):
     alone = [generate_answers(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == alone
     assert all(length == 6 and not stopped for _, stopped, length in batched)  # a random model never stops
+
+
+def test_every_base_is_fine_tuned_with_the_same_arguments():
+    from evaluate_ablation import AblationArguments, FinetuneSettings, finetune_command
+
+    args = AblationArguments(models=["a", "b"], output_dir="out")
+    settings = FinetuneSettings(finetune=True, finetune_max_train_steps=3, finetune_extra_args="--save_dtype bfloat16")
+    first = finetune_command("org/raw-base", "out/finetuned/base", args, settings)
+    second = finetune_command("out/pretrain", "out/finetuned/extended", args, settings)
+    differing = [(x, y) for x, y in zip(first, second) if x != y]
+    assert differing == [("org/raw-base", "out/pretrain"), ("out/finetuned/base", "out/finetuned/extended")]
+    assert len(first) == len(second)
+    assert first[first.index("--seed") + 1] == "42" and first[first.index("--max_train_steps") + 1] == "3"
+    assert first[-2:] == ["--save_dtype", "bfloat16"]
