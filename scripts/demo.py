@@ -83,7 +83,12 @@ def stages(out, base_model):
             ["python", "scripts/evaluate_ablation.py", "--models", base_model, f"{out}/pretrain",
              "--model_names", "base", "extended", "--finetune",
              "--sft_files", f"{SAMPLE}/sft/sft_ja.jsonl",
-             "--task_dir", f"{SAMPLE}/tasks", "--output_dir", f"{out}/ablation"],
+             "--task_dir", f"{SAMPLE}/tasks", "--output_dir", f"{out}/ablation",
+             # demo sizes: two 2-step fine-tunes, small subsets of every evaluation
+             "--finetune_max_train_steps", "2", "--finetune_per_device_train_batch_size", "1",
+             "--finetune_max_seq_length", "256", "--finetune_learning_rate", "5e-5",
+             "--max_eval_documents", "3", "--max_eval_characters", "400", "--max_task_examples", "8",
+             "--max_new_tokens", "48", "--lm_eval_limit", "4"],
             "ablation/ablation_results.json",
         ),
         Stage(
