@@ -379,6 +379,8 @@ def main():
             "parameters": num_parameters,
             "mixed_precision": accelerator.mixed_precision,
             "distributed_type": str(accelerator.distributed_type),
+            "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None,
+            "eos_appended": True,  # tokenize_and_pack ends every document with EOS (tested)
             "attn_implementation": attention,
             "resumed_from": state.resumed_from,
             "eval_at_start": start_figures,

@@ -171,6 +171,7 @@ def test_zero3_training_and_exact_resume(tmp_path, tiny_mistral_path, extended_t
 
     report = json.loads((straight / "training_report.json").read_text())
     assert report["steps"] == 8 and report["tokens_seen"] == 8 * 2 * 2 * 2 * 64
+    assert report["zero_stage"] == 3 and report["eos_appended"] is True  # the model card states both
     assert report["final_eval"]["eval_ja_bits_per_character"] < report["eval_at_start"]["eval_ja_bits_per_character"]
     tokenizer = AutoTokenizer.from_pretrained(straight)
     model = AutoModelForCausalLM.from_pretrained(straight)
