@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from toolkit import assets
+from toolkit.model_card import collect_facts, find_reports, load_reports
 from toolkit.reports import read_json, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,6 @@ class Stage:
     script: str  # the script that must exist for the stage to run
     command: list
     report: str  # the JSON report the stage writes, relative to the output dir
-    summary: callable = None  # report -> short text for the final table
 
 
 def stages(out, base_model):
@@ -100,6 +100,40 @@ def stages(out, base_model):
     ]
 
 
+def key_figures(out):
+    """The few numbers a person wants after the run, read from the stage reports.
+
+    The model card's fact extraction (toolkit/model_card.py) is the one place that knows
+    the reports' keys, so the summary and the card can never disagree.
+    """
+    facts = collect_facts(load_reports(find_reports([REPO_ROOT / out])))
+    rows = []
+    if facts["selection"]:
+        f = facts["selection"]
+        rows.append(("selected documents", f"{f['documents_selected']:,.0f} of {f['documents_read']:,.0f} read"))
+    if facts["tokenizer"]:
+        f = facts["tokenizer"]
+        rows.append(("vocabulary", f"{f['base_vocab_size']:,.0f} -> {f['final_vocab_size']:,.0f}"))
+        for row in f["chars_per_token"]:
+            rows.append((f"{row['language']} characters/token", f"{row['base']:.2f} -> {row['extended']:.2f}"))
+    if facts["mix"]:
+        f = facts["mix"]
+        rows.append(("training mix", f"{f['tokens_total']:,.0f} tokens, English share {f['english_share']:.3f}"))
+    if facts["training"]:
+        f = facts["training"]
+        rows.append(("continued pretraining", f"{f['steps']:,.0f} steps, {f['tokens_seen']:,.0f} tokens"))
+        for row in f["eval"]:
+            if "bits_per_character" in row["name"]:
+                rows.append((row["name"], f"{row['value']:.3f}"))
+    if facts["ablation"]:
+        f = facts["ablation"]
+        for task in f["tasks"]:
+            scores = " vs ".join(f"{s:.3f}" if s is not None else "-" for s in task["scores"])
+            outcome = ", ".join(c["outcome"] for c in task["comparisons"])
+            rows.append((f"{task['name']} ({task['metric']})", f"{' vs '.join(f['models'])}: {scores} [{outcome}]"))
+    return rows
+
+
 def run(stage):
     print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
     command = list(stage.command)
@@ -136,6 +170,12 @@ def main():
                      "figures": read_json(report) if report and report.exists() else None}
         for stage, status, report in results
     }
+    figures = key_figures(out)
+    if figures:
+        print("\n=== Key figures (from the stage reports)")
+        width = max(len(name) for name, _ in figures)
+        for name, value in figures:
+            print(f"{name:<{width}}  {value}")
     write_json_atomic(REPO_ROOT / out / "demo_report.json", summary)
     print(f"\nAll outputs are under {out}/ ; demo_report.json collects the stage reports.")
 
