@@ -74,7 +74,7 @@ def stages(out, base_model):
                           "--eval_files_ja", f"{SAMPLE}/eval/ja_eval.jsonl.gz",
                           "--eval_files_en", f"{SAMPLE}/eval/en_eval.jsonl.gz",
                           "--block_size", "256", "--per_device_train_batch_size", "2",
-                          "--max_train_steps", "5", "--max_eval_documents", "4", "--eval_at_start", "false",
+                          "--max_train_steps", "24", "--max_eval_documents", "4", "--eval_at_start", "false",
                           "--output_dir", f"{out}/pretrain"],
             "pretrain/training_report.json",
         ),
