@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) scripts/demo.py --output_dir outputs/demo
+	$(PY) scripts/demo.py --output_dir outputs/demo $(ARGS)
 
 test: venv
 	$(PY) -m pytest -n 2 tests
