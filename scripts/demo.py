@@ -134,6 +134,18 @@ def key_figures(out):
     return rows
 
 
+def chosen_stages(all_stages, names):
+    """The stages named in `names` ("all" or comma-separated), in pipeline order."""
+    if names == "all":
+        return all_stages
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = wanted - {stage.name for stage in all_stages}
+    if unknown:
+        known = ", ".join(stage.name for stage in all_stages)
+        raise SystemExit(f"--stages: unknown stage(s) {', '.join(sorted(unknown))}; choose from: {known}, or all")
+    return [stage for stage in all_stages if stage.name in wanted]
+
+
 def run(stage):
     print(f"\n=== {stage.name}: {shlex.join(stage.command)}", flush=True)
     command = list(stage.command)
@@ -150,24 +162,21 @@ def main():
     out = Path(args.output_dir)
     if not out.is_absolute():
         out = Path(os.path.relpath(REPO_ROOT / out, REPO_ROOT))
-    wanted = None if args.stages == "all" else set(args.stages.split(","))
     print(f"base model: {args.base_model} -> {assets.resolve(args.base_model)}")
     results = []
-    for stage in stages(out, args.base_model):
-        if wanted is not None and stage.name not in wanted:
-            continue
+    for stage in chosen_stages(stages(out, args.base_model), args.stages):
         if not (REPO_ROOT / "scripts" / stage.script).exists():
             results.append((stage, "not available yet", None))
             continue
         seconds = run(stage)
-        results.append((stage, f"{seconds:.0f} s", REPO_ROOT / out / stage.report))
+        results.append((stage, f"{seconds:.0f} s", out / stage.report))
     print("\n=== Summary")
     print(f"{'stage':<10} {'time':>18}  report")
     for stage, status, report in results:
-        print(f"{stage.name:<10} {status:>18}  {report.relative_to(REPO_ROOT) if report else '-'}")
+        print(f"{stage.name:<10} {status:>18}  {report or '-'}")
     summary = {
         stage.name: {"status": status, "report": str(report) if report else None,
-                     "figures": read_json(report) if report and report.exists() else None}
+                     "figures": read_json(REPO_ROOT / report) if report and (REPO_ROOT / report).exists() else None}
         for stage, status, report in results
     }
     figures = key_figures(out)
