@@ -12,7 +12,6 @@
 """
 
 import gzip
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 from data_selection import HashedNgramDSIR
 from transformers import HfArgumentParser
 
-from toolkit.corpus import read_texts
+from toolkit.corpus import iter_records, read_texts
 from toolkit.reports import write_json_atomic
 from toolkit.selection import JapaneseDSIR
 
@@ -45,11 +44,7 @@ class BenchArguments:
 
 
 def sources_of(paths):
-    sources = []
-    for path in paths:
-        with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
-            sources.extend(json.loads(line)["source"] for line in f)
-    return np.asarray(sources)
+    return np.asarray([record["source"] for path in paths for _, record in iter_records(path)])
 
 
 def plain_copies(paths, folder, prefix):
@@ -76,11 +71,7 @@ def package_as_is(pool, target, work):
         out = tempfile.mkdtemp(dir=folder)
         os.rmdir(out)
         dsir.resample(out_dir=out, num_to_sample=k, cache_dir=out + "_cache")
-        chosen = []
-        for name in sorted(os.listdir(out)):
-            with open(os.path.join(out, name), encoding="utf-8") as f:
-                chosen.extend(json.loads(line)["source"] for line in f)
-        return np.asarray(chosen)
+        return sources_of([os.path.join(out, name) for name in sorted(os.listdir(out))])
 
     return choose, None
 

@@ -24,16 +24,13 @@ from dataclasses import dataclass, field
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-from toolkit.text import japanese_char_ratio
+from toolkit.text import JAPANESE_WORD_CHARACTERS, japanese_char_ratio
 
 SENTENCEPIECE = "sentencepiece_byte_fallback"
 BYTE_LEVEL = "byte_level"
 
-# Kana, kanji (as in toolkit.text) plus Japanese punctuation and full-width forms: a new
+# Kana and kanji (toolkit.text) plus Japanese punctuation and full-width forms: a new
 # token "contains Japanese script" when it holds one of these.
-JAPANESE_WORD_CHARACTERS = (
-    "\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3005"
-)
 JAPANESE_SYMBOLS = "\u3000-\u3004\u3006-\u303f\uff01-\uff65"
 JAPANESE_SCRIPT = re.compile(f"[{JAPANESE_WORD_CHARACTERS}{JAPANESE_SYMBOLS}]")
 
