@@ -8,7 +8,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def build(output_dir):
-    subprocess.run([sys.executable, "scripts/build_eval_tasks.py", "--output_dir", str(output_dir)],
+    subprocess.run([sys.executable, "sample_data/build_eval_tasks.py", "--output_dir", str(output_dir)],
                    cwd=REPO, check=True, capture_output=True)
     return output_dir
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the bundled SFT set and the Japanese ablation tasks from the sample corpus.
 
-    python scripts/build_eval_tasks.py --output_dir sample_data
+    python sample_data/build_eval_tasks.py --output_dir sample_data
 
 Everything comes from real documents in `sample_data/` (Debian documentation in
 Japanese), split so that evaluation never sees pretraining or fine-tuning text:
@@ -23,6 +23,7 @@ Task kinds (the user message is the prompt; the answer is the assistant's reply)
 These are small home-made tasks over Debian manuals, not public benchmarks.
 """
 
+import sys
 import json
 import random
 import re
@@ -31,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit.corpus import expand_paths, iter_records
 from toolkit.reports import write_json_atomic

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Held-out bits per character of a base model and of its extended-vocabulary versions at step 0.
 
-    python scripts/bench_pretrain.py --model_name_or_path offline:smollm2-135m \\
+    python benchmarks/bench_pretrain.py --model_name_or_path offline:smollm2-135m \\
         --tokenizer_name outputs/demo/tokenizer --eval_files sample_data/eval/ja_eval.jsonl.gz \\
         --max_eval_documents 16 --max_length 256 --output_dir outputs/bench_pretrain
 
@@ -12,11 +12,16 @@ first `--max_eval_documents` documents are used, as in pretrain.py's evaluation,
 trained run's `final_eval` continues the same table. Writes bench_pretrain.json.
 """
 
+import sys
+from pathlib import Path
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import read_texts

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the pre-upload checks of publish.py cost, against what an upload costs locally anyway.
 
-    python scripts/bench_publish.py --model_dir PATH_OR_OFFLINE_NAME [--repeats 3]
+    python benchmarks/bench_publish.py --model_dir PATH_OR_OFFLINE_NAME [--repeats 3]
 
 Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card,
 file classification, weight/config check on the meta device, tokenizer + generation check,
@@ -11,6 +11,7 @@ anything). Prints a markdown table with the ratio of each phase to the baseline.
 `--repeats` runs (the file cache is warm after the first).
 """
 
+import sys
 import shutil
 import tempfile
 import time
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoConfig, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets, model_card, publishing
 

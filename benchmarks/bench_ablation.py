@@ -1,19 +1,23 @@
 #!/usr/bin/env python
 """Measure multiple-choice scoring: shared-prefix KV cache vs one pass per option.
 
-    python scripts/bench_ablation.py --model offline:smollm2-135m --task sample_data/tasks/continuation_mc.jsonl \\
+    python benchmarks/bench_ablation.py --model offline:smollm2-135m --task sample_data/tasks/continuation_mc.jsonl \\
         --max_examples 8 --output_dir outputs/bench_ablation
 
 Both ways run in the same process on the same questions; the report gives seconds,
 the ratio, and the largest score difference (they must agree).
 """
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.chat import chat_template, prompt_text

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare tokenizers by characters per token on the same texts: a table and a bar chart.
 
-    python scripts/tokenizer_efficiency.py \
+    python benchmarks/tokenizer_efficiency.py \
         --tokenizers offline:mistral-7b-tokenizer outputs/tokenizer Qwen/Qwen2.5-7B \
         --files sample_data/eval/ja_eval.jsonl.gz sample_data/eval/en_eval.jsonl.gz \
         --labels ja en --output_dir outputs/tokenizer_efficiency
@@ -12,11 +12,15 @@ Writes efficiency.md (markdown table), efficiency.png (bar chart) and
 efficiency_report.json under --output_dir, and prints the table.
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from transformers import AutoTokenizer, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import expand_paths, iter_records

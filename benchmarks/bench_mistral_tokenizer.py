@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How exactly two ways of loading the Mistral-7B-v0.1 tokenizer reproduce SentencePiece.
 
-    python scripts/bench_mistral_tokenizer.py
+    python benchmarks/bench_mistral_tokenizer.py
 
 1. what transformers 5 builds from `tokenizer.model` with the Hub's `LlamaTokenizer` config;
 2. our `offline:mistral-7b-tokenizer` folder (toolkit/assets.py).
@@ -9,6 +9,8 @@ For each: documents whose token ids differ from `sentencepiece` and documents th
 survive decode(encode(x)). Prints a markdown table (BENCHMARKS.md).
 """
 
+import sys
+from pathlib import Path
 import json
 import shutil
 import tempfile
@@ -16,6 +18,9 @@ from dataclasses import dataclass, field
 
 import sentencepiece
 from transformers import AutoTokenizer, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import read_texts

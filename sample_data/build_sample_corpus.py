@@ -7,13 +7,14 @@ MADLAD-400's format (gzipped JSONL, one `{"text": ...}` per document, plus prove
 fields) and in MADLAD-400's folder layout (`data/<lang>/<lang>_clean_NNNN.jsonl.gz`)
 so the Hub download code can be tested against it.
 
-    python scripts/build_sample_corpus.py --output_dir sample_data
+    python sample_data/build_sample_corpus.py --output_dir sample_data
 
 Needs `apt-get download` (Debian's package registry) and `groff` for manual pages.
 The split into pool / target / eval is a deterministic function of each document's
 text, so a rebuild from the same package versions gives the same files.
 """
 
+import sys
 import gzip
 import hashlib
 import html.parser
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit.text import japanese_char_ratio
 

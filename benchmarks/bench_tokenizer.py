@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the tokenizer extension: the numbers in BENCHMARKS.md, reproducibly.
 
-    python scripts/bench_tokenizer.py --output_dir outputs/bench_tokenizer
+    python benchmarks/bench_tokenizer.py --output_dir outputs/bench_tokenizer
 
 For each base and total size: runs scripts/extend_tokenizer.py (the real CLI), trains a
 plain Japanese-only BPE of the same total size on the same text (the upper reference for
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import List
 
 from transformers import AutoTokenizer, HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import read_texts

@@ -8,9 +8,11 @@
 (b) Throughput of featurize + score, documents/second on one core, on the same Japanese
     documents, the package's featurizer against ours, in one run.
 
-    python scripts/bench_select_data.py --output_dir outputs/bench_select
+    python benchmarks/bench_select_data.py --output_dir outputs/bench_select
 """
 
+import sys
+from pathlib import Path
 import gzip
 import os
 import shutil
@@ -22,6 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from data_selection import HashedNgramDSIR
 from transformers import HfArgumentParser
+
+# The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit.corpus import iter_records, read_texts
 from toolkit.reports import write_json_atomic

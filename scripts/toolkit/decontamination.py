@@ -1,0 +1,155 @@
+"""Character n-gram overlap between training text and evaluation items (decontamination).
+
+The published recipe mixed benchmark training sets into its corpus, and a web crawl holds
+copies of public test sets. Two stages need the same test: selection drops every raw
+document that shares a character n-gram (default 13) with an evaluation item, and the
+ablation reports, per task, how many of its items share one with the pretraining mix.
+
+Text is compared after NFKC, lowercasing and removing all whitespace (Japanese has no
+spaces, and a web copy differs from a benchmark's file mostly in spacing and width). Every
+n-gram is hashed to 64 bits with a polynomial over code points (vectorised numpy, the
+same on every process and machine); a collision between an unrelated 13-gram and one of
+the few million evaluation n-grams is ~1e-12 per n-gram, far below anything a report shows.
+"""
+
+import json
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.corpus import CorpusError, expand_paths, iter_lines
+
+DEFAULT_NGRAM = 13
+_K = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S31, _S27 = np.uint64(31), np.uint64(27)
+# Keys of task records that hold bookkeeping, not text a model is asked about.
+_NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang"}
+
+
+def normalize_for_overlap(text: str) -> str:
+    """NFKC, lowercase, no whitespace at all."""
+    return "".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def ngram_hashes(normalized_texts, n: int):
+    """64-bit hashes of every character n-gram of each text, all texts at once.
+
+    Returns (hashes, owners): `owners[i]` is the index of the text n-gram `i` comes from.
+    A text shorter than n characters has none.
+    """
+    lengths = np.fromiter(map(len, normalized_texts), dtype=np.int64, count=len(normalized_texts))
+    if n < 1:
+        raise ValueError(f"the n-gram length must be >= 1 (got {n})")
+    joined = "".join(normalized_texts).encode("utf-32-le", errors="surrogatepass")
+    codes = np.frombuffer(joined, dtype=np.uint32).astype(np.uint64)
+    if len(codes) < n:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    chain = codes[: len(codes) - n + 1].copy()
+    for step in range(1, n):  # chain[i] = sum_j codes[i + j] K^(n-1-j), modulo 2**64
+        chain *= _K
+        chain += codes[step: len(codes) - n + 1 + step]
+    chain ^= chain >> _S31
+    chain *= _MIX1
+    chain ^= chain >> _S27
+    chain *= _MIX2
+    ends = np.cumsum(lengths)
+    positions = np.arange(len(chain))
+    owners = np.searchsorted(ends, positions, side="right")
+    valid = positions + n <= ends[owners]  # an n-gram must not cross into the next text
+    return chain[valid], owners[valid]
+
+
+def _item_texts(value):
+    """Every string inside a task record (prompts, choices, references, chat turns)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            if key not in _NOT_ITEM_TEXT:
+                yield from _item_texts(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _item_texts(inner)
+
+
+def read_eval_items(path):
+    """The items of one evaluation file: a JSONL(.gz) file gives one item per record (all its
+    text fields joined), any other file is one item (its whole text)."""
+    name = str(path)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        items = []
+        for line_number, raw in iter_lines(name):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise CorpusError(f"{name}:{line_number}: not a valid JSON line ({error})") from None
+            items.append("\n".join(_item_texts(record)))
+        return items
+    try:
+        return [Path(name).read_text(encoding="utf-8")]
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{name}: not UTF-8 text ({error})") from None
+
+
+def task_name(path) -> str:
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".json", ".txt"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+class EvalNgramIndex:
+    """The n-grams of evaluation items, each remembering which tasks (files) it comes from."""
+
+    def __init__(self, n: int = DEFAULT_NGRAM):
+        if n < 1:
+            raise ValueError(f"the n-gram length must be >= 1 (got {n})")
+        self.n = n
+        self.tasks = []  # task names; a task's bit in `masks` is its index
+        self.items = {}  # task -> number of items
+        self._hashes = np.zeros(0, dtype=np.uint64)
+        self._masks = np.zeros(0, dtype=np.uint64)
+
+    @classmethod
+    def from_files(cls, patterns, n: int = DEFAULT_NGRAM):
+        index = cls(n)
+        for path in expand_paths(patterns):
+            index.add(task_name(path), read_eval_items(path))
+        return index
+
+    def add(self, task: str, items):
+        if task in self.items:
+            raise ValueError(f"two evaluation files are both named {task!r}; rename one")
+        if len(self.tasks) == 64:
+            raise ValueError("at most 64 evaluation tasks can be told apart; merge some files")
+        bit = np.uint64(1 << len(self.tasks))
+        self.tasks.append(task)
+        self.items[task] = len(items)
+        hashes, _ = ngram_hashes([normalize_for_overlap(item) for item in items], self.n)
+        hashes = np.concatenate([self._hashes, hashes])
+        masks = np.concatenate([self._masks, np.full(len(hashes) - len(self._hashes), bit, dtype=np.uint64)])
+        order = np.argsort(hashes, kind="stable")
+        hashes, masks = hashes[order], masks[order]
+        unique, first = np.unique(hashes, return_index=True)
+        self._hashes = unique
+        self._masks = np.bitwise_or.reduceat(masks, first) if len(first) else masks[:0]
+
+    @property
+    def num_ngrams(self) -> int:
+        return len(self._hashes)
+
+    def overlapping_tasks(self, texts) -> list:
+        """For each text, the sorted names of the tasks it shares an n-gram with ([] if none)."""
+        hashes, owners = ngram_hashes([normalize_for_overlap(text) for text in texts], self.n)
+        found = np.zeros(len(texts), dtype=np.uint64)
+        if len(hashes) and len(self._hashes):
+            positions = np.searchsorted(self._hashes, hashes)
+            positions[positions == len(self._hashes)] = 0
+            hits = self._hashes[positions] == hashes
+            np.bitwise_or.at(found, owners[hits], self._masks[positions[hits]])
+        return [[task for bit, task in enumerate(self.tasks) if int(mask) >> bit & 1] for mask in found]
