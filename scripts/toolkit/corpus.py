@@ -83,7 +83,24 @@ def parse_line(raw: bytes, text_field="text") -> dict:
         raise BadRecord("missing_text", f"no {text_field!r} field")
     if not isinstance(record[text_field], str):
         raise BadRecord("text_not_string", f"{text_field!r} is {type(record[text_field]).__name__}, not a string")
+    if b"\\u" in raw and _has_lone_surrogate(record):  # JSON escapes can spell what UTF-8 cannot hold
+        raise BadRecord("lone_surrogate", "a string holds a lone surrogate (e.g. \"\\ud800\"), which no UTF-8 "
+                                          "file can hold")
     return record
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(inner) for key, inner in value.items())
+    if isinstance(value, list):
+        return any(map(_has_lone_surrogate, value))
+    return False
 
 
 def bad_record_error(path, line_number, bad: BadRecord) -> CorpusError:

@@ -1,7 +1,8 @@
-"""DSIR importance resampling that works for Japanese (and any text without spaces).
+"""DSIR importance resampling that works for Japanese, as datatrove stages that run anywhere.
 
-`JapaneseDSIR` subclasses `data_selection.HashedNgramDSIR` and keeps its API
-(`fit_importance_estimator`, `compute_importance_weights`, `resample`), changing four things:
+The method is the `data-selection` package's (`HashedNgramDSIR`: fit bag-of-hashed-n-gram
+distributions of a raw pool and of a target sample, weight each raw document by their
+likelihood ratio, draw K without replacement by Gumbel top-k), with four changes:
 
 - Features. `featurizer="japanese_char_ngrams"` (default) hashes 1..n-grams of units of
   NFKC-normalised, lowercased, whitespace-collapsed text: a unit is a character, except
@@ -11,47 +12,55 @@
   multiply-shift, deterministic across processes and machines, never Python's salted
   `hash()`), on batches of documents at once.
   `featurizer="dsir_default"` keeps the package's own featurizer, for comparison.
-- Fitting uses the same features as scoring. The package fits with the module-level
-  `get_ngram_counts` whatever `self.featurizer` is; here `_fit_bow` calls this class's
-  batch featurizer, so fit and score cannot disagree.
-- Smoothing. Bucket probabilities are add-alpha smoothed (default alpha = 1, add-one),
-  p = (count + alpha) / (total + alpha * num_buckets), for the raw and the target counts,
-  so a bucket the small target sample never hit gives a bounded penalty instead of log(1e-8).
+- Fitting uses the same features as scoring (the package fits with `get_ngram_counts`
+  whatever its featurizer).
+- Smoothing: p = (count + alpha) / (total + alpha * num_buckets) for raw and target, so a
+  bucket the small target sample never hit gives a bounded penalty instead of log(1e-8).
 - Length filter in characters (`min_example_chars`), after normalisation, instead of the
   package's `min_example_length` in "words" (which still applies to `dsir_default`).
 
-The passes over the raw pool run on `num_proc` processes in ordered batches, so the
-result does not depend on the number of processes; the per-file weights are cached under
-`cache_dir` and reused when the inputs and settings are unchanged (resume).
+The passes are datatrove pipeline steps (see `selection_stages`), so one machine or a
+Slurm/Ray cluster runs the same code:
+
+    count (map)  -> fit (1 task) -> score (map) -> draw (map) -> merge (1 task) -> write (map) -> report (1 task)
+
+The fit sees every file: the n-gram budget is split evenly across the raw files. A
+document's Gumbel noise is a hash of (seed, file, line), and every tie is broken by
+(file, line), so the selected set is the same for any number of tasks, workers and
+executor. `--decontaminate_against` drops, before the fit, every raw document sharing a
+character n-gram with an evaluation item (`toolkit.decontamination`).
 """
 
-import hashlib
+import gzip
 import json
 import os
-import time
+import shutil
 import unicodedata
-from collections import Counter, deque
-from multiprocessing import get_context
-from pathlib import Path
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
-from data_selection import HashedNgramDSIR
 from data_selection.hashed_ngram_dsir import get_ngram_counts
-from tqdm import tqdm
+from datatrove.pipeline.base import PipelineStep
+from nltk.tokenize import WordPunctTokenizer
 
-from toolkit.corpus import BadRecord, CorpusError, bad_record_error, expand_paths, iter_lines, parse_line
+from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
+from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, hash_to_uniform, iter_raw_lines, load_arrays,
+                                 read_json, save_arrays, units_of_rank, write_json)
 
 FEATURIZERS = ("japanese_char_ngrams", "dsir_default")
 # 2**16 buckets for character n-grams (Japanese alone has thousands of distinct characters);
 # the package's 10000 for its own featurizer.
 DEFAULT_BUCKETS = {"japanese_char_ngrams": 2**16, "dsir_default": 10000}
 
-# Per-line status codes kept in the cache (perexample_metadata).
-CANDIDATE, TOO_SHORT, TOO_FEW_WORDS = 0, 1, 2
-FILTER_REASONS = {TOO_SHORT: "too_short_chars", TOO_FEW_WORDS: "too_few_words"}
-BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string")
+# Per-line status codes kept in the cache.
+CANDIDATE, TOO_SHORT, TOO_FEW_WORDS, CONTAMINATED = 0, 1, 2, 3
+FILTER_REASONS = {TOO_SHORT: "too_short_chars", TOO_FEW_WORDS: "too_few_words", CONTAMINATED: "contaminated"}
+BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string",
+               "lone_surrogate")
 BAD_CODE = {reason: 10 + index for index, reason in enumerate(BAD_REASONS)}
 CODE_REASON = {**FILTER_REASONS, **{code: reason for reason, code in BAD_CODE.items()}}
+BATCH = 512  # documents featurised together (speed only: no result depends on it)
 
 _K_CHAIN = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial chain over code points
 _K_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -173,246 +182,68 @@ def char_ngram_scores(normalized_texts, log_diff, ngrams, latin_words=True) -> n
     return scores
 
 
-class JapaneseDSIR(HashedNgramDSIR):
-    """HashedNgramDSIR with character n-gram features, smoothing, a character length filter,
-    parallel ordered passes, per-file caching, seeded resampling and full accounting."""
 
-    def __init__(
-        self,
-        raw_datasets,
-        target_datasets,
-        cache_dir,
-        featurizer="japanese_char_ngrams",
-        ngrams=3,
-        num_buckets=None,
-        min_example_chars=100,
-        min_example_length=100,
-        smoothing_alpha=1.0,
-        latin_words=True,
-        num_proc=None,
-        seed=0,
-        text_field="text",
-        skip_bad_records=False,
-        batch_size=512,
-        show_progress=True,
-    ):
-        if smoothing_alpha <= 0:
-            raise ValueError(f"smoothing_alpha must be > 0 (got {smoothing_alpha}): it keeps every log ratio finite")
+
+class Featurizer:
+    """The features, length filter and scores of one selection setting, on batches of texts."""
+
+    def __init__(self, featurizer="japanese_char_ngrams", ngrams=3, num_buckets=None, min_example_chars=100,
+                 min_example_length=100, latin_words=True):
         if featurizer not in FEATURIZERS:
             raise ValueError(f"featurizer {featurizer!r} is not one of {FEATURIZERS}")
-        super().__init__(
-            raw_datasets=list(raw_datasets),
-            target_datasets=list(target_datasets),
-            cache_dir=cache_dir,
-            num_proc=num_proc,
-            ngrams=ngrams if featurizer == "japanese_char_ngrams" else 2,
-            num_buckets=num_buckets or DEFAULT_BUCKETS[featurizer],
-            min_example_length=min_example_length,
-        )
-        self.featurizer_name = featurizer
+        self.name = featurizer
+        self.ngrams = ngrams if featurizer == "japanese_char_ngrams" else 2
+        self.num_buckets = num_buckets or DEFAULT_BUCKETS[featurizer]
         self.min_example_chars = min_example_chars
-        self.smoothing_alpha = smoothing_alpha
+        self.min_example_length = min_example_length
         self.latin_words = latin_words
-        self.seed = seed
-        self.text_field = text_field
-        self.skip_bad_records = skip_bad_records
-        self.batch_size = batch_size
-        self.show_progress = show_progress
-        self.raw_counts = self.target_counts = None
-        self.timings = {}
-        self.resumed = {}
-        self.target_stats = {}
-
-    # ----- features -------------------------------------------------------------------
-    def settings(self) -> dict:
-        """Everything that changes the features or the weights (part of the cache key)."""
-        return selection_settings(self.featurizer_name, self.ngrams, self.num_buckets, self.min_example_chars,
-                                  self.min_example_length, self.smoothing_alpha, self.text_field, self.latin_words)
+        self._words = WordPunctTokenizer().tokenize
 
     def prepare(self, texts):
-        """(features, lengths, words) of a batch of raw texts.
-
-        features: the normalised texts (japanese_char_ngrams) or one count vector per text
-        (dsir_default); lengths: characters after normalisation (the length filter's unit);
-        words: the package's word count per text (dsir_default only, else None).
-        """
+        """(features, lengths, words): the normalised texts (japanese_char_ngrams) or one count
+        vector per text (dsir_default); characters after normalisation (the filter's unit); the
+        package's word count per text (dsir_default only, else None)."""
         normalized = [normalize_text(text) for text in texts]
         lengths = np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized))
-        if self.featurizer_name == "japanese_char_ngrams":
+        if self.name == "japanese_char_ngrams":
             return normalized, lengths, None
-        counts = [get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self.tokenizer)
+        counts = [get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self._words)
                   for text in texts]
-        words = np.asarray([HashedNgramDSIR.get_perexample_metadata(self, None, c) for c in counts])
+        remainder = self.ngrams * (self.ngrams - 1) / 2  # the package's get_perexample_metadata
+        words = np.asarray([(c.sum() + remainder) // self.ngrams for c in counts])
         return counts, lengths, words
 
-    def count_features(self, features, keep=None) -> np.ndarray:
-        """Bucket counts summed over the kept texts of a batch (fitting)."""
-        kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
-        if self.featurizer_name == "japanese_char_ngrams":
-            return char_ngram_counts(kept, self.ngrams, self.num_buckets, self.latin_words)
-        return np.sum(kept, axis=0) if kept else np.zeros(self.num_buckets, dtype=np.int64)
+    def filter_status(self, lengths, words, apply_filter=True):
+        status = np.full(len(lengths), CANDIDATE, dtype=np.int8)
+        if apply_filter:
+            status[lengths < self.min_example_chars] = TOO_SHORT
+            if words is not None:
+                status[(words < self.min_example_length) & (status == CANDIDATE)] = TOO_FEW_WORDS
+        return status
 
-    def score_features(self, features, keep=None) -> np.ndarray:
-        """Log importance weights (log_diff . counts) of the kept texts of a batch (scoring)."""
-        kept = [f for index, f in enumerate(features) if keep is None or keep[index]]
-        if self.featurizer_name == "japanese_char_ngrams":
-            return char_ngram_scores(kept, self.log_diff, self.ngrams, self.latin_words)
-        return np.asarray([self.importance_estimator(c) for c in kept], dtype=np.float64)
+    def counts(self, features) -> np.ndarray:
+        """Bucket counts summed over the texts (fitting)."""
+        if self.name == "japanese_char_ngrams":
+            return char_ngram_counts(features, self.ngrams, self.num_buckets, self.latin_words)
+        return np.sum(features, axis=0) if len(features) else np.zeros(self.num_buckets, dtype=np.int64)
 
-    def importance_estimator(self, features) -> float:
-        """log_diff . features; in float64 (numpy's float . int64 dot skips BLAS and is ~100x slower)."""
-        return float(self.log_diff @ np.asarray(features, dtype=np.float64))
+    def ngrams_per_text(self, features) -> np.ndarray:
+        """How many n-grams each text adds to the counts (the fit budget's unit)."""
+        if self.name == "dsir_default":
+            return np.asarray([int(c.sum()) for c in features], dtype=np.int64)
+        _, _, units = char_ngram_buckets(features, 1, 2, self.latin_words)
+        return sum(np.maximum(units - n + 1, 0) for n in range(1, self.ngrams + 1))
 
-    def featurizer(self, text: str) -> np.ndarray:
-        """The package's per-document API: a count vector over the hash buckets."""
+    def scores(self, features, log_diff) -> np.ndarray:
+        """log_diff . counts of each text (the log importance weight), in float64."""
+        if self.name == "japanese_char_ngrams":
+            return char_ngram_scores(features, log_diff, self.ngrams, self.latin_words)
+        return np.asarray([float(log_diff @ np.asarray(c, dtype=np.float64)) for c in features])
+
+    def featurize(self, text) -> np.ndarray:
+        """The package's per-document API: one count vector over the buckets."""
         features, _, _ = self.prepare([text])
-        return self.count_features(features)
-
-    def score_batch(self, texts) -> np.ndarray:
-        features, _, _ = self.prepare(texts)
-        return self.score_features(features)
-
-    def get_perexample_metadata(self, ex, features):
-        """The length the filter looks at: words for dsir_default (as the package), else characters."""
-        if self.featurizer_name == "dsir_default":
-            return super().get_perexample_metadata(ex, features)
-        return len(normalize_text(ex[self.text_field]))
-
-    # ----- passes over files ----------------------------------------------------------
-    def _scan(self, paths, mode, description, apply_filter=True):
-        """One ordered pass over `paths`; mode "count" returns bucket counts, "score" per-file arrays."""
-        task = {"mode": mode, "apply_filter": apply_filter}
-        results = _ordered_map(
-            self, task, self._batches(paths), self.num_proc, self.show_progress, description
-        )
-        return results
-
-    def _batches(self, paths):
-        for file_index, path in enumerate(paths):
-            batch, first = [], None
-            for line_number, raw in iter_lines(path):
-                if first is None:
-                    first = line_number
-                batch.append(raw)
-                if len(batch) >= self.batch_size:
-                    yield file_index, path, first, batch
-                    batch, first = [], None
-            if batch:
-                yield file_index, path, first, batch
-
-    def _fit_bow(self, paths, num_tokens_to_fit=None, apply_filter=True, description="fit"):
-        """Bucket counts of `paths` with THIS class's featurizer (the package uses get_ngram_counts)."""
-        counts = np.zeros(self.num_buckets, dtype=np.int64)
-        stats = Counter()
-        for result in self._scan(paths, "count", description, apply_filter):
-            counts += result["counts"]
-            stats.update(result["stats"])
-            if num_tokens_to_fit is not None and counts.sum() >= num_tokens_to_fit:
-                stats["stopped_early_at_ngrams"] = int(counts.sum())
-                break
-        return counts, dict(stats)
-
-    def fit_importance_estimator(self, num_tokens_to_fit="auto") -> None:
-        """Fit raw and target bucket distributions (add-alpha smoothed) and their log ratio."""
-        if num_tokens_to_fit == "auto":
-            num_tokens_to_fit = 100000 * self.num_buckets
-        elif num_tokens_to_fit == "all":
-            num_tokens_to_fit = None
-        estimator_path = self.cache_dir / "estimator.npz"
-        started = time.time()
-        if estimator_path.exists():
-            saved = np.load(estimator_path)
-            self.raw_counts, self.target_counts = saved["raw_counts"], saved["target_counts"]
-            self.target_stats = json.loads(str(saved["target_stats"]))
-            self.resumed["estimator"] = True
-        else:
-            self.raw_counts, _ = self._fit_bow(self.raw_datasets, num_tokens_to_fit, description="fit raw")
-            self.target_counts, self.target_stats = self._fit_bow(
-                self.target_datasets, None, apply_filter=False, description="fit target"
-            )
-            if self.target_counts.sum() == 0:
-                raise CorpusError(f"the target datasets {self.target_datasets} contain no text to fit on")
-            _save_atomic(estimator_path, raw_counts=self.raw_counts, target_counts=self.target_counts,
-                         target_stats=json.dumps(self.target_stats))
-            self.resumed["estimator"] = False
-        self.raw_probs = smoothed_probs(self.raw_counts, self.smoothing_alpha)
-        self.target_probs = smoothed_probs(self.target_counts, self.smoothing_alpha)
-        self.log_diff = np.log(self.target_probs) - np.log(self.raw_probs)
-        self.timings["fit_s"] = round(time.time() - started, 3)
-
-    def compute_importance_weights(self) -> None:
-        """Score every raw line; cache per file: log weight, status code and characters."""
-        started = time.time()
-        self.log_importance_weights_dir.mkdir(parents=True, exist_ok=True)
-        self.perexample_metadata_dir.mkdir(parents=True, exist_ok=True)
-        todo = [(index, path) for index, path in enumerate(self.raw_datasets) if not self._weights_path(index).exists()]
-        self.resumed["weights_files_reused"] = len(self.raw_datasets) - len(todo)
-        pending = {}
-        for result in self._scan([path for _, path in todo], "score", "score raw"):
-            file_index = todo[result["file_index"]][0]
-            pending.setdefault(file_index, []).append(result)
-            if result["last_in_file"]:
-                parts = pending.pop(file_index)
-                np.save(_temporary(self._metadata_path(file_index)),
-                        np.stack([np.concatenate([p["status"] for p in parts]),
-                                  np.concatenate([p["chars"] for p in parts])]))
-                np.save(_temporary(self._weights_path(file_index)), np.concatenate([p["scores"] for p in parts]))
-                os.replace(_temporary(self._metadata_path(file_index)), self._metadata_path(file_index))
-                os.replace(_temporary(self._weights_path(file_index)), self._weights_path(file_index))
-        self.timings["score_s"] = round(time.time() - started, 3)
-
-    def _weights_path(self, index):
-        return self.log_importance_weights_dir / f"{index}.npy"
-
-    def _metadata_path(self, index):
-        return self.perexample_metadata_dir / f"{index}.npy"
-
-    def load_weights(self):
-        """(log_weights, status, chars) over all raw lines, in file and line order."""
-        weights = [np.load(self._weights_path(i)) for i in range(len(self.raw_datasets))]
-        metadata = [np.load(self._metadata_path(i)) for i in range(len(self.raw_datasets))]
-        return (np.concatenate(weights), np.concatenate([m[0] for m in metadata]),
-                np.concatenate([m[1] for m in metadata]))
-
-    def choose(self, num_to_sample, top_k=False) -> np.ndarray:
-        """Boolean mask over all raw lines: Gumbel top-k sampling without replacement (as the
-        package does), among the candidates that passed the filters, seeded by `self.seed`."""
-        log_weights, status, _ = self.load_weights()
-        candidates = np.flatnonzero(status == CANDIDATE)
-        if num_to_sample > len(candidates):
-            raise ValueError(
-                f"--num_to_sample {num_to_sample} is more than the {len(candidates)} documents that passed the "
-                f"filters; lower it, add raw data, or lower --min_example_chars"
-            )
-        keys = log_weights[candidates].astype(np.float64)
-        if not top_k:
-            keys = keys + np.random.default_rng(self.seed).gumbel(size=len(candidates))
-        chosen = candidates[np.argsort(-keys, kind="stable")[:num_to_sample]]
-        mask = np.zeros(len(status), dtype=bool)
-        mask[chosen] = True
-        return mask
-
-    def resample(self, out_dir, num_to_sample, cache_dir=None, top_k=False) -> dict:
-        """Write the chosen documents, original lines byte for byte, to out_dir/selected.jsonl."""
-        started = time.time()
-        mask = self.choose(num_to_sample, top_k)
-        out_path = Path(out_dir) / "selected.jsonl"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out_path.with_name(f".{out_path.name}.tmp")
-        position, written = 0, 0
-        with open(temporary, "wb") as stream:
-            for path in tqdm(self.raw_datasets, desc="write selected", unit="file", disable=not self.show_progress):
-                for _, raw in iter_lines(path):
-                    if mask[position]:
-                        stream.write(raw.rstrip(b"\r\n") + b"\n")
-                        written += 1
-                    position += 1
-        if position != len(mask):
-            raise CorpusError(f"the raw files changed since their weights were cached under {self.cache_dir}; "
-                              f"delete that folder and run again")
-        os.replace(temporary, out_path)
-        self.timings["resample_s"] = round(time.time() - started, 3)
-        return {"path": str(out_path), "documents": written, "mask": mask}
+        return self.counts(features)
 
 
 def selection_settings(featurizer, ngrams, num_buckets, min_example_chars, min_example_length, smoothing_alpha,
@@ -437,155 +268,420 @@ def smoothed_probs(counts, alpha):
     return (counts + alpha) / (counts.sum() + alpha * len(counts))
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".tmp.{path.name}")
+# ----- the configuration every stage reads ---------------------------------------------------
+@dataclass
+class SelectionPlan:
+    """Everything the stages need (pickled into each task: paths and settings, no data)."""
+
+    raw_paths: list
+    target_paths: list
+    units: list  # data_engine.WorkUnit
+    tasks: int
+    featurizer: dict  # Featurizer(**featurizer)
+    smoothing_alpha: float
+    text_field: str
+    skip_bad_records: bool
+    num_ngrams_to_fit: int | None  # None: all
+    decontaminate_against: list
+    decontamination_ngram: int
+    num_to_sample: int
+    seed: int
+    top_k: bool
+    fit_dir: str  # counts, estimator, scores: reused by any draw with the same inputs and settings
+    draw_dir: str  # this seed and K
+    output_dir: str
+    report: dict = field(default_factory=dict)  # inputs and settings for the report
+
+    @property
+    def selected_dir(self):
+        return os.path.join(self.output_dir, "selected")
+
+    @property
+    def count_units(self):
+        """Units of the count stage. Under an n-gram budget each file is counted whole, in line
+        order, up to its share, so the documents fitted never depend on the number of tasks."""
+        if self.num_ngrams_to_fit is None:
+            return self.units
+        return [WorkUnit(index, index, path) for index, path in enumerate(self.raw_paths)]
+
+    def make_featurizer(self):
+        return Featurizer(**self.featurizer)
 
 
-def _save_atomic(path: Path, **arrays):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp.{path.stem}.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
+FIT_STAGES, DRAW_STAGES = ("count", "fit", "score"), ("draw", "merge", "write", "report")
 
 
-# ----- worker side: parse + featurize + score one batch of raw lines --------------------
-_WORKER = {}
+def selection_stages(plan: SelectionPlan) -> list:
+    """The stages in order. count/fit/score keep their outputs and completion markers under the
+    fit folder (reused by any seed and K), the draw stages under the draw folder."""
+    steps = {"count": (CountNgrams, plan.tasks), "fit": (FitEstimator, 1), "score": (ScoreDocuments, plan.tasks),
+             "draw": (DrawTopK, plan.tasks), "merge": (MergeDraw, 1), "write": (WriteSelected, plan.tasks),
+             "report": (WriteReport, 1)}
+    return [Stage(name, [step(plan)], tasks,
+                  os.path.join(plan.fit_dir if name in FIT_STAGES else plan.draw_dir, "logs", name))
+            for name, (step, tasks) in steps.items()]
 
 
-def _init_worker(dsir, task):
-    _WORKER["dsir"], _WORKER["task"] = dsir, task
+class _Step(PipelineStep):
+    type = "🎯 DSIR"
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = plan
 
 
-def _process_batch(item):
-    file_index, path, first_line, raw_lines = item
-    dsir, task = _WORKER["dsir"], _WORKER["task"]
-    status = np.full(len(raw_lines), CANDIDATE, dtype=np.int64)
-    texts, positions = [], []
-    for offset, raw in enumerate(raw_lines):
-        try:
-            record = parse_line(raw, dsir.text_field)
-        except BadRecord as bad:
-            if not dsir.skip_bad_records:
-                raise bad_record_error(path, first_line + offset, bad) from None
-            status[offset] = BAD_CODE[bad.reason]
-            continue
-        texts.append(record[dsir.text_field])
-        positions.append(offset)
-    positions = np.asarray(positions, dtype=np.int64)
-    features, lengths, words = dsir.prepare(texts)
-    chars = np.zeros(len(raw_lines), dtype=np.int64)
-    chars[positions] = lengths
-    keep = np.ones(len(texts), dtype=bool)
-    if task["apply_filter"]:
-        too_short = lengths < dsir.min_example_chars
-        status[positions[too_short]] = TOO_SHORT
-        keep &= ~too_short
-        if words is not None:
-            too_few = (words < dsir.min_example_length) & keep
-            status[positions[too_few]] = TOO_FEW_WORDS
-            keep &= ~too_few
-    result = {"file_index": file_index, "status": status, "chars": chars}
-    if task["mode"] == "count":
-        result["counts"] = dsir.count_features(features, keep)
-        result["stats"] = {"documents": len(raw_lines), "used": int(keep.sum()), "characters": int(lengths.sum()),
-                           **Counter(CODE_REASON[c] for c in status if c != CANDIDATE)}
-    else:
-        scores = np.full(len(raw_lines), np.nan)
-        scores[positions[keep]] = dsir.score_features(features, keep)
-        result["scores"] = scores
-    return result
+def _documents(plan, unit, featurizer, decontamination, apply_filter=True):
+    """Batches of one unit: (lines, status, lengths, features of the candidates, contaminated task lists)."""
+    lines, raws = [], []
 
-
-def _ordered_map(dsir, task, batches, num_proc, show_progress, description):
-    """Results of `_process_batch` in input order, at most 2 * num_proc batches in flight."""
-    progress = tqdm(desc=description, unit="doc", disable=not show_progress, mininterval=1.0)
-    batches = _mark_last(batches)
-    try:
-        if num_proc <= 1:
-            _init_worker(dsir, task)
-            for item, last in batches:
-                result = _process_batch(item)
-                result["last_in_file"] = last
-                progress.update(len(item[3]))
-                yield result
-            return
-        with get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(dsir, task)) as pool:
-            in_flight = deque()
-            for item, last in batches:
-                in_flight.append((pool.apply_async(_process_batch, (item,)), last, len(item[3])))
-                if len(in_flight) >= 2 * num_proc:
-                    yield _collect(in_flight.popleft(), progress)
-            while in_flight:
-                yield _collect(in_flight.popleft(), progress)
-    finally:
-        progress.close()
-
-
-def _collect(entry, progress):
-    future, last, size = entry
-    result = future.get()
-    result["last_in_file"] = last
-    progress.update(size)
-    return result
-
-
-def _mark_last(batches):
-    """(batch, is_last_batch_of_its_file) pairs."""
-    previous = None
-    for item in batches:
-        if previous is not None:
-            yield previous, previous[0] != item[0]
-        previous = item
-    if previous is not None:
-        yield previous, True
-
-
-# ----- inputs: local files, globs, and Hub datasets -----------------------------------
-HF_PREFIX = "hf://datasets/"
-
-
-def snapshot_download(**kwargs):  # indirection so that tests can stand in for the Hub
-    from huggingface_hub import snapshot_download as download
-
-    return download(**kwargs)
-
-
-def resolve_inputs(patterns, hub_dataset=None, hub_files=(), revision=None, cache_dir=None):
-    """Local files for the given paths/globs, `hf://datasets/<org>/<name>/<pattern>` entries, and
-    a `hub_dataset` id with `hub_files` patterns. From the Hub only the files matching the
-    patterns are downloaded (snapshot_download with allow_patterns), as the original recipe did."""
-    hub = {}
-    local = []
-    for pattern in patterns:
-        pattern = str(pattern)
-        if pattern.startswith(HF_PREFIX):
-            parts = pattern[len(HF_PREFIX):].split("/", 2)
-            if len(parts) < 3:
-                raise ValueError(f"{pattern}: expected hf://datasets/<org>/<name>/<file pattern>")
-            hub.setdefault(f"{parts[0]}/{parts[1]}", []).append(parts[2])
-        else:
-            local.append(pattern)
-    if hub_dataset:
-        if not hub_files:
-            raise ValueError("--hub_dataset needs --hub_files (e.g. 'data/ja/ja_clean_0000.jsonl.gz')")
-        hub.setdefault(hub_dataset, []).extend(hub_files)
-    paths = expand_paths(local) if local else []
-    for repo_id, file_patterns in hub.items():
-        folder = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=list(file_patterns),
-                                   revision=revision, cache_dir=cache_dir)
-        for file_pattern in file_patterns:
+    def flush():
+        status = np.full(len(raws), CANDIDATE, dtype=np.int8)
+        texts, positions = [], []
+        for offset, raw in enumerate(raws):
             try:
-                paths.extend(expand_paths([str(Path(folder) / file_pattern)]))
-            except CorpusError as error:
-                raise CorpusError(f"hf://datasets/{repo_id}/{file_pattern}: nothing downloaded matches ({error})") from None
-    return paths
+                record = parse_line(raw, plan.text_field)
+            except BadRecord as bad:
+                if not plan.skip_bad_records:
+                    raise bad_record_error(unit.path, lines[offset], bad) from None
+                status[offset] = BAD_CODE[bad.reason]
+                continue
+            texts.append(record[plan.text_field])
+            positions.append(offset)
+        positions = np.asarray(positions, dtype=np.int64)
+        features, lengths, words = featurizer.prepare(texts)
+        chars = np.zeros(len(raws), dtype=np.int64)
+        chars[positions] = lengths
+        status[positions] = featurizer.filter_status(lengths, words, apply_filter)
+        overlaps = []
+        if decontamination is not None:
+            candidate = np.flatnonzero(status[positions] == CANDIDATE)
+            found = decontamination.overlapping_tasks([texts[i] for i in candidate])
+            for index, tasks in zip(candidate, found):
+                if tasks:
+                    status[positions[index]] = CONTAMINATED
+                    overlaps.append(tasks)
+        keep = status[positions] == CANDIDATE
+        kept = [f for f, k in zip(features, keep) if k]
+        return np.asarray(lines, dtype=np.int64), status, chars, kept, overlaps
+
+    for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts):
+        lines.append(line_number)
+        raws.append(raw)
+        if len(raws) >= BATCH:
+            yield flush()
+            lines, raws = [], []
+    if raws:
+        yield flush()
 
 
-def file_fingerprint(paths) -> list:
-    return [{"path": str(path), "bytes": os.path.getsize(path), "mtime": int(os.path.getmtime(path))} for path in paths]
+def _decontamination(plan):
+    if not plan.decontaminate_against:
+        return None
+    from toolkit.decontamination import EvalNgramIndex
+
+    return EvalNgramIndex.from_files(plan.decontaminate_against, plan.decontamination_ngram)
 
 
-def cache_key(raw_paths, target_paths, settings) -> str:
-    payload = json.dumps({"raw": file_fingerprint(raw_paths), "target": file_fingerprint(target_paths),
-                          "settings": settings}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+def _unit_budget(plan, unit):
+    """The n-gram budget is split evenly across files, so the fit sees every file."""
+    if plan.num_ngrams_to_fit is None:
+        return None
+    return -(-plan.num_ngrams_to_fit // len(plan.raw_paths))
+
+
+class CountNgrams(_Step):
+    """Map: bucket counts of the candidate documents of each unit, up to its share of the budget."""
+
+    name = "count n-grams"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
+        for unit in units_of_rank(plan.count_units, rank, world_size):
+            budget = _unit_budget(plan, unit)
+            counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
+            documents = ngrams = 0
+            stopped = False
+            for _, _, _, features, _ in _documents(plan, unit, featurizer, decontamination):
+                per_text = featurizer.ngrams_per_text(features) if len(features) else np.zeros(0, dtype=np.int64)
+                if budget is not None and len(per_text) and per_text.sum() >= budget - ngrams:
+                    # up to and including the document that brings the file to its share
+                    take = int(np.searchsorted(np.cumsum(per_text), budget - ngrams, side="left")) + 1
+                    features, per_text, stopped = features[:take], per_text[:take], True
+                counts += featurizer.counts(features)
+                documents += len(features)
+                ngrams += int(per_text.sum())
+                self.stat_update("documents_fitted", value=len(features))
+                if stopped:
+                    break
+            save_arrays(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"), counts=counts,
+                        stats=np.asarray([documents, ngrams, int(stopped)]))
+
+
+class FitEstimator(_Step):
+    """One task: sum the raw counts, count the target, fit the smoothed log ratio."""
+
+    name = "fit estimator"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        featurizer = plan.make_featurizer()
+        raw_counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
+        per_file = [{"path": path, "documents_fitted": 0, "ngrams_fitted": 0, "stopped_at_budget": False}
+                    for path in plan.raw_paths]
+        for unit in plan.count_units:
+            saved = load_arrays(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"))
+            raw_counts += saved["counts"]
+            documents, ngrams, stopped = (int(v) for v in saved["stats"])
+            row = per_file[unit.file_index]
+            row["documents_fitted"] += documents
+            row["ngrams_fitted"] += ngrams
+            row["stopped_at_budget"] = row["stopped_at_budget"] or bool(stopped)
+        if raw_counts.sum() == 0:
+            raise CorpusError(f"no raw document passed the filters to fit on in {plan.raw_paths}; lower "
+                              f"--min_example_chars or check --text_field")
+        target_counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
+        target_stats = Counter()
+        for index, path in enumerate(plan.target_paths):
+            unit = WorkUnit(index, index, path)
+            for _, status, chars, features, _ in _documents(plan, unit, featurizer, None, apply_filter=False):
+                target_counts += featurizer.counts(features)
+                target_stats["documents"] += len(features)
+                target_stats["characters"] += int(chars.sum())
+                target_stats.update(CODE_REASON[c] for c in status.tolist() if c != CANDIDATE)
+        if target_counts.sum() == 0:
+            raise CorpusError(f"the target datasets {plan.target_paths} contain no text to fit on")
+        log_diff = np.log(smoothed_probs(target_counts, plan.smoothing_alpha)) - np.log(
+            smoothed_probs(raw_counts, plan.smoothing_alpha))
+        save_arrays(os.path.join(plan.fit_dir, "estimator.npz"), raw_counts=raw_counts, target_counts=target_counts,
+                    log_diff=log_diff)
+        write_json(os.path.join(plan.fit_dir, "fit.json"), {"per_file": per_file, "target": dict(target_stats)})
+
+
+class ScoreDocuments(_Step):
+    """Map: log importance weight, status and characters of every line of each unit."""
+
+    name = "score documents"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
+        log_diff = load_arrays(os.path.join(plan.fit_dir, "estimator.npz"))["log_diff"]
+        for unit in units_of_rank(plan.units, rank, world_size):
+            parts = {"lines": [], "status": [], "chars": [], "weights": []}
+            contaminated = Counter()
+            for lines, status, chars, features, overlaps in _documents(plan, unit, featurizer, decontamination):
+                weights = np.full(len(lines), np.nan)
+                weights[status == CANDIDATE] = featurizer.scores(features, log_diff)
+                for name, values in zip(parts, (lines, status, chars, weights)):
+                    parts[name].append(values)
+                for tasks in overlaps:
+                    contaminated.update(tasks)
+                self.stat_update("documents_scored", value=len(lines))
+            arrays = {name: np.concatenate(values) for name, values in parts.items()}
+            save_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"), **arrays,
+                        contaminated=np.asarray(json.dumps(dict(contaminated))))
+
+
+def _sort_keys(keys, file_indices, lines):
+    """Order: highest key first, ties by (file, line): the same total order in every task."""
+    return np.lexsort((lines, file_indices, -keys))
+
+
+class DrawTopK(_Step):
+    """Map: each task's own top K of (log weight + Gumbel noise of (seed, file, line))."""
+
+    name = "draw top-k"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        columns = {"keys": [], "weights": [], "files": [], "lines": []}
+        for unit in units_of_rank(plan.units, rank, world_size):
+            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+            candidate = scores["status"] == CANDIDATE
+            weights, lines = scores["weights"][candidate], scores["lines"][candidate]
+            keys = weights.copy()
+            if not plan.top_k:
+                keys += -np.log(-np.log(hash_to_uniform(file_key(plan.seed, unit.path), lines)))
+            columns["keys"].append(keys)
+            columns["weights"].append(weights)
+            columns["files"].append(np.full(len(lines), unit.file_index, dtype=np.int64))
+            columns["lines"].append(lines)
+            if sum(map(len, columns["keys"])) > 4 * plan.num_to_sample:  # keep memory at O(K)
+                columns = {name: [values] for name, values in _top(columns, plan.num_to_sample).items()}
+        save_arrays(os.path.join(plan.draw_dir, "draw", f"task_{rank:05d}.npz"), **_top(columns, plan.num_to_sample))
+
+
+def _top(columns, k):
+    """The first k rows in `_sort_keys` order of lists of column arrays."""
+    merged = {name: np.concatenate(values) if values else np.zeros(0, dtype=np.float64 if name in ("keys", "weights")
+                                                                   else np.int64) for name, values in columns.items()}
+    order = _sort_keys(merged["keys"], merged["files"], merged["lines"])[:k]
+    return {name: values[order] for name, values in merged.items()}
+
+
+class MergeDraw(_Step):
+    """One task: the global top K, the selected lines per file, and the accounting."""
+
+    name = "merge draw"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        draws = [load_arrays(os.path.join(plan.draw_dir, "draw", f"task_{task:05d}.npz")) for task in range(plan.tasks)]
+        merged = {name: np.concatenate([d[name] for d in draws]) for name in ("keys", "weights", "files", "lines")}
+        order = _sort_keys(merged["keys"], merged["files"], merged["lines"])[:plan.num_to_sample]
+        selected = {name: values[order] for name, values in merged.items()}
+        # Accounting and weight histogram, streaming over the score files (memory: one unit at a time).
+        reasons, contaminated = Counter(), Counter()
+        per_file = [{"path": path, "read": 0, "selected": 0, "characters_selected": 0} for path in plan.raw_paths]
+        read = candidates = characters_read = characters_candidates = 0
+        low, high = np.inf, -np.inf
+        for unit in plan.units:
+            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+            status = scores["status"]
+            read += len(status)
+            per_file[unit.file_index]["read"] += len(status)
+            reasons.update(CODE_REASON[c] for c in status[status != CANDIDATE].tolist())
+            candidate = status == CANDIDATE
+            candidates += int(candidate.sum())
+            characters_read += int(scores["chars"].sum())
+            characters_candidates += int(scores["chars"][candidate].sum())
+            contaminated.update(json.loads(str(scores["contaminated"])))
+            if candidate.any():
+                low, high = min(low, scores["weights"][candidate].min()), max(high, scores["weights"][candidate].max())
+            mine = selected["files"] == unit.file_index
+            if mine.any():
+                chosen = np.isin(scores["lines"], selected["lines"][mine])
+                per_file[unit.file_index]["characters_selected"] += int(scores["chars"][chosen].sum())
+        if plan.num_to_sample > candidates:
+            raise CorpusError(
+                f"--num_to_sample {plan.num_to_sample} is more than the {candidates} documents that passed the filters "
+                f"(of {read} read); lower it, add raw data, or lower --min_example_chars (the scores are cached: "
+                f"the rerun takes seconds)")
+        edges = np.linspace(low, high if high > low else low + 1, 61)
+        histogram_all = np.zeros(60, dtype=np.int64)
+        for unit in plan.units:
+            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+            histogram_all += np.histogram(scores["weights"][scores["status"] == CANDIDATE], bins=edges)[0]
+        for index in range(len(plan.raw_paths)):
+            per_file[index]["selected"] = int((selected["files"] == index).sum())
+        # The lines each file's writer keeps, sorted; a fresh output folder for this draw.
+        lines_by_file = {index: np.sort(selected["lines"][selected["files"] == index]) for index in range(len(plan.raw_paths))}
+        save_arrays(os.path.join(plan.draw_dir, "selected_lines.npz"),
+                    **{f"file_{index:05d}": lines for index, lines in lines_by_file.items()})
+        shutil.rmtree(plan.selected_dir, ignore_errors=True)
+        quantiles = lambda values: {f"p{q}": round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)}  # noqa: E731
+        write_json(os.path.join(plan.draw_dir, "merge.json"), {
+            "documents": {"read": read, "filtered": dict(sorted(reasons.items())),
+                          "filtered_total": int(sum(reasons.values())), "candidates": candidates,
+                          "selected": len(order), "not_selected": candidates - len(order)},
+            "characters": {"read": characters_read, "candidates": characters_candidates,
+                           "selected": int(sum(row["characters_selected"] for row in per_file))},
+            "per_file": per_file,
+            "contaminated_documents_per_task": dict(sorted(contaminated.items())),
+            "histogram": {"edges": edges.tolist(), "candidates": histogram_all.tolist(),
+                          "selected": np.histogram(selected["weights"], bins=edges)[0].tolist()},
+            "log_importance_weights": {"candidates_min_max": [float(low), float(high)],
+                                       "selected": quantiles(selected["weights"])},
+        })
+
+
+def shard_name(file_index):
+    return f"{file_index:05d}.jsonl.gz"
+
+
+class WriteSelected(_Step):
+    """Map over files: the selected lines of each raw file, byte for byte, as one gzip shard
+    (named by the file's index, so the output is the same whatever the number of tasks)."""
+
+    name = "write selected"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        chosen = load_arrays(os.path.join(plan.draw_dir, "selected_lines.npz"))
+        written = {}
+        for file_index in range(rank, len(plan.raw_paths), world_size):
+            lines = chosen[f"file_{file_index:05d}"]
+            shard = os.path.join(plan.selected_dir, shard_name(file_index))
+            if len(lines) == 0:
+                written[file_index] = 0
+                continue
+            wanted, count = set(lines.tolist()), 0
+            with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as out:
+                for line_number, raw in iter_raw_lines(plan.raw_paths[file_index]):
+                    if line_number in wanted:
+                        out.write(raw.rstrip(b"\r\n") + b"\n")
+                        count += 1
+            written[file_index] = count
+            self.stat_update("documents_written", value=count)
+        write_json(os.path.join(plan.draw_dir, "written", f"task_{rank:05d}.json"), written)
+
+
+class WriteReport(_Step):
+    """One task: selection_report.json (every document accounted for) and the weight histogram."""
+
+    name = "report"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        merge = read_json(os.path.join(plan.draw_dir, "merge.json"))
+        fit = read_json(os.path.join(plan.fit_dir, "fit.json"))
+        written = {}
+        for task in range(plan.tasks):
+            written.update({int(k): v for k, v in read_json(os.path.join(plan.draw_dir, "written", f"task_{task:05d}.json")).items()})
+        documents = merge["documents"]
+        if documents["read"] != documents["selected"] + documents["filtered_total"] + documents["not_selected"]:
+            raise AssertionError(f"document accounting does not add up: {documents}")
+        per_file = []
+        for index, row in enumerate(merge["per_file"]):
+            if written.get(index) != row["selected"]:
+                raise CorpusError(f"{row['path']}: {written.get(index)} lines written but {row['selected']} selected; "
+                                  f"the file changed since it was scored: delete {plan.fit_dir} and run again")
+            fitted = fit["per_file"][index]
+            per_file.append({**row, "shard": shard_name(index) if row["selected"] else None,
+                             "documents_fitted": fitted["documents_fitted"], "ngrams_fitted": fitted["ngrams_fitted"],
+                             "fit_stopped_at_budget": fitted["stopped_at_budget"]})
+        report = {
+            "stage": "select",
+            **plan.report,
+            "output": {"selected_dir": plan.selected_dir,
+                       "selected_files": [os.path.join(plan.selected_dir, shard_name(i))
+                                          for i, row in enumerate(per_file) if row["selected"]],
+                       "cache_dir": plan.fit_dir, "plot": os.path.join(plan.output_dir, "log_importance_weights.png")},
+            "documents": documents,
+            "documents_per_file": per_file,
+            "characters": {"unit": "characters after NFKC + whitespace normalisation", **merge["characters"]},
+            "fit": {"documents": sum(r["documents_fitted"] for r in per_file),
+                    "ngrams": sum(r["ngrams_fitted"] for r in per_file),
+                    "budget": plan.num_ngrams_to_fit},
+            "target": fit["target"],
+            "decontamination": {"against": plan.decontaminate_against, "ngram": plan.decontamination_ngram,
+                                "documents_dropped": documents["filtered"].get("contaminated", 0),
+                                "documents_dropped_per_task": merge["contaminated_documents_per_task"]}
+            if plan.decontaminate_against else None,
+            "log_importance_weights": merge["log_importance_weights"],
+        }
+        plot_weights(merge["histogram"], report["output"]["plot"], plan.featurizer["featurizer"])
+        write_json(os.path.join(plan.output_dir, "selection_report.json"), report)
+
+
+def plot_weights(histogram, path, featurizer_name):
+    """Histogram of the log importance weights: all candidates against the selected ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.asarray(histogram["edges"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, alpha in (("candidates", 0.6), ("selected", 0.8)):
+        counts = np.asarray(histogram[name])
+        axis.stairs(counts, edges, fill=True, alpha=alpha, label=f"{name} ({int(counts.sum()):,})")
+    axis.set_xlabel("log importance weight (sum of log p_target/p_raw over the document's n-grams)")
+    axis.set_ylabel("documents")
+    axis.set_title(f"DSIR weights, featurizer {featurizer_name}")
+    axis.legend()
+    figure.tight_layout()
+    with atomic_output(path) as stream:
+        figure.savefig(stream, dpi=100, format="png")
+    plt.close(figure)

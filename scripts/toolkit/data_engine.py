@@ -1,0 +1,422 @@
+"""The data engine of the selection and mix stages: datatrove executors, work units and readers.
+
+A data stage is a list of `Stage`s (a name, datatrove pipeline steps, a task count) that
+`run_stages` hands to datatrove's Local, Slurm or Ray executor. Every stage keeps its own
+logging folder with datatrove's per-task completion markers, so running the same command
+after a crash or a SIGKILL redoes only the tasks that did not finish; every file a task
+writes goes through a temporary name, fsync and a rename (`atomic_output`), so a killed
+task leaves nothing a rerun could mistake for output.
+
+Work is split into `WorkUnit`s: one per input file, or, when there are fewer files than
+tasks, several line-interleaved parts per file (so that the demo's single file still uses
+both cores). Results never depend on the split: every per-document decision is keyed by
+(file, line), never by task.
+
+Readers stream through fsspec (`hf://datasets/...` is read in place, no copy first) and
+accept .jsonl, .jsonl.gz, .jsonl.zst and .parquet. datatrove's stock readers log and skip
+bad lines; ours keep the toolkit's accounting (`toolkit.corpus.parse_line`): a bad line
+is a `CorpusError` naming file and line, or under `skip_bad_records` a counted reason.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+
+from toolkit.corpus import CorpusError
+
+EXECUTORS = ("local", "slurm", "ray")
+SCRIPTS_DIR = str(Path(__file__).resolve().parents[1])  # what a Slurm job or a Ray worker must import from
+
+
+@dataclass
+class ExecutorArguments:
+    executor: str = field(default="local", metadata={
+        "help": "Where the tasks run: local (this machine), slurm (sbatch job arrays) or ray (a Ray cluster).",
+        "choices": list(EXECUTORS)})
+    tasks: int = field(default=None, metadata={
+        "help": "Shards of work of each map stage (default: --workers for local, the number of input files "
+                "for slurm and ray). The output does not depend on it."})
+    workers: int = field(default=None, metadata={
+        "help": "Tasks run at once (local: processes; default all cores available. slurm/ray: the cap on "
+                "concurrent tasks, default no cap)."})
+    slurm_partition: str = field(default=None, metadata={"help": "Slurm partition (required with --executor slurm)."})
+    slurm_time: str = field(default="24:00:00", metadata={"help": "Slurm time limit of each task."})
+    slurm_cpus_per_task: int = field(default=1, metadata={"help": "CPUs of each Slurm task."})
+    slurm_mem_per_cpu_gb: int = field(default=2, metadata={"help": "Memory per CPU of each Slurm task, in GB."})
+    slurm_qos: str = field(default="normal", metadata={"help": "Slurm QOS."})
+    slurm_env_command: str = field(default=None, metadata={
+        "help": "Shell command that activates the Python environment in a Slurm job (default: this venv)."})
+    ray_address: str = field(default=None, metadata={
+        "help": "Address of a running Ray cluster (e.g. 'auto' or 'ray://head:10001'); default: start a local one."})
+    ray_cpus_per_task: int = field(default=1, metadata={"help": "CPUs reserved for each Ray task."})
+    ray_mem_per_cpu_gb: float = field(default=2, metadata={"help": "Memory reserved per CPU of each Ray task, in GB."})
+    verbose: bool = field(default=False, metadata={"help": "Show datatrove's per-task INFO logs on the console."})
+
+    def validate(self):
+        if self.executor not in EXECUTORS:
+            raise SystemExit(f"--executor must be one of {EXECUTORS}, got {self.executor!r}")
+        for name in ("tasks", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SystemExit(f"--{name} must be at least 1, got {value}")
+        if self.executor == "slurm" and not self.slurm_partition:
+            raise SystemExit("--executor slurm needs --slurm_partition")
+
+    def resolved(self, num_files: int) -> "ExecutorArguments":
+        """A copy with tasks and workers filled in."""
+        cores = len(os.sched_getaffinity(0))
+        workers = self.workers or (cores if self.executor == "local" else None)
+        tasks = self.tasks or (workers if self.executor == "local" else max(1, num_files))
+        return ExecutorArguments(**{**self.__dict__, "tasks": tasks, "workers": workers})
+
+
+@dataclass
+class Stage:
+    """One datatrove job: `pipeline` runs once per task, `tasks` times (1 for a reduce)."""
+
+    name: str
+    pipeline: list
+    tasks: int
+    logging_dir: str  # datatrove's logs, stats and completion markers of this stage
+
+
+# ----- quiet task logs ---------------------------------------------------------------------
+def _console_format(record):
+    # A callable format: loguru then adds no traceback. The log files keep every detail.
+    return "datatrove " + record["level"].name.lower() + ": {message}\n"
+
+
+_LOCAL_RAY_WARNING = "Logging directory points to a local filesystem"
+
+
+def _install_quiet_logs(verbose, local_files_are_shared=True):
+    """datatrove prints INFO lines, per-stage stats and each failing task's full traceback to
+    stderr. Unless --verbose: the console shows warnings and one-line errors (ours already name
+    the file and line); each task's log FILE under the stage's logs/ keeps everything."""
+    if verbose:
+        return
+    import datatrove.executor.base as base
+    import datatrove.executor.ray as ray_module
+    import datatrove.utils.logging as datatrove_logging
+    from loguru import logger
+
+    def console_only():
+        logger.remove()
+        # A Ray instance started here shares this machine's disk: its "local filesystem" warning is moot.
+        logger.add(sys.stderr, level="WARNING", colorize=False, format=_console_format,
+                   filter=lambda record: not (local_files_are_shared and _LOCAL_RAY_WARNING in record["message"]))
+
+    def add_task_logger(logging_dir, rank, local_rank=0, node_rank=-1):
+        console_only()
+        logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
+        logger.add(logfile, level="DEBUG", colorize=False)
+        logger.info(f"Launching pipeline for {rank=}")
+        return logfile
+
+    datatrove_logging.setup_default_logger = console_only  # what close_task_logger restores
+    base.add_task_logger = ray_module.add_task_logger = add_task_logger
+    console_only()
+
+
+# ----- running stages ------------------------------------------------------------------------
+def run_stages(stages, args: ExecutorArguments) -> bool:
+    """Run `stages` in order with the chosen executor, each logging under its `logging_dir`.
+
+    Local and Ray run here, stage after stage, and raise if a stage has unfinished tasks.
+    Slurm submits job arrays chained with `depends=` and returns at once (False: the
+    outputs appear when the jobs finish). Completed tasks (markers under each stage's
+    `completions/`) are skipped, which is what makes a rerun resume.
+    """
+    _install_quiet_logs(args.verbose, local_files_are_shared=not args.ray_address)
+    if args.executor == "slurm":
+        _submit_slurm(stages, args)
+        return False
+    if args.executor == "ray":
+        _start_ray(args)
+    for stage in stages:
+        executor = _executor(stage, args, stage.logging_dir)
+        executor.run()
+        incomplete = executor.get_incomplete_ranks(skip_completed=True)
+        if incomplete:
+            raise CorpusError(f"stage {stage.name!r}: tasks {incomplete[:10]} did not finish; their logs are in "
+                              f"{os.path.join(stage.logging_dir, 'logs')}")
+    return True
+
+
+def _executor(stage, args, logging_dir):
+    if args.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        workers = max(1, min(args.workers or 1, stage.tasks))
+        # fork: workers start in milliseconds (the demo's stages take seconds); every task
+        # opens its own files, nothing is shared after the fork.
+        return LocalPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks, workers=workers,
+                                     logging_dir=logging_dir, start_method="fork")
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline=stage.pipeline, tasks=stage.tasks,
+                               workers=min(args.workers, stage.tasks) if args.workers else -1,
+                               logging_dir=logging_dir, cpus_per_task=args.ray_cpus_per_task,
+                               mem_per_cpu_gb=args.ray_mem_per_cpu_gb)
+
+
+def _start_ray(args):
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers import our pipeline steps from scripts/toolkit: put it on their path.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [SCRIPTS_DIR, os.environ.get("PYTHONPATH")]))}}
+    if args.ray_address:
+        ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=args.verbose)
+    else:
+        ray.init(num_cpus=args.workers or len(os.sched_getaffinity(0)), runtime_env=runtime_env,
+                 include_dashboard=False, log_to_driver=args.verbose)
+
+
+def _submit_slurm(stages, args):
+    from datatrove.executor import SlurmPipelineExecutor
+
+    env_command = args.slurm_env_command or (
+        f"source {Path(sys.executable).parent / 'activate'}" if (Path(sys.executable).parent / "activate").exists() else "")
+    env_command = f"{env_command}\nexport PYTHONPATH={SCRIPTS_DIR}:$PYTHONPATH".strip()
+    previous = None
+    for stage in stages:
+        previous = SlurmPipelineExecutor(
+            pipeline=stage.pipeline, tasks=stage.tasks, time=args.slurm_time, partition=args.slurm_partition,
+            cpus_per_task=args.slurm_cpus_per_task, mem_per_cpu_gb=args.slurm_mem_per_cpu_gb, qos=args.slurm_qos,
+            workers=args.workers or -1, job_name=stage.name, env_command=env_command,
+            logging_dir=stage.logging_dir, depends=previous)
+    previous.run()  # launches the whole chain (each job waits for the one before it)
+
+
+# ----- work units ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkUnit:
+    """Lines `part`, `part + parts`, ... of one input file (parts = 1: the whole file)."""
+
+    index: int
+    file_index: int
+    path: str
+    part: int = 0
+    parts: int = 1
+
+
+def plan_units(paths, tasks) -> list:
+    """One unit per file; several line-interleaved parts per file when there are fewer files than tasks."""
+    parts = max(1, math.ceil(tasks / len(paths))) if paths else 1
+    units = []
+    for file_index, path in enumerate(paths):
+        for part in range(parts):
+            units.append(WorkUnit(len(units), file_index, str(path), part, parts))
+    return units
+
+
+def units_of_rank(units, rank, world_size) -> list:
+    return units[rank::world_size]
+
+
+# ----- inputs --------------------------------------------------------------------------------
+HF_PREFIX = "hf://datasets/"
+FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".parquet")
+
+
+def snapshot_download(**kwargs):  # indirection so that tests can stand in for the Hub
+    from huggingface_hub import snapshot_download as download
+
+    return download(**kwargs)
+
+
+def resolve_inputs(patterns, download=False, revision=None, cache_dir=None, formats=FORMATS) -> list:
+    """Files named by paths, globs or `hf://datasets/<org>/<name>/<pattern>`, in the order given
+    (each glob sorted); `formats=None` accepts any file. Hub files are streamed where they are, unless `download`: then only the
+    matching files are copied first (`snapshot_download(allow_patterns=...)`)."""
+    paths = []
+    for pattern in map(str, patterns):
+        if pattern.startswith(HF_PREFIX) and download:
+            parts = pattern[len(HF_PREFIX):].split("/", 2)
+            if len(parts) < 3:
+                raise CorpusError(f"{pattern}: expected hf://datasets/<org>/<name>/<file pattern>")
+            folder = snapshot_download(repo_id=f"{parts[0]}/{parts[1]}", repo_type="dataset",
+                                       allow_patterns=[parts[2]], revision=revision, cache_dir=cache_dir)
+            try:
+                paths.extend(resolve_inputs([str(Path(folder) / parts[2])], formats=formats))
+            except CorpusError as error:
+                raise CorpusError(f"{pattern}: nothing downloaded matches ({error})") from None
+            continue
+        if pattern.startswith(HF_PREFIX) and revision and "@" not in pattern.split("/")[3]:
+            org, name, rest = pattern[len(HF_PREFIX):].split("/", 2)
+            pattern = f"{HF_PREFIX}{org}/{name}@{revision}/{rest}"
+        filesystem, plain = fsspec.core.url_to_fs(pattern)
+        if glob_magic(pattern):
+            matches = sorted(filesystem.glob(plain))
+            if not matches:
+                raise CorpusError(f"{pattern}: no file matches this pattern")
+            protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+            matches = [m if not protocol or m.startswith(protocol) else protocol + m for m in matches]
+        else:
+            if not filesystem.isfile(plain):
+                raise CorpusError(f"{pattern}: no such file")
+            matches = [pattern]
+        for match in matches:
+            if formats and not match.endswith(formats):
+                raise CorpusError(f"{match}: unknown format; expected one of {', '.join(FORMATS)}")
+        paths.extend(matches)
+    return paths
+
+
+def glob_magic(pattern) -> bool:
+    return any(character in pattern for character in "*?[")
+
+
+def file_fingerprint(paths) -> list:
+    """Path, size and modification time (or etag) of each input: part of every cache key."""
+    rows = []
+    for path in paths:
+        filesystem, plain = fsspec.core.url_to_fs(path)
+        info = filesystem.info(plain)
+        stamp = info.get("mtime") or info.get("last_modified") or info.get("LastModified") or info.get("etag") \
+            or (info.get("last_commit") or {}).get("oid") or info.get("blob_id")
+        if hasattr(stamp, "timestamp"):
+            stamp = stamp.timestamp()
+        rows.append({"path": str(path), "bytes": int(info.get("size") or 0),
+                     "mtime": int(stamp) if isinstance(stamp, (int, float)) else str(stamp)})
+    return rows
+
+
+def stable_key(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def iter_raw_lines(path, part=0, parts=1):
+    """(line_number, raw bytes) of the lines of one input that belong to `part` of `parts`.
+
+    JSONL (.jsonl, .gz, .zst) gives each line as it is in the file; a parquet row gives the
+    JSON object of its columns (line_number = row, from 1). `CorpusError` if the file cannot
+    be read or holds no line at all.
+    """
+    count = 0
+    try:
+        if str(path).endswith(".parquet"):
+            rows = _parquet_rows(path)
+        else:
+            rows = _jsonl_rows(path)
+        for count, raw in rows:
+            if (count - 1) % parts == part:
+                yield count, raw
+    except (OSError, EOFError, ValueError) as error:  # truncated gzip/zstd, corrupt parquet
+        if isinstance(error, CorpusError):
+            raise
+        raise CorpusError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
+    if count == 0:
+        raise CorpusError(f"{path}: the file is empty")
+
+
+def _jsonl_rows(path):
+    if str(path).endswith((".zst", ".zstd")):  # fsspec's zstd reader has no readline: buffer it
+        import io
+
+        import zstandard
+
+        with fsspec.open(path, "rb") as compressed:
+            reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+            yield from enumerate(io.BufferedReader(reader, buffer_size=1 << 20), start=1)
+        return
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        yield from enumerate(stream, start=1)
+
+
+def _parquet_rows(path):
+    import pyarrow.parquet as pq
+
+    number = 0
+    with fsspec.open(path, "rb") as stream:
+        for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+
+
+# ----- outputs -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_output(path, mode="wb"):
+    """Open a temporary file next to `path`; on success fsync it and rename it to `path`, so a
+    reader (or a rerun after SIGKILL) sees the whole file or none of it."""
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = os.path.join(os.path.dirname(path), f".tmp.{os.getpid()}.{os.path.basename(path)}")
+    try:
+        with open(temporary, mode) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_arrays(path, **arrays):
+    with atomic_output(path) as stream:
+        np.savez(stream, **arrays)
+
+
+def load_arrays(path) -> dict:
+    """The arrays saved by `save_arrays`; a damaged file is a clear error, not an EOFError."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return {name: saved[name] for name in saved.files}
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again") from None
+    except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError: truncated by a disk problem
+        raise CorpusError(f"{path}: damaged cache file ({type(error).__name__}); delete it and its stage's "
+                          f"completions/ folder, or the whole cache folder, and run again") from None
+
+
+def write_json(path, payload):
+    with atomic_output(path, "w") as stream:
+        json.dump(payload, stream, indent=2, ensure_ascii=False, default=str)
+        stream.write("\n")
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again") from None
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"{path}: damaged ({error.msg}); delete it and run again") from None
+
+
+def hash_to_uniform(file_key: int, lines) -> np.ndarray:
+    """A uniform in (0, 1) for each line of a file: splitmix64 of (file key, line number). The
+    same for a document whatever task, machine or executor computes it."""
+    x = np.asarray(lines, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(file_key)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def file_key(seed, path) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8).digest(), "little")
+
+
+class Timer:
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def seconds(self):
+        return round(time.perf_counter() - self.started, 3)
