@@ -1,42 +1,44 @@
 #!/usr/bin/env python
 """Build the training corpus: the selected Japanese plus English at a target share of TOKENS.
 
-    python scripts/mix_corpus.py --japanese_files out/selection/selected.jsonl \\
-        --english_files 'en/*.jsonl.gz' --tokenizer out/tokenizer --english_token_share 0.1 \\
-        --output_dir out/mix
+    python scripts/mix_corpus.py --japanese_files 'out/selection/selected/*.jsonl.gz' \\
+        --english_files 'hf://datasets/allenai/MADLAD-400/data/en/en_clean_000[0-3].jsonl.gz' \\
+        --tokenizer out/tokenizer --english_token_share 0.1 --output_dir out/mix \\
+        --extra_tokenizers base=mistralai/Mistral-7B-v0.1
 
 Tokens are counted with the tokenizer the model will be trained with (the extended one),
 so "10% English" means 10% of what the model sees. All Japanese documents are used;
-English documents are taken in file order until their tokens reach the share. The
-shuffle is two-pass (random bucket files, then each shuffled), so memory stays at one
-bucket whatever the corpus size. Writes
-OUT/train.jsonl (shuffled with --seed; each record keeps its fields plus "lang") and
-OUT/mix_report.json (tokens, documents and characters per language, achieved share).
+English documents are taken in file order until their tokens reach the share. Runs as
+datatrove stages (`toolkit.mixing`) on this machine or a Slurm or Ray cluster. Writes
+OUT/text/NNNNN.jsonl.gz (the shuffled mix: each record keeps its fields, plus "lang"
+unless it has one), OUT/mix_report.json, and the token shards the pretraining reads:
+OUT/tokens/ for --tokenizer and OUT/tokens-LABEL/ for each --extra_tokenizers LABEL=NAME.
 """
 
-import json
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
-from toolkit import assets
-from toolkit.corpus import CorpusError, ReadStats, iter_records
-from toolkit.selection import resolve_inputs
-from toolkit.reports import write_json_atomic
+from toolkit import assets, data_engine, mixing
+from toolkit.corpus import CorpusError
+from toolkit.reports import read_json, write_json_atomic
 
 
 @dataclass
 class MixArguments:
-    japanese_files: list[str] = field(default_factory=list, metadata={"help": "Japanese JSONL(.gz) files or globs (all used)."})
+    japanese_files: list[str] = field(default_factory=list, metadata={
+        "help": "Japanese .jsonl(.gz/.zst)/.parquet files, globs or hf://datasets/... (all used), e.g. the "
+                "selection's 'OUT/selected/*.jsonl.gz'."})
     english_files: list[str] = field(default_factory=list, metadata={
-        "help": "English JSONL(.gz) files, globs or hf://datasets/<org>/<name>/<pattern> (taken in order)."})
+        "help": "English files, same forms (taken in file and line order until the share is reached)."})
     tokenizer: str = field(default=None, metadata={"help": "The tokenizer the model will be trained with (folder, Hub id or offline: name)."})
-    output_dir: str = field(default=None, metadata={"help": "Where train.jsonl and mix_report.json go."})
+    extra_tokenizers: list[str] = field(default_factory=list, metadata={
+        "help": "LABEL=TOKENIZER: also write the mix's token shards with this tokenizer to OUT/tokens-LABEL/ "
+                "(the ablation's raw-base arm: base=offline:smollm2-135m)."})
+    output_dir: str = field(default=None, metadata={"help": "Where text/, tokens*/ and mix_report.json go."})
     english_token_share: float = field(default=0.1, metadata={"help": "English share of all tokens (0 <= share < 1)."})
     allow_lower_english_share: bool = field(default=False, metadata={
         "help": "If the English files run out before the share is reached, use them all and report the lower share "
@@ -44,144 +46,151 @@ class MixArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the shuffle (same seed, same output)."})
     text_field: str = field(default="text", metadata={"help": "The JSON field holding the text."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed lines (reported)."})
-    batch_size: int = field(default=256, metadata={"help": "Documents per tokenizer call."})
+    overwrite_lang: bool = field(default=False, metadata={
+        "help": "Set \"lang\" to ja/en on every record (default: a record's own \"lang\" is kept)."})
     shuffle_buckets: int = field(default=16, metadata={
-        "help": "Temporary files of the two-pass shuffle; one of them must fit in memory (corpus size / this)."})
-
-
-def count_tokens(tokenizer, texts):
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-class ShuffleBuckets:
-    """A two-pass shuffle that never holds the whole corpus in memory: each line goes to one of
-    `count` bucket files at random; then each bucket is shuffled in memory and appended."""
-
-    def __init__(self, folder, count, rng):
-        self.folder, self.rng = folder, rng
-        os.makedirs(folder, exist_ok=True)
-        self.paths = [os.path.join(folder, f"bucket_{i:04d}.jsonl") for i in range(count)]
-        self.streams = [open(path, "w", encoding="utf-8") for path in self.paths]
-
-    def add(self, line):
-        self.streams[self.rng.randrange(len(self.streams))].write(line)
-
-    def discard(self):
-        for stream in self.streams:
-            stream.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def write_shuffled(self, out_path):
-        for stream in self.streams:
-            stream.close()
-        temporary = out_path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as out:
-            for path in tqdm(self.paths, desc="shuffle", unit="bucket"):
-                with open(path, encoding="utf-8") as stream:
-                    lines = stream.readlines()
-                self.rng.shuffle(lines)
-                out.writelines(lines)
-                os.remove(path)
-        os.rmdir(self.folder)
-        os.replace(temporary, out_path)
-
-
-def read_side(paths, lang, tokenizer, args, stats, sink, token_budget=None):
-    """Send each record (plus "lang") to `sink`; returns (documents, tokens, characters).
-    With `token_budget`, stops at the first document that brings the tokens to the budget."""
-    documents, tokens, characters = 0, 0, 0
-    progress = tqdm(desc=f"tokenize {lang}", unit="doc", mininterval=1.0)
-
-    def flush(batch):
-        nonlocal documents, tokens, characters
-        for record, count in zip(batch, count_tokens(tokenizer, [r[args.text_field] for r in batch])):
-            if token_budget is not None and tokens >= token_budget:
-                return True
-            sink(json.dumps({**record, "lang": lang}, ensure_ascii=False) + "\n")
-            documents += 1
-            tokens += count
-            characters += len(record[args.text_field])
-        progress.update(len(batch))
-        return token_budget is not None and tokens >= token_budget
-
-    batch, done = [], False
-    for path in paths:
-        for _, record in iter_records(path, args.text_field, args.skip_bad_records, stats):
-            batch.append(record)
-            if len(batch) >= args.batch_size:
-                done, batch = flush(batch), []
-                if done:
-                    break
-        if done:
-            break
-    if batch and not done:
-        flush(batch)
-    progress.close()
-    return documents, tokens, characters
+        "help": "Output shards of the shuffle; one of them must fit in a task's memory (corpus size / this)."})
 
 
 def main(argv=None):
-    (args,) = HfArgumentParser(MixArguments).parse_args_into_dataclasses(args=argv)
+    args, executor_args = HfArgumentParser((MixArguments, data_engine.ExecutorArguments)).parse_args_into_dataclasses(
+        args=argv)
+    # 1. Every argument checked before any heavy work.
     if not args.japanese_files or not args.tokenizer or not args.output_dir:
         raise SystemExit("--japanese_files, --tokenizer and --output_dir are required")
     if not 0 <= args.english_token_share < 1:
         raise SystemExit(f"--english_token_share must be in [0, 1), got {args.english_token_share}")
     if args.english_token_share > 0 and not args.english_files:
         raise SystemExit("--english_token_share > 0 needs --english_files")
+    if args.shuffle_buckets < 1:
+        raise SystemExit(f"--shuffle_buckets must be at least 1, got {args.shuffle_buckets}")
+    extra_tokenizers = parse_extra_tokenizers(args.extra_tokenizers)
+    executor_args.validate()
     started = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(assets.resolve(args.tokenizer))
-    japanese_paths = resolve_inputs(args.japanese_files)  # local files, globs or hf://datasets/<id>/<pattern>
-    english_paths = resolve_inputs(args.english_files) if args.english_files else []
+    japanese_paths = data_engine.resolve_inputs(args.japanese_files)
+    english_paths = data_engine.resolve_inputs(args.english_files) if args.english_files else []
+    overlap = set(japanese_paths) & set(english_paths)
+    if overlap:
+        raise SystemExit(f"{sorted(overlap)[0]} is both a Japanese and an English input")
+    tokenizer_path = assets.resolve(args.tokenizer)
+    tokenizer = mixing.load_tokenizer(tokenizer_path)  # a wrong name fails here, not in a task
+    executor_args = executor_args.resolved(len(japanese_paths) + len(english_paths))
 
-    # 1. All Japanese documents, counted in tokens of the training tokenizer, into the shuffle buckets.
-    os.makedirs(args.output_dir, exist_ok=True)
-    buckets = ShuffleBuckets(os.path.join(args.output_dir, ".shuffle"), args.shuffle_buckets, random.Random(args.seed))
-    ja_stats, en_stats = ReadStats(), ReadStats()
-    japanese, ja_tokens, ja_chars = read_side(japanese_paths, "ja", tokenizer, args, ja_stats, buckets.add)
-    if ja_tokens == 0:
-        raise SystemExit(f"no Japanese text in {japanese_paths}")
+    # 2. The plan: token counts are cached under a key of the inputs, tokenizer and task split;
+    #    the scattered records are temporary under a key that adds seed, share and buckets.
+    fingerprints = {"japanese_files": data_engine.file_fingerprint(japanese_paths),
+                    "english_files": data_engine.file_fingerprint(english_paths)}
+    count_key = data_engine.stable_key({**fingerprints, "tokenizer": tokenizer_fingerprint(tokenizer_path),
+                                        "text_field": args.text_field, "skip_bad_records": args.skip_bad_records,
+                                        "tasks": executor_args.tasks})
+    settings = {"english_token_share": args.english_token_share, "seed": args.seed,
+                "shuffle_buckets": args.shuffle_buckets, "allow_lower_english_share": args.allow_lower_english_share,
+                "overwrite_lang": args.overwrite_lang, "skip_bad_records": args.skip_bad_records}
+    mix_key = data_engine.stable_key({"count": count_key, **settings})
+    cache_dir = os.path.join(args.output_dir, "cache", count_key)
+    plan = mixing.MixPlan(
+        japanese_paths=japanese_paths, english_paths=english_paths,
+        units=data_engine.plan_units(japanese_paths + english_paths, executor_args.tasks), tasks=executor_args.tasks,
+        tokenizer_path=tokenizer_path, english_token_share=args.english_token_share,
+        allow_lower_english_share=args.allow_lower_english_share, seed=args.seed,
+        shuffle_buckets=args.shuffle_buckets, text_field=args.text_field, skip_bad_records=args.skip_bad_records,
+        overwrite_lang=args.overwrite_lang, cache_dir=cache_dir,
+        tmp_dir=os.path.join(args.output_dir, ".tmp", mix_key), output_dir=args.output_dir,
+        report={"inputs": {**fingerprints, "tokenizer": args.tokenizer, "tokenizer_path": tokenizer_path,
+                           "vocab_size": len(tokenizer)},
+                "settings": {**settings, "executor": executor_args.executor, "tasks": executor_args.tasks,
+                             "workers": executor_args.workers},
+                "keys": {"count": count_key, "mix": mix_key}})
+    claim_output(plan, mix_key)
 
-    # 2. English until its tokens are `share` of the total: en = share / (1 - share) * ja.
-    english_needed = args.english_token_share / (1 - args.english_token_share) * ja_tokens
-    english, en_tokens, en_chars = 0, 0, 0
-    if english_needed > 0:
-        english, en_tokens, en_chars = read_side(english_paths, "en", tokenizer, args, en_stats, buckets.add,
-                                                 english_needed)
-    achieved = en_tokens / (ja_tokens + en_tokens)
-    short = en_tokens < english_needed
-    if short and not args.allow_lower_english_share:
-        buckets.discard()
-        raise SystemExit(
-            f"the English files {english_paths} hold {en_tokens:,} tokens, fewer than the {english_needed:,.0f} needed "
-            f"for an English share of {args.english_token_share} (reached {achieved:.4f}); add English files, lower "
-            f"--english_token_share, or pass --allow_lower_english_share to accept {achieved:.4f}")
+    # 3. count -> plan -> scatter -> shuffle -> report, then the token shards of each tokenizer.
+    stages = mixing.mix_stages(plan) + token_shard_stages(plan, {"": tokenizer_path, **extra_tokenizers})
+    try:
+        finished = data_engine.run_stages(stages, executor_args)
+    finally:
+        if executor_args.executor != "slurm":
+            mixing.remove_temporary(plan)  # on success and on any error; a SIGKILL leaves them for the resume
+    report_path = os.path.join(args.output_dir, "mix_report.json")
+    if not finished:
+        print(f"submitted to Slurm; the report will be {report_path} (temporary files: {plan.tmp_dir})")
+        return
+    report = read_json(report_path)
+    report["timing_s"] = {"total": round(time.time() - started, 3)}
+    write_json_atomic(report_path, report)
+    share = report["english_share"]
+    print(f"{report['documents']['ja']} ja + {report['documents']['en']} en documents, {report['tokens']['ja']:,} + "
+          f"{report['tokens']['en']:,} tokens, English share {share['achieved']:.4f} (target {share['target']}) "
+          f"-> {plan.text_dir}")
 
-    # 3. Shuffle (bucket by bucket) and write.
-    out_path = os.path.join(args.output_dir, "train.jsonl")
-    buckets.write_shuffled(out_path)
 
-    report = {
-        "stage": "mix",
-        "inputs": {"japanese_files": japanese_paths, "english_files": english_paths,
-                   "tokenizer": args.tokenizer, "tokenizer_path": assets.resolve(args.tokenizer),
-                   "vocab_size": len(tokenizer)},
-        "output": {"train": out_path},
-        "settings": {"english_token_share": args.english_token_share, "seed": args.seed,
-                     "shuffle_buckets": args.shuffle_buckets,
-                     "allow_lower_english_share": args.allow_lower_english_share},
-        "tokens": {"ja": ja_tokens, "en": en_tokens, "total": ja_tokens + en_tokens},
-        "documents": {"ja": japanese, "en": english, "total": japanese + english},
-        "characters": {"ja": ja_chars, "en": en_chars},
-        "characters_per_token": {"ja": round(ja_chars / ja_tokens, 3),
-                                 "en": round(en_chars / en_tokens, 3) if en_tokens else None},
-        "english_share": {"target": args.english_token_share, "achieved": round(achieved, 5),
-                          "reached": not short, "english_tokens_needed": round(english_needed)},
-        "skipped_bad_records": {"ja": dict(ja_stats.skipped), "en": dict(en_stats.skipped)},
-        "timing_s": {"total": round(time.time() - started, 3)},
-    }
-    write_json_atomic(os.path.join(args.output_dir, "mix_report.json"), report)
-    print(f"{japanese} ja + {english} en documents, {ja_tokens:,} + {en_tokens:,} tokens, "
-          f"English share {achieved:.4f} (target {args.english_token_share}) -> {out_path}")
+def parse_extra_tokenizers(entries) -> dict:
+    tokenizers = {}
+    for entry in entries:
+        label, _, name = entry.partition("=")
+        if not label or not name or not label.replace("-", "").replace("_", "").isalnum():
+            raise SystemExit(f"--extra_tokenizers {entry!r}: expected LABEL=TOKENIZER, e.g. base=offline:smollm2-135m")
+        if label in tokenizers:
+            raise SystemExit(f"--extra_tokenizers: the label {label!r} is given twice")
+        tokenizers[label] = assets.resolve(name)
+    return tokenizers
+
+
+def tokenizer_fingerprint(path) -> str:
+    """sha256 of tokenizer.json when there is one (what decides the token counts), else the name."""
+    import hashlib
+
+    candidate = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(candidate):
+        with open(candidate, "rb") as stream:
+            return hashlib.sha256(stream.read()).hexdigest()
+    return str(path)
+
+
+def token_shard_stages(plan, tokenizers) -> list:
+    """The mix's token shards: OUT/tokens/ ("" label) and OUT/tokens-LABEL/, in datatrove's
+    tokenized-file format, by helper B's `toolkit.token_shards` (tokenize_steps after a reader of
+    OUT/text/, then finalize_token_shards for the manifest).
+
+    LEAD: WIRE HERE when toolkit.token_shards is on main. Until then no token shards are written
+    and the report says so; the text shards are complete either way.
+    """
+    try:
+        from toolkit import token_shards
+    except ImportError:
+        return []
+    from datatrove.pipeline.readers import JsonlReader
+
+    stages = []
+    for label, tokenizer_path in tokenizers.items():
+        folder = os.path.join(plan.output_dir, f"tokens-{label}" if label else "tokens")
+        logs = os.path.join(plan.cache_dir, "logs", f"tokens-{label}" if label else "tokens")
+        reader = JsonlReader(plan.text_dir, glob_pattern="*.jsonl.gz", text_key=plan.text_field, compression="gzip")
+        stages.append(data_engine.Stage(f"tokens{'-' + label if label else ''}",
+                                        [reader, *token_shards.tokenize_steps(tokenizer_path, folder)],
+                                        min(plan.tasks, plan.shuffle_buckets), os.path.join(logs, "tokenize")))
+        stages.append(data_engine.Stage(f"tokens{'-' + label if label else ''}-manifest",
+                                        [lambda data, rank, world_size, folder=folder, path=tokenizer_path:
+                                         token_shards.finalize_token_shards(folder, tokenizer=path)],
+                                        1, os.path.join(logs, "manifest")))
+    return stages
+
+
+def claim_output(plan, mix_key):
+    """OUT/text/ holds one mix. A different mix than the one that last wrote there starts from an
+    empty text folder and a fresh report; temporary folders of other mixes are removed."""
+    marker = os.path.join(plan.output_dir, ".mix")
+    previous = open(marker).read().strip() if os.path.exists(marker) else None
+    if previous != mix_key:
+        shutil.rmtree(plan.text_dir, ignore_errors=True)
+        if os.path.exists(os.path.join(plan.output_dir, "mix_report.json")):
+            os.remove(os.path.join(plan.output_dir, "mix_report.json"))
+        with data_engine.atomic_output(marker, "w") as stream:
+            stream.write(mix_key + "\n")
+    temporary_root = os.path.dirname(plan.tmp_dir)
+    if os.path.isdir(temporary_root):
+        for name in os.listdir(temporary_root):
+            if name != mix_key:
+                shutil.rmtree(os.path.join(temporary_root, name), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -398,16 +398,21 @@ def read_json(path):
         raise CorpusError(f"{path}: damaged ({error.msg}); delete it and run again") from None
 
 
-def hash_to_uniform(file_key: int, lines) -> np.ndarray:
-    """A uniform in (0, 1) for each line of a file: splitmix64 of (file key, line number). The
-    same for a document whatever task, machine or executor computes it."""
+def line_hashes(file_key: int, lines) -> np.ndarray:
+    """64 random bits for each line of a file: splitmix64 of (file key, line number). The same
+    for a document whatever task, machine or executor computes it."""
     x = np.asarray(lines, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(file_key)
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
-    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    return x
+
+
+def hash_to_uniform(file_key: int, lines) -> np.ndarray:
+    """A uniform in (0, 1) for each line of a file, from the top 53 bits of `line_hashes`."""
+    return ((line_hashes(file_key, lines) >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
 def file_key(seed, path) -> int:
