@@ -7,6 +7,8 @@
     our Japanese featurizer, and random selection; same pool, same K, several seeds.
 (b) Throughput of featurize + score, documents/second on one core, on the same Japanese
     documents, the package's featurizer against ours, in one run.
+(c) End to end on one process: the package's fit + compute + resample against
+    scripts/select_data.py on the local executor with one task (every stage, files included).
 
     python benchmarks/bench_select_data.py --output_dir outputs/bench_select
 """
@@ -28,9 +30,10 @@ from transformers import HfArgumentParser
 # The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from toolkit.corpus import iter_records, read_texts
-from toolkit.reports import write_json_atomic
-from toolkit.selection import JapaneseDSIR
+import select_data  # noqa: E402
+from toolkit.corpus import iter_records, read_texts  # noqa: E402
+from toolkit.reports import write_json_atomic  # noqa: E402
+from toolkit.selection import Featurizer  # noqa: E402
 
 
 @dataclass
@@ -81,42 +84,42 @@ def package_as_is(pool, target, work):
     return choose, None
 
 
-def ours(pool, target, work, sources, **kwargs):
-    """JapaneseDSIR: fit / compute once, then Gumbel top-k per (K, seed)."""
-    dsir = JapaneseDSIR(pool, target, cache_dir=tempfile.mkdtemp(dir=work), num_proc=1, show_progress=False, **kwargs)
-    dsir.fit_importance_estimator()
-    dsir.compute_importance_weights()
-    _, status, _ = dsir.load_weights()
+def ours(pool, target, work, sources, *options):
+    """scripts/select_data.py (local executor, one task): the fit and scores are cached in one
+    output folder, so each (K, seed) only redraws."""
+    out = tempfile.mkdtemp(dir=work)
+    state = {}
 
     def choose(k, seed):
-        dsir.seed = seed
-        return sources[dsir.choose(k)]
+        select_data.main(["--raw_datasets", *pool, "--target_datasets", *target, "--num_to_sample", str(k),
+                          "--seed", str(seed), "--output_dir", out, "--tasks", "1", "--workers", "1", *options])
+        with open(os.path.join(out, "selection_report.json"), encoding="utf-8") as stream:
+            report = __import__("json").load(stream)
+        state["candidates"] = report["documents"]["candidates"]
+        return sources_of(report["output"]["selected_files"])
 
-    return choose, int((status == 0).sum())
+    return choose, state
 
 
 METHODS = {
     "data-selection 1.0.3 as is (HashedNgramDSIR: words, 10000 buckets, 100-word filter, no smoothing)": None,
-    "JapaneseDSIR featurizer=dsir_default (package's words), 100-word filter, alpha=1":
-        dict(featurizer="dsir_default"),
-    "JapaneseDSIR featurizer=dsir_default (package's words), no word filter (>=100 chars), alpha=1":
-        dict(featurizer="dsir_default", min_example_length=0),
-    "JapaneseDSIR featurizer=japanese_char_ngrams --no_latin_words (every character a unit), alpha=1":
-        dict(latin_words=False),
-    "JapaneseDSIR featurizer=japanese_char_ngrams, 10000 buckets (the package's count), alpha=1":
-        dict(num_buckets=10000),
-    "JapaneseDSIR featurizer=japanese_char_ngrams, defaults (1-3 grams, ASCII words, 65536 buckets, alpha=1)": {},
+    "ours featurizer=dsir_default (package's words), 100-word filter, alpha=1": ["--featurizer", "dsir_default"],
+    "ours featurizer=dsir_default (package's words), no word filter (>=100 chars), alpha=1":
+        ["--featurizer", "dsir_default", "--min_example_length", "0"],
+    "ours featurizer=japanese_char_ngrams --no_latin_words (every character a unit), alpha=1": ["--no_latin_words"],
+    "ours featurizer=japanese_char_ngrams, 10000 buckets (the package's count), alpha=1": ["--num_buckets", "10000"],
+    "ours featurizer=japanese_char_ngrams, defaults (1-3 grams, ASCII words, 65536 buckets, alpha=1)": [],
 }
 
 
 def quality(args, work):
     sources = sources_of(args.pool)
     rows = []
-    for name, kwargs in METHODS.items():
-        if kwargs is None:
-            choose, candidates = package_as_is(args.pool, args.target, work)
+    for name, options in METHODS.items():
+        if options is None:
+            choose, state = package_as_is(args.pool, args.target, work)
         else:
-            choose, candidates = ours(args.pool, args.target, work, sources, **kwargs)
+            choose, state = ours(args.pool, args.target, work, sources, *options)
         for k in args.num_to_sample:
             precisions, languages = [], Counter()
             for seed in args.seeds:
@@ -124,7 +127,8 @@ def quality(args, work):
                 precisions.append(float(np.mean(chosen_sources == args.target_source)))
                 languages.update("ja" if s.endswith("-ja") else "en" for s in chosen_sources)
             rows.append({"method": name, "k": k, "precision_mean": round(float(np.mean(precisions)), 3),
-                         "precision_per_seed": [round(p, 3) for p in precisions], "candidates": candidates,
+                         "precision_per_seed": [round(p, 3) for p in precisions],
+                         "candidates": (state or {}).get("candidates"),
                          "selected_english_share": round(languages["en"] / sum(languages.values()), 3)})
             print(rows[-1], flush=True)
     share = float(np.mean(sources == args.target_source))
@@ -138,11 +142,10 @@ def throughput(args, work):
     texts, _ = read_texts([args.throughput_docs])
     results = {"documents": len(texts), "characters": sum(map(len, texts)), "cores": 1}
     package = HashedNgramDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(work, "tp_package"), num_proc=1)
-    mine = JapaneseDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(work, "tp_ours"), num_proc=1,
-                        show_progress=False)
-    mine.fit_importance_estimator()
-    # Scoring cost does not depend on the fitted values: the package's own fit is skipped here.
+    mine = Featurizer()
+    # Scoring cost does not depend on the fitted values: random log ratios for both.
     package.log_diff = np.random.default_rng(0).normal(size=package.num_buckets)
+    log_diff = np.random.default_rng(0).normal(size=mine.num_buckets)
 
     def timed(function):
         best = float("inf")
@@ -154,9 +157,9 @@ def throughput(args, work):
 
     results["package_featurizer_per_doc"] = timed(
         lambda: [package.importance_estimator(package.featurizer(text)) for text in texts])
-    results["ours_per_doc_api"] = timed(lambda: [mine.importance_estimator(mine.featurizer(text)) for text in texts])
+    results["ours_per_doc_api"] = timed(lambda: [float(log_diff @ mine.featurize(text)) for text in texts])
     results["ours_batched_512"] = timed(
-        lambda: [mine.score_batch(texts[i:i + 512]) for i in range(0, len(texts), 512)])
+        lambda: [mine.scores(mine.prepare(texts[i:i + 512])[0], log_diff) for i in range(0, len(texts), 512)])
     results["ratio_batched_vs_package"] = round(results["ours_batched_512"] / results["package_featurizer_per_doc"], 1)
     results["ratio_per_doc_vs_package"] = round(results["ours_per_doc_api"] / results["package_featurizer_per_doc"], 1)
     print(results, flush=True)
@@ -164,23 +167,25 @@ def throughput(args, work):
 
 
 def end_to_end(args, work):
-    """fit_importance_estimator + compute_importance_weights on one process, from the files
-    (JSON parsing, gzip and the length filter included), package vs ours, same documents."""
+    """A whole selection (K=300) on one process, from the files (gzip, JSON parsing, length filter,
+    caching and the output included): the package's fit + compute + resample against
+    select_data.py on the local executor with one task and one worker, same documents."""
     folder = tempfile.mkdtemp(dir=work)
-    results = {"documents": len(sources_of([args.throughput_docs])), "cores": 1}
+    results = {"documents": len(sources_of([args.throughput_docs])), "cores": 1, "num_to_sample": 300}
     package = HashedNgramDSIR(plain_copies([args.throughput_docs], folder, "raw"), plain_copies(args.target, folder, "target"),
                               cache_dir=os.path.join(folder, "package"), num_proc=1)
-    mine = JapaneseDSIR([args.throughput_docs], args.target, cache_dir=os.path.join(folder, "ours"), num_proc=1,
-                        show_progress=False)
-    for name, dsir in (("package", package), ("ours", mine)):
-        started = time.perf_counter()
-        dsir.fit_importance_estimator()
-        fitted = time.perf_counter()
-        dsir.compute_importance_weights()
-        done = time.perf_counter()
-        results[name] = {"fit_s": round(fitted - started, 3), "compute_s": round(done - fitted, 3),
-                         "compute_docs_per_s": round(results["documents"] / (done - fitted), 1)}
-    results["ratio_compute"] = round(results["ours"]["compute_docs_per_s"] / results["package"]["compute_docs_per_s"], 1)
+    started = time.perf_counter()
+    package.fit_importance_estimator(num_tokens_to_fit="auto")
+    package.compute_importance_weights()
+    package.resample(out_dir=os.path.join(folder, "package_out"), num_to_sample=300, cache_dir=os.path.join(folder, "pc"))
+    results["package"] = {"total_s": round(time.perf_counter() - started, 3)}
+    started = time.perf_counter()
+    select_data.main(["--raw_datasets", args.throughput_docs, "--target_datasets", *args.target, "--num_to_sample",
+                      "300", "--output_dir", os.path.join(folder, "ours"), "--tasks", "1", "--workers", "1"])
+    results["ours"] = {"total_s": round(time.perf_counter() - started, 3)}
+    for name in ("package", "ours"):
+        results[name]["docs_per_s"] = round(results["documents"] / results[name]["total_s"], 1)
+    results["ratio"] = round(results["ours"]["docs_per_s"] / results["package"]["docs_per_s"], 1)
     print(results, flush=True)
     return results
 

@@ -40,9 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from data_selection.hashed_ngram_dsir import get_ngram_counts
 from datatrove.pipeline.base import PipelineStep
-from nltk.tokenize import WordPunctTokenizer
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
 from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, hash_to_uniform, iter_raw_lines, load_arrays,
@@ -197,7 +195,10 @@ class Featurizer:
         self.min_example_chars = min_example_chars
         self.min_example_length = min_example_length
         self.latin_words = latin_words
-        self._words = WordPunctTokenizer().tokenize
+        if featurizer == "dsir_default":  # imported only when used: nltk + scipy take seconds to import
+            from data_selection.hashed_ngram_dsir import get_ngram_counts, wpt
+
+            self._package_counts, self._words = get_ngram_counts, wpt.tokenize
 
     def prepare(self, texts):
         """(features, lengths, words): the normalised texts (japanese_char_ngrams) or one count
@@ -207,7 +208,7 @@ class Featurizer:
         lengths = np.fromiter(map(len, normalized), dtype=np.int64, count=len(normalized))
         if self.name == "japanese_char_ngrams":
             return normalized, lengths, None
-        counts = [get_ngram_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self._words)
+        counts = [self._package_counts(text, n=self.ngrams, num_buckets=self.num_buckets, tokenizer=self._words)
                   for text in texts]
         remainder = self.ngrams * (self.ngrams - 1) / 2  # the package's get_perexample_metadata
         words = np.asarray([(c.sum() + remainder) // self.ngrams for c in counts])
@@ -402,15 +403,18 @@ class CountNgrams(_Step):
             counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
             documents = ngrams = 0
             stopped = False
-            for _, _, _, features, _ in _documents(plan, unit, featurizer, decontamination):
-                per_text = featurizer.ngrams_per_text(features) if len(features) else np.zeros(0, dtype=np.int64)
-                if budget is not None and len(per_text) and per_text.sum() >= budget - ngrams:
-                    # up to and including the document that brings the file to its share
-                    take = int(np.searchsorted(np.cumsum(per_text), budget - ngrams, side="left")) + 1
-                    features, per_text, stopped = features[:take], per_text[:take], True
-                counts += featurizer.counts(features)
+            for _, _, chars, features, _ in _documents(plan, unit, featurizer, decontamination):
+                # n-grams per text only when this batch may cross the budget (a text of c
+                # characters has at most ngrams x c n-grams); else the counts' sum says it
+                if budget is not None and len(features) and ngrams + featurizer.ngrams * int(chars.sum()) >= budget:
+                    per_text = featurizer.ngrams_per_text(features)
+                    if per_text.sum() >= budget - ngrams:  # up to and including the document reaching the share
+                        take = int(np.searchsorted(np.cumsum(per_text), budget - ngrams, side="left")) + 1
+                        features, stopped = features[:take], True
+                batch_counts = featurizer.counts(features)
+                counts += batch_counts
                 documents += len(features)
-                ngrams += int(per_text.sum())
+                ngrams += int(batch_counts.sum())
                 self.stat_update("documents_fitted", value=len(features))
                 if stopped:
                     break
