@@ -59,7 +59,7 @@ class ExecutorArguments:
         "help": "Address of a running Ray cluster (e.g. 'auto' or 'ray://head:10001'); default: start a local one."})
     ray_cpus_per_task: int = field(default=1, metadata={"help": "CPUs reserved for each Ray task."})
     ray_mem_per_cpu_gb: float = field(default=2, metadata={"help": "Memory reserved per CPU of each Ray task, in GB."})
-    verbose: bool = field(default=False, metadata={"help": "Show datatrove's per-task INFO logs on the console."})
+    show_task_logs: bool = field(default=False, metadata={"help": "Show datatrove's per-task INFO logs on the console."})
 
     def validate(self):
         if self.executor not in EXECUTORS:
@@ -100,7 +100,7 @@ _LOCAL_RAY_WARNING = "Logging directory points to a local filesystem"
 
 def _install_quiet_logs(verbose, local_files_are_shared=True):
     """datatrove prints INFO lines, per-stage stats and each failing task's full traceback to
-    stderr. Unless --verbose: the console shows warnings and one-line errors (ours already name
+    stderr. Unless --show_task_logs: the console shows warnings and one-line errors (ours already name
     the file and line); each task's log FILE under the stage's logs/ keeps everything."""
     if verbose:
         return
@@ -136,7 +136,7 @@ def run_stages(stages, args: ExecutorArguments) -> bool:
     outputs appear when the jobs finish). Completed tasks (markers under each stage's
     `completions/`) are skipped, which is what makes a rerun resume.
     """
-    _install_quiet_logs(args.verbose, local_files_are_shared=not args.ray_address)
+    _install_quiet_logs(args.show_task_logs, local_files_are_shared=not args.ray_address)
     if args.executor == "slurm":
         _submit_slurm(stages, args)
         return False
@@ -177,10 +177,10 @@ def _start_ray(args):
     # Workers import our pipeline steps from scripts/toolkit: put it on their path.
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [SCRIPTS_DIR, os.environ.get("PYTHONPATH")]))}}
     if args.ray_address:
-        ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=args.verbose)
+        ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=args.show_task_logs)
     else:
         ray.init(num_cpus=args.workers or len(os.sched_getaffinity(0)), runtime_env=runtime_env,
-                 include_dashboard=False, log_to_driver=args.verbose)
+                 include_dashboard=False, log_to_driver=args.show_task_logs)
 
 
 def _submit_slurm(stages, args):

@@ -1,0 +1,124 @@
+"""toolkit/data_engine.py: executors, work units, streaming readers and atomic outputs."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dill
+import numpy as np
+import pytest
+
+import select_data
+from toolkit import data_engine, mixing, selection
+from toolkit.corpus import CorpusError
+
+POOL_JA = "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz"
+POOL_EN = "sample_data/pool/data/en/en_clean_0000.jsonl.gz"
+TARGET = "sample_data/target/ja_target.jsonl.gz"
+FAKE_SLURM = Path(__file__).parent / "fixtures" / "fake_slurm"
+
+
+def test_units_cover_every_line_once_whatever_the_task_count(tmp_path):
+    path = tmp_path / "lines.jsonl"
+    path.write_text("".join(f'{{"text": "{i}"}}\n' for i in range(10)))
+    for tasks in (1, 3, 4, 7):
+        units = data_engine.plan_units([str(path)], tasks)
+        seen = sorted(line for rank in range(tasks) for unit in data_engine.units_of_rank(units, rank, tasks)
+                      for line, _ in data_engine.iter_raw_lines(unit.path, unit.part, unit.parts))
+        assert seen == list(range(1, 11))
+    assert len(data_engine.plan_units(["a", "b", "c"], 2)) == 3  # enough files: one unit per file
+
+
+def test_readers_keep_the_bytes_of_each_line_and_name_unreadable_files(tmp_path):
+    lines = [b'{"text": "\xe6\x97\xa5\xe6\x9c\xac"}\n', b'{"text": "b"}\r\n', b'{"text": "no newline"}']
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(b"".join(lines))
+    packed = tmp_path / "a.jsonl.gz"
+    packed.write_bytes(gzip.compress(b"".join(lines)))
+    for path in (plain, packed):
+        assert [raw for _, raw in data_engine.iter_raw_lines(str(path))] == lines
+    truncated = tmp_path / "t.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b"".join(lines) * 100)[:60])
+    with pytest.raises(CorpusError, match="t.jsonl.gz: cannot be read"):
+        list(data_engine.iter_raw_lines(str(truncated)))
+    with pytest.raises(CorpusError, match="unknown format"):
+        data_engine.resolve_inputs([str(tmp_path / "*.jsonl*"), str(_touch(tmp_path / "notes.txt"))])
+    with pytest.raises(CorpusError, match="no such file"):
+        data_engine.resolve_inputs([str(tmp_path / "missing.jsonl")])
+
+
+def _touch(path):
+    path.write_text("x")
+    return path
+
+
+def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out" / "file.npz"
+    with pytest.raises(RuntimeError):
+        with data_engine.atomic_output(target) as stream:
+            stream.write(b"half")
+            raise RuntimeError("killed")
+    assert not target.exists() and os.listdir(tmp_path / "out") == []
+    data_engine.save_arrays(target, x=np.arange(3))
+    assert data_engine.load_arrays(target)["x"].tolist() == [0, 1, 2]
+
+
+def test_line_noise_is_a_function_of_seed_file_and_line_only():
+    lines = np.arange(1, 1001)
+    a = data_engine.hash_to_uniform(data_engine.file_key(0, "f.jsonl"), lines)
+    assert np.array_equal(a[500:], data_engine.hash_to_uniform(data_engine.file_key(0, "f.jsonl"), lines[500:]))
+    assert not np.array_equal(a, data_engine.hash_to_uniform(data_engine.file_key(1, "f.jsonl"), lines))
+    assert 0 < a.min() and a.max() < 1 and abs(a.mean() - 0.5) < 0.05
+
+
+def test_the_stages_pickle_for_slurm_and_ray(tmp_path):
+    # Slurm jobs load the executor with dill, Ray ships it with cloudpickle: the steps hold
+    # paths and settings only, and must survive the trip.
+    plan = selection.SelectionPlan(
+        raw_paths=[POOL_JA], target_paths=[TARGET], units=data_engine.plan_units([POOL_JA], 2), tasks=2,
+        featurizer={"featurizer": "japanese_char_ngrams"}, smoothing_alpha=1.0, text_field="text",
+        skip_bad_records=False, num_ngrams_to_fit=None, decontaminate_against=[], decontamination_ngram=13,
+        num_to_sample=5, seed=0, top_k=False, fit_dir=str(tmp_path / "fit"), draw_dir=str(tmp_path / "draw"),
+        output_dir=str(tmp_path))
+    for stage in selection.selection_stages(plan):
+        restored = dill.loads(dill.dumps(stage.pipeline))
+        assert type(restored[0]) is type(stage.pipeline[0]) and restored[0].plan == plan
+    assert {stage.name for stage in mixing.mix_stages(mixing.MixPlan(
+        [POOL_JA], [POOL_EN], data_engine.plan_units([POOL_JA, POOL_EN], 2), 2, "tok", 0.1, False, 0, 4, "text",
+        False, False, str(tmp_path / "c"), str(tmp_path / "t"), str(tmp_path), {}))} >= {"count", "shuffle"}
+
+
+def test_executor_arguments_are_checked():
+    with pytest.raises(SystemExit, match="--slurm_partition"):
+        data_engine.ExecutorArguments(executor="slurm").validate()
+    with pytest.raises(SystemExit, match="--tasks must be at least 1"):
+        data_engine.ExecutorArguments(tasks=0).validate()
+    resolved = data_engine.ExecutorArguments(executor="slurm", slurm_partition="cpu").resolved(num_files=37)
+    assert resolved.tasks == 37 and resolved.workers is None
+
+
+@pytest.mark.slow
+def test_slurm_job_arrays_select_the_same_set_as_local(tmp_path):
+    # Real datatrove SlurmPipelineExecutor, real job scripts and pickled executors; only sbatch
+    # and srun are stand-ins that run each array task at once, in order.
+    common = ["--raw_datasets", POOL_JA, POOL_EN, "--target_datasets", TARGET, "--num_to_sample", "150",
+              "--num_tokens_to_fit", "400000"]
+    env = {**os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "scripts/select_data.py", *common, "--output_dir", str(tmp_path / "slurm"),
+                             "--executor", "slurm", "--slurm_partition", "test", "--tasks", "2"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:] + (tmp_path / "slurm.log").read_text()[-3000:]
+    assert "submitted to Slurm" in result.stdout
+    assert (tmp_path / "slurm.log").read_text().count("task 1") >= 4  # the map stages ran as 2-task arrays
+    select_data.main([*common, "--output_dir", str(tmp_path / "local"), "--tasks", "1", "--workers", "1"])
+    slurm_report = json.loads((tmp_path / "slurm" / "selection_report.json").read_text())
+    assert slurm_report["settings"]["executor"] == "slurm"
+    for name in ("00000.jsonl.gz", "00001.jsonl.gz"):
+        local_shard, slurm_shard = tmp_path / "local" / "selected" / name, tmp_path / "slurm" / "selected" / name
+        assert local_shard.exists() == slurm_shard.exists()
+        if local_shard.exists():
+            assert local_shard.read_bytes() == slurm_shard.read_bytes()
