@@ -104,7 +104,8 @@ def main(argv=None):
     claim_output(plan, mix_key)
 
     # 3. count -> plan -> scatter -> shuffle -> report, then the token shards of each tokenizer.
-    stages = mixing.mix_stages(plan) + token_shard_stages(plan, {"": tokenizer_path, **extra_tokenizers})
+    token_stages = token_shard_stages(plan, {"": tokenizer_path, **extra_tokenizers}, mix_key)
+    stages = mixing.mix_stages(plan) + token_stages
     try:
         finished = data_engine.run_stages(stages, executor_args)
     finally:
@@ -115,6 +116,9 @@ def main(argv=None):
         print(f"submitted to Slurm; the report will be {report_path} (temporary files: {plan.tmp_dir})")
         return
     report = read_json(report_path)
+    report["token_shards"] = {label or "training": os.path.join(args.output_dir, f"tokens-{label}" if label else "tokens")
+                              for label in ["", *extra_tokenizers]} if token_stages else \
+        "not written: toolkit.token_shards is not available in this checkout"
     report["timing_s"] = {"total": round(time.time() - started, 3)}
     write_json_atomic(report_path, report)
     share = report["english_share"]
@@ -146,42 +150,39 @@ def tokenizer_fingerprint(path) -> str:
     return str(path)
 
 
-def token_shard_stages(plan, tokenizers) -> list:
-    """The mix's token shards: OUT/tokens/ ("" label) and OUT/tokens-LABEL/, in datatrove's
-    tokenized-file format, by helper B's `toolkit.token_shards` (tokenize_steps after a reader of
-    OUT/text/, then finalize_token_shards for the manifest).
-
-    LEAD: WIRE HERE when toolkit.token_shards is on main. Until then no token shards are written
-    and the report says so; the text shards are complete either way.
-    """
+def token_shard_stages(plan, tokenizers, mix_key) -> list:
+    """The mix's token shards: OUT/tokens/ (label "") and OUT/tokens-LABEL/, in datatrove's
+    tokenized-file format with a token_shards.json manifest, written by `toolkit.token_shards`
+    (helper B's: `tokenize_steps` after a reader of OUT/text/, then `FinalizeTokenShards`).
+    Without that module in the checkout no token shards are written and the report says so."""
     try:
         from toolkit import token_shards
     except ImportError:
         return []
-    from datatrove.pipeline.readers import JsonlReader
-
     stages = []
+    tasks = min(plan.tasks, plan.shuffle_buckets)  # one text shard per bucket: no more tasks than shards
     for label, tokenizer_path in tokenizers.items():
-        folder = os.path.join(plan.output_dir, f"tokens-{label}" if label else "tokens")
-        logs = os.path.join(plan.cache_dir, "logs", f"tokens-{label}" if label else "tokens")
-        reader = JsonlReader(plan.text_dir, glob_pattern="*.jsonl.gz", text_key=plan.text_field, compression="gzip")
-        stages.append(data_engine.Stage(f"tokens{'-' + label if label else ''}",
-                                        [reader, *token_shards.tokenize_steps(tokenizer_path, folder)],
-                                        min(plan.tasks, plan.shuffle_buckets), os.path.join(logs, "tokenize")))
-        stages.append(data_engine.Stage(f"tokens{'-' + label if label else ''}-manifest",
-                                        [lambda data, rank, world_size, folder=folder, path=tokenizer_path:
-                                         token_shards.finalize_token_shards(folder, tokenizer=path)],
-                                        1, os.path.join(logs, "manifest")))
+        name = f"tokens-{label}" if label else "tokens"
+        folder = os.path.join(plan.output_dir, name)
+        logs = os.path.join(plan.cache_dir, "mixes", mix_key, "logs")
+        reader = mixing.MixTextReader(plan.text_dir, plan.text_field)
+        stages.append(data_engine.Stage(name, [reader, *token_shards.tokenize_steps(tokenizer_path, folder)], tasks,
+                                        os.path.join(logs, name)))
+        stages.append(data_engine.Stage(f"{name}-manifest", [token_shards.FinalizeTokenShards(folder, tasks)], 1,
+                                        os.path.join(logs, f"{name}-manifest")))
     return stages
 
 
 def claim_output(plan, mix_key):
-    """OUT/text/ holds one mix. A different mix than the one that last wrote there starts from an
-    empty text folder and a fresh report; temporary folders of other mixes are removed."""
+    """OUT/text/ and OUT/tokens*/ hold one mix. A different mix than the one that last wrote there
+    starts from empty folders and a fresh report; temporary folders of other mixes are removed."""
     marker = os.path.join(plan.output_dir, ".mix")
     previous = open(marker).read().strip() if os.path.exists(marker) else None
     if previous != mix_key:
         shutil.rmtree(plan.text_dir, ignore_errors=True)
+        for name in os.listdir(plan.output_dir) if os.path.isdir(plan.output_dir) else []:
+            if name == "tokens" or name.startswith("tokens-"):  # token shards of another mix
+                shutil.rmtree(os.path.join(plan.output_dir, name), ignore_errors=True)
         if os.path.exists(os.path.join(plan.output_dir, "mix_report.json")):
             os.remove(os.path.join(plan.output_dir, "mix_report.json"))
         with data_engine.atomic_output(marker, "w") as stream:

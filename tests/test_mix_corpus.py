@@ -148,3 +148,18 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, mistral_tokenizer_p
         with pytest.raises(SystemExit, match=message):
             run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], *extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_token_shards_of_the_training_and_the_extra_tokenizers(tmp_path, mistral_tokenizer_path, smollm2_path,
+                                                               small_inputs):
+    pytest.importorskip("toolkit.token_shards")  # helper B's module: runs once both branches are merged
+    out_dir, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"],
+                                   "--extra_tokenizers", f"base={smollm2_path}", tasks=2, workers=2)
+    assert report["token_shards"] == {"training": str(out_dir / "tokens"), "base": str(out_dir / "tokens-base")}
+    training = json.loads((out_dir / "tokens" / "token_shards.json").read_text())
+    base = json.loads((out_dir / "tokens-base" / "token_shards.json").read_text())
+    per_document = 1 + (training["bos_token_id"] is not None)  # [BOS] text EOS
+    assert training["documents"] == base["documents"] == len(records) == report["documents"]["total"]
+    assert training["tokens"] == report["tokens"]["total"] + per_document * len(records)
+    assert training["characters"] == base["characters"] == sum(len(r["text"]) for r in records)
+    assert base["vocab_size"] == len(AutoTokenizer.from_pretrained(smollm2_path)) != training["vocab_size"]

@@ -333,6 +333,27 @@ class WriteMixReport(_Step):
         })
 
 
+class MixTextReader(_Step):
+    """The mix's text shards as datatrove Documents, shard i to task i mod tasks (what the token
+    shard steps read; listed when the task runs, after the shuffle wrote them)."""
+
+    name = "mix text"
+
+    def __init__(self, text_dir, text_field="text"):
+        PipelineStep.__init__(self)
+        self.text_dir, self.text_field = text_dir, text_field
+
+    def run(self, data=None, rank=0, world_size=1):
+        from datatrove.data import Document
+
+        shards = sorted(name for name in os.listdir(self.text_dir) if name.endswith(".jsonl.gz"))
+        for name in shards[rank::world_size]:
+            with gzip.open(os.path.join(self.text_dir, name), "rb") as stream:
+                for line_number, raw in enumerate(stream, start=1):
+                    self.stat_update("documents")
+                    yield Document(text=json.loads(raw)[self.text_field], id=f"{name}:{line_number}")
+
+
 def remove_temporary(plan):
     shutil.rmtree(plan.tmp_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the .tmp folder itself, once no other mix uses it
