@@ -5,7 +5,8 @@ Each copy of a bundled pool file gets a distinct sentence appended to every docu
 no two documents of the large pools are equal (DSIR and the accounting see distinct
 documents, the hashing does real work). For each size the selection runs as a
 subprocess on the local executor; recorded: wall time, documents read, docs/s/core
-(documents / wall / workers), the peak RSS (VmHWM) of every process of the run (polled
+(documents / wall / workers), docs per CPU-second of all its processes (robust to other
+load on a shared machine), the 1-minute load average before and after, the peak RSS (VmHWM) of every process of the run (polled
 from /proc) and the largest peak among them (getrusage of the waited-for children).
 
 With --baseline_scripts (a `scripts/` folder of an older version, e.g. main at 2e14431
@@ -20,6 +21,7 @@ this one on one task and one worker, in the same session: the docs/s/core ratio.
 import gzip
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -102,8 +104,11 @@ def peak_rss_kib(pid):
 
 
 def measured_run(command):
-    """Run `command`; wall time, the peak RSS of every process seen, and the largest peak (rusage)."""
-    before = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN).ru_maxrss
+    """Run `command`; wall time, CPU seconds of all its processes, the load average around it, the
+    peak RSS of every process seen, and the largest peak (rusage of the waited-for children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -118,8 +123,10 @@ def measured_run(command):
     output = process.stdout.read()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    largest = __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": round(wall, 2), "peak_rss_mib_per_process": sorted(round(v / 1024, 1) for v in peaks.values()),
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    largest, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime - cpu_before
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)], "peak_rss_mib_per_process": sorted(round(v / 1024, 1) for v in peaks.values()),
             "processes_seen": len(peaks),
             "largest_peak_rss_mib": round(max(largest, max(peaks.values(), default=0)) / 1024, 1)
             if largest > before else round(max(peaks.values(), default=0) / 1024, 1)}
@@ -152,7 +159,8 @@ def main():
         run = measured_run(select_command(REPO / "scripts", paths, args, out, k,
                                           ["--workers", str(args.workers), "--tasks", str(args.workers)]))
         row = {"scale": scale, "files": len(paths), "documents": documents, "num_to_sample": k, **run,
-               "docs_per_s_per_core": round(documents / run["wall_s"] / args.workers, 1)}
+               "docs_per_s_per_core": round(documents / run["wall_s"] / args.workers, 1),
+               "docs_per_cpu_s": round(documents / run["cpu_s"], 1)}
         results["scales"].append(row)
         print(json.dumps(row), flush=True)
     if args.baseline_scripts:
@@ -166,12 +174,15 @@ def main():
             out = os.path.join(args.output_dir, f"single_{name}")
             subprocess.run(["rm", "-rf", out], check=True)
             run = measured_run(select_command(scripts, paths, args, out, k, extra))
-            rows[name] = {**run, "docs_per_s_per_core": round(documents / run["wall_s"], 1)}
+            rows[name] = {**run, "docs_per_s_per_core": round(documents / run["wall_s"], 1),
+                          "docs_per_cpu_s": round(documents / run["cpu_s"], 1)}
             print(name, json.dumps(rows[name]), flush=True)
         results["single_process"] = {"scale": args.baseline_scale, "documents": documents, **rows,
                                      "ratio_docs_per_s_per_core": round(
                                          rows["datatrove_local_1_task"]["docs_per_s_per_core"]
-                                         / rows["baseline"]["docs_per_s_per_core"], 3)}
+                                         / rows["baseline"]["docs_per_s_per_core"], 3),
+                                     "ratio_docs_per_cpu_s": round(rows["datatrove_local_1_task"]["docs_per_cpu_s"]
+                                                                   / rows["baseline"]["docs_per_cpu_s"], 3)}
     first, last = results["scales"][0], results["scales"][-1]
     results["peak_rss_ratio_largest_vs_smallest"] = round(last["largest_peak_rss_mib"] / first["largest_peak_rss_mib"], 3)
     write_json_atomic(os.path.join(args.output_dir, "scale_rehearsal_select.json"), results)

@@ -186,6 +186,32 @@ def test_same_selection_for_1_task_4_tasks_and_another_seed_differs(tmp_path, ja
     assert selected_bytes(again) == selected_bytes(four)
 
 
+def test_the_kth_key_is_found_across_sorted_arrays_without_loading_them():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        arrays = [np.sort(rng.choice(rng.normal(size=50), size=rng.integers(0, 40))) for _ in range(rng.integers(1, 5))]
+        values = np.sort(np.concatenate(arrays))
+        if len(values) == 0:
+            continue
+        for k in {1, len(values), int(rng.integers(1, len(values) + 1))}:
+            assert selection.kth_smallest([a for a in arrays], k) == values[k - 1]
+
+
+def test_ties_at_the_threshold_are_broken_by_file_and_line_whatever_the_task_count(tmp_path, ja_texts):
+    # Web crawls hold duplicates: equal documents have equal weights, and --top_k has no noise.
+    same = {"text": ja_texts[0]}
+    raw_a = write_jsonl(tmp_path / "a.jsonl", [{"text": ja_texts[1]}, same, same, {"text": ja_texts[2]}, same])
+    raw_b = write_jsonl(tmp_path / "b.jsonl", [same, same, {"text": ja_texts[3]}])
+    target = write_jsonl(tmp_path / "t.jsonl", [same])  # the duplicated document scores highest
+    outputs = []
+    for tasks, workers in ((1, 1), (4, 2)):
+        out, report = run(tmp_path, "--top_k", raw=[raw_a, raw_b], target=[target], k=4, out=f"t{tasks}",
+                          tasks=tasks, workers=workers)
+        outputs.append(selected_bytes(out))
+        assert [row["selected"] for row in report["documents_per_file"]] == [3, 1]  # a:2, a:3, a:5, then b:1
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.slow
 def test_ray_with_two_workers_selects_the_same_set(tmp_path):
     common = ["--num_tokens_to_fit", "400000"]

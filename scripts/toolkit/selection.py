@@ -492,106 +492,152 @@ def _sort_keys(keys, file_indices, lines):
     return np.lexsort((lines, file_indices, -keys))
 
 
+def _draw_keys(plan, unit, weights, lines):
+    """log weight + Gumbel noise of (seed, file, line), or the log weight alone with --top_k.
+    The draw and the write stage both call this: the same float64 operations, the same bits."""
+    if plan.top_k:
+        return weights.copy()
+    return weights + -np.log(-np.log(hash_to_uniform(file_key(plan.seed, unit.path), lines)))
+
+
+def _candidates(plan, unit):
+    scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+    candidate = scores["status"] == CANDIDATE
+    return scores, candidate, scores["weights"][candidate], scores["lines"][candidate]
+
+
 class DrawTopK(_Step):
-    """Map: each task's own top K of (log weight + Gumbel noise of (seed, file, line))."""
+    """Map: each task's own top K of the draw keys, saved in the global order (as -key ascending,
+    memory-mappable), so that the merge can find the K-th key without loading them."""
 
     name = "draw top-k"
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        columns = {"keys": [], "weights": [], "files": [], "lines": []}
+        columns = {"keys": [], "files": [], "lines": []}
         for unit in units_of_rank(plan.units, rank, world_size):
-            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
-            candidate = scores["status"] == CANDIDATE
-            weights, lines = scores["weights"][candidate], scores["lines"][candidate]
-            keys = weights.copy()
-            if not plan.top_k:
-                keys += -np.log(-np.log(hash_to_uniform(file_key(plan.seed, unit.path), lines)))
-            columns["keys"].append(keys)
-            columns["weights"].append(weights)
+            _, _, weights, lines = _candidates(plan, unit)
+            columns["keys"].append(_draw_keys(plan, unit, weights, lines))
             columns["files"].append(np.full(len(lines), unit.file_index, dtype=np.int64))
             columns["lines"].append(lines)
-            if sum(map(len, columns["keys"])) > 4 * plan.num_to_sample:  # keep memory at O(K)
+            if sum(map(len, columns["keys"])) > 4 * plan.num_to_sample:  # memory: O(K) per task
                 columns = {name: [values] for name, values in _top(columns, plan.num_to_sample).items()}
-        save_arrays(os.path.join(plan.draw_dir, "draw", f"task_{rank:05d}.npz"), **_top(columns, plan.num_to_sample))
+        top = _top(columns, plan.num_to_sample)
+        folder = os.path.join(plan.draw_dir, "draw")
+        for name, values in (("neg_keys", -top["keys"]), ("files", top["files"]), ("lines", top["lines"])):
+            with atomic_output(os.path.join(folder, f"task_{rank:05d}.{name}.npy")) as stream:
+                np.save(stream, values)
 
 
 def _top(columns, k):
     """The first k rows in `_sort_keys` order of lists of column arrays."""
-    merged = {name: np.concatenate(values) if values else np.zeros(0, dtype=np.float64 if name in ("keys", "weights")
-                                                                   else np.int64) for name, values in columns.items()}
+    merged = {name: np.concatenate(values) if values else np.zeros(0, dtype=np.float64 if name == "keys" else np.int64)
+              for name, values in columns.items()}
     order = _sort_keys(merged["keys"], merged["files"], merged["lines"])[:k]
     return {name: values[order] for name, values in merged.items()}
 
 
+def _load_draw(plan, task, name):
+    path = os.path.join(plan.draw_dir, "draw", f"task_{task:05d}.{name}.npy")
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again") from None
+    except Exception as error:
+        raise CorpusError(f"{path}: damaged cache file ({type(error).__name__}); delete {plan.draw_dir} and run "
+                          f"again") from None
+
+
+def kth_smallest(sorted_arrays, k) -> float:
+    """The k-th smallest value (k from 1) across ascending arrays, by bisection over values:
+    each probe is one searchsorted per array, so memory-mapped arrays are never loaded."""
+    count_le = lambda value: sum(int(np.searchsorted(a, value, side="right")) for a in sorted_arrays)  # noqa: E731
+    low = min(float(a[0]) for a in sorted_arrays if len(a))  # count_le(high) >= k, and the answer is in [low, high]
+    high = max(float(a[min(k, len(a)) - 1]) for a in sorted_arrays if len(a))
+    if count_le(low) >= k:
+        return low
+    while True:  # invariant: count_le(low) < k <= count_le(high)
+        middle = low + (high - low) / 2
+        if middle <= low or middle >= high:  # adjacent floats: high is a value of the arrays
+            return high
+        if count_le(middle) >= k:
+            high = middle
+        else:
+            low = middle
+
+
 class MergeDraw(_Step):
-    """One task: the global top K, the selected lines per file, and the accounting."""
+    """One task: the global threshold of the draw (the K-th key and, among keys equal to it, the
+    last (file, line) taken) and the accounting, streaming over the score files."""
 
     name = "merge draw"
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        draws = [load_arrays(os.path.join(plan.draw_dir, "draw", f"task_{task:05d}.npz")) for task in range(plan.tasks)]
-        merged = {name: np.concatenate([d[name] for d in draws]) for name in ("keys", "weights", "files", "lines")}
-        order = _sort_keys(merged["keys"], merged["files"], merged["lines"])[:plan.num_to_sample]
-        selected = {name: values[order] for name, values in merged.items()}
-        # Accounting and weight histogram, streaming over the score files (memory: one unit at a time).
         reasons, contaminated = Counter(), Counter()
-        per_file = [{"path": path, "read": 0, "selected": 0, "characters_selected": 0} for path in plan.raw_paths]
+        per_file = [{"path": path, "read": 0} for path in plan.raw_paths]
         read = candidates = characters_read = characters_candidates = 0
         low, high = np.inf, -np.inf
         for unit in plan.units:
-            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+            scores, candidate, weights, _ = _candidates(plan, unit)
             status = scores["status"]
             read += len(status)
             per_file[unit.file_index]["read"] += len(status)
-            reasons.update(CODE_REASON[c] for c in status[status != CANDIDATE].tolist())
-            candidate = status == CANDIDATE
+            reasons.update(CODE_REASON[c] for c in status[~candidate].tolist())
             candidates += int(candidate.sum())
             characters_read += int(scores["chars"].sum())
             characters_candidates += int(scores["chars"][candidate].sum())
             contaminated.update(json.loads(str(scores["contaminated"])))
-            if candidate.any():
-                low, high = min(low, scores["weights"][candidate].min()), max(high, scores["weights"][candidate].max())
-            mine = selected["files"] == unit.file_index
-            if mine.any():
-                chosen = np.isin(scores["lines"], selected["lines"][mine])
-                per_file[unit.file_index]["characters_selected"] += int(scores["chars"][chosen].sum())
+            if len(weights):
+                low, high = min(low, weights.min()), max(high, weights.max())
         if plan.num_to_sample > candidates:
             raise CorpusError(
                 f"--num_to_sample {plan.num_to_sample} is more than the {candidates} documents that passed the filters "
                 f"(of {read} read); lower it, add raw data, or lower --min_example_chars (the scores are cached: "
                 f"the rerun takes seconds)")
-        edges = np.linspace(low, high if high > low else low + 1, 61)
-        histogram_all = np.zeros(60, dtype=np.int64)
+        neg_keys = [_load_draw(plan, task, "neg_keys") for task in range(plan.tasks)]
+        threshold = kth_smallest(neg_keys, plan.num_to_sample)  # -(K-th largest key)
+        above = sum(int(np.searchsorted(a, threshold, side="left")) for a in neg_keys)
+        tied = []
+        for task, keys in enumerate(neg_keys):
+            start, end = np.searchsorted(keys, threshold, side="left"), np.searchsorted(keys, threshold, side="right")
+            if end > start:
+                tied.append(np.stack([_load_draw(plan, task, "files")[start:end],
+                                      _load_draw(plan, task, "lines")[start:end]], axis=1))
+        tied = np.concatenate(tied)
+        tied = tied[np.lexsort((tied[:, 1], tied[:, 0]))]
+        last_tied = tied[plan.num_to_sample - above - 1].tolist()  # ties taken in (file, line) order
+        edges = np.linspace(low, high if high > low else low + 1, HISTOGRAM_BINS + 1)
+        histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
         for unit in plan.units:
-            scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
-            histogram_all += np.histogram(scores["weights"][scores["status"] == CANDIDATE], bins=edges)[0]
-        for index in range(len(plan.raw_paths)):
-            per_file[index]["selected"] = int((selected["files"] == index).sum())
-        # The lines each file's writer keeps, sorted; a fresh output folder for this draw.
-        lines_by_file = {index: np.sort(selected["lines"][selected["files"] == index]) for index in range(len(plan.raw_paths))}
-        save_arrays(os.path.join(plan.draw_dir, "selected_lines.npz"),
-                    **{f"file_{index:05d}": lines for index, lines in lines_by_file.items()})
-        shutil.rmtree(plan.selected_dir, ignore_errors=True)
-        quantiles = lambda values: {f"p{q}": round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)}  # noqa: E731
+            histogram += np.histogram(_candidates(plan, unit)[2], bins=edges)[0]
+        shutil.rmtree(plan.selected_dir, ignore_errors=True)  # a fresh output folder for this draw
         write_json(os.path.join(plan.draw_dir, "merge.json"), {
+            "threshold": {"neg_key": threshold, "last_tied": last_tied, "above": above, "tied": len(tied)},
             "documents": {"read": read, "filtered": dict(sorted(reasons.items())),
                           "filtered_total": int(sum(reasons.values())), "candidates": candidates,
-                          "selected": len(order), "not_selected": candidates - len(order)},
-            "characters": {"read": characters_read, "candidates": characters_candidates,
-                           "selected": int(sum(row["characters_selected"] for row in per_file))},
+                          "selected": plan.num_to_sample, "not_selected": candidates - plan.num_to_sample},
+            "characters": {"read": characters_read, "candidates": characters_candidates},
             "per_file": per_file,
             "contaminated_documents_per_task": dict(sorted(contaminated.items())),
-            "histogram": {"edges": edges.tolist(), "candidates": histogram_all.tolist(),
-                          "selected": np.histogram(selected["weights"], bins=edges)[0].tolist()},
-            "log_importance_weights": {"candidates_min_max": [float(low), float(high)],
-                                       "selected": quantiles(selected["weights"])},
+            "histogram": {"edges": edges.tolist(), "candidates": histogram.tolist()},
         })
+
+
+HISTOGRAM_BINS = 600  # the weight quantiles come from it; the plot sums it 10 bins at a time
 
 
 def shard_name(file_index):
     return f"{file_index:05d}.jsonl.gz"
+
+
+def is_selected(keys, file_index, lines, threshold):
+    """The draw's rule: key above the K-th key, or equal to it and at or before the last tied (file, line)."""
+    negative = -keys
+    at = negative == threshold["neg_key"]
+    last_file, last_line = threshold["last_tied"]
+    return (negative < threshold["neg_key"]) | (at & ((file_index < last_file) |
+                                                     ((file_index == last_file) & (lines <= last_line))))
 
 
 class WriteSelected(_Step):
@@ -602,23 +648,41 @@ class WriteSelected(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        chosen = load_arrays(os.path.join(plan.draw_dir, "selected_lines.npz"))
+        merge = read_json(os.path.join(plan.draw_dir, "merge.json"))
+        edges = np.asarray(merge["histogram"]["edges"])
         written = {}
         for file_index in range(rank, len(plan.raw_paths), world_size):
-            lines = chosen[f"file_{file_index:05d}"]
-            shard = os.path.join(plan.selected_dir, shard_name(file_index))
-            if len(lines) == 0:
-                written[file_index] = 0
-                continue
-            wanted, count = set(lines.tolist()), 0
-            with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as out:
-                for line_number, raw in iter_raw_lines(plan.raw_paths[file_index]):
-                    if line_number in wanted:
-                        out.write(raw.rstrip(b"\r\n") + b"\n")
-                        count += 1
-            written[file_index] = count
+            chosen, weights, chars = [], [], []
+            for unit in plan.units:
+                if unit.file_index != file_index:
+                    continue
+                scores, candidate, unit_weights, lines = _candidates(plan, unit)
+                mask = is_selected(_draw_keys(plan, unit, unit_weights, lines), file_index, lines, merge["threshold"])
+                chosen.append(lines[mask])
+                weights.append(unit_weights[mask])
+                chars.append(scores["chars"][candidate][mask])
+            wanted = set(np.concatenate(chosen).tolist())
+            count = 0
+            if wanted:
+                shard = os.path.join(plan.selected_dir, shard_name(file_index))
+                with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as out:
+                    for line_number, raw in iter_raw_lines(plan.raw_paths[file_index]):
+                        if line_number in wanted:
+                            out.write(raw.rstrip(b"\r\n") + b"\n")
+                            count += 1
+            if count != len(wanted):
+                raise CorpusError(f"{plan.raw_paths[file_index]}: {count} lines written but {len(wanted)} selected; "
+                                  f"the file changed since it was scored: delete {plan.fit_dir} and run again")
+            written[file_index] = {"selected": count, "characters_selected": int(np.concatenate(chars).sum()),
+                                   "histogram": np.histogram(np.concatenate(weights), bins=edges)[0].tolist()}
             self.stat_update("documents_written", value=count)
         write_json(os.path.join(plan.draw_dir, "written", f"task_{rank:05d}.json"), written)
+
+
+def _quantiles(histogram, edges, quantiles=(5, 50, 95)):
+    """Percentiles read off a histogram (linear within a bin): exact to a bin's width."""
+    cumulative = np.concatenate([[0], np.cumsum(histogram)])
+    return {f"p{q}": round(float(np.interp(q / 100 * cumulative[-1], cumulative, edges)), 3) for q in quantiles}
 
 
 class WriteReport(_Step):
@@ -634,17 +698,20 @@ class WriteReport(_Step):
         for task in range(plan.tasks):
             written.update({int(k): v for k, v in read_json(os.path.join(plan.draw_dir, "written", f"task_{task:05d}.json")).items()})
         documents = merge["documents"]
-        if documents["read"] != documents["selected"] + documents["filtered_total"] + documents["not_selected"]:
-            raise AssertionError(f"document accounting does not add up: {documents}")
+        selected_total = sum(row["selected"] for row in written.values())
+        if selected_total != documents["selected"] or \
+                documents["read"] != documents["selected"] + documents["filtered_total"] + documents["not_selected"]:
+            raise AssertionError(f"document accounting does not add up: {documents}, {selected_total} written")
         per_file = []
         for index, row in enumerate(merge["per_file"]):
-            if written.get(index) != row["selected"]:
-                raise CorpusError(f"{row['path']}: {written.get(index)} lines written but {row['selected']} selected; "
-                                  f"the file changed since it was scored: delete {plan.fit_dir} and run again")
-            fitted = fit["per_file"][index]
-            per_file.append({**row, "shard": shard_name(index) if row["selected"] else None,
+            fitted, done = fit["per_file"][index], written[index]
+            per_file.append({**row, "selected": done["selected"], "characters_selected": done["characters_selected"],
+                             "shard": shard_name(index) if done["selected"] else None,
                              "documents_fitted": fitted["documents_fitted"], "ngrams_fitted": fitted["ngrams_fitted"],
                              "fit_stopped_at_budget": fitted["stopped_at_budget"]})
+        edges = np.asarray(merge["histogram"]["edges"])
+        histograms = {"candidates": np.asarray(merge["histogram"]["candidates"]),
+                      "selected": np.sum([done["histogram"] for done in written.values()], axis=0)}
         report = {
             "stage": "select",
             **plan.report,
@@ -654,7 +721,8 @@ class WriteReport(_Step):
                        "cache_dir": plan.fit_dir, "plot": os.path.join(plan.output_dir, "log_importance_weights.png")},
             "documents": documents,
             "documents_per_file": per_file,
-            "characters": {"unit": "characters after NFKC + whitespace normalisation", **merge["characters"]},
+            "characters": {"unit": "characters after NFKC + whitespace normalisation", **merge["characters"],
+                           "selected": sum(row["characters_selected"] for row in per_file)},
             "fit": {"documents": sum(r["documents_fitted"] for r in per_file),
                     "ngrams": sum(r["ngrams_fitted"] for r in per_file),
                     "budget": plan.num_ngrams_to_fit},
@@ -663,24 +731,26 @@ class WriteReport(_Step):
                                 "documents_dropped": documents["filtered"].get("contaminated", 0),
                                 "documents_dropped_per_task": merge["contaminated_documents_per_task"]}
             if plan.decontaminate_against else None,
-            "log_importance_weights": merge["log_importance_weights"],
+            "draw": {"threshold_key": -merge["threshold"]["neg_key"],
+                     "rule": "selected: draw key above the threshold, or equal to it and first in (file, line) order"},
+            "log_importance_weights": {"unit": f"percentiles from a {HISTOGRAM_BINS}-bin histogram",
+                                       **{name: _quantiles(values, edges) for name, values in histograms.items()}},
         }
-        plot_weights(merge["histogram"], report["output"]["plot"], plan.featurizer["featurizer"])
+        plot_weights(histograms, edges, report["output"]["plot"], plan.featurizer["featurizer"])
         write_json(os.path.join(plan.output_dir, "selection_report.json"), report)
 
 
-def plot_weights(histogram, path, featurizer_name):
+def plot_weights(histograms, edges, path, featurizer_name):
     """Histogram of the log importance weights: all candidates against the selected ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edges = np.asarray(histogram["edges"])
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, alpha in (("candidates", 0.6), ("selected", 0.8)):
-        counts = np.asarray(histogram[name])
-        axis.stairs(counts, edges, fill=True, alpha=alpha, label=f"{name} ({int(counts.sum()):,})")
+        counts = np.asarray(histograms[name]).reshape(-1, 10).sum(axis=1)
+        axis.stairs(counts, edges[::10], fill=True, alpha=alpha, label=f"{name} ({int(counts.sum()):,})")
     axis.set_xlabel("log importance weight (sum of log p_target/p_raw over the document's n-grams)")
     axis.set_ylabel("documents")
     axis.set_title(f"DSIR weights, featurizer {featurizer_name}")
