@@ -248,10 +248,12 @@ class ScatterRecords(_Step):
                 for index in order:
                     stream.write(payloads[index])
                     offsets[buckets[index] + 1] += len(payloads[index])
-            save_arrays(os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}.npz"),
-                        offsets=np.cumsum(offsets), keys=hashes[order], lines=lines[order],
-                        counts=np.bincount(buckets, minlength=plan.shuffle_buckets),
-                        kept_lang=np.asarray(kept_lang))
+            base = os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}")
+            for name, values in (("keys", hashes[order]), ("lines", lines[order])):  # memory-mapped by the shuffle
+                with atomic_output(f"{base}.{name}.npy") as stream:
+                    np.save(stream, values)
+            save_arrays(f"{base}.npz", offsets=np.cumsum(offsets),
+                        counts=np.bincount(buckets, minlength=plan.shuffle_buckets), kept_lang=np.asarray(kept_lang))
             self.stat_update("documents_scattered", value=len(lines))
 
 
@@ -267,6 +269,7 @@ class ShuffleBuckets(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
+        # Per unit: bucket offsets (small, all kept); keys and lines memory-mapped, one bucket's slice read.
         indexes = [load_arrays(os.path.join(plan.tmp_dir, "scatter", f"unit_{u.index:05d}.npz")) for u in plan.units]
         for bucket in range(rank, plan.shuffle_buckets, world_size):
             keys, files, lines, payloads = [], [], [], []
@@ -276,15 +279,16 @@ class ShuffleBuckets(_Step):
                     continue
                 first = int(index["counts"][:bucket].sum())
                 count = int(index["counts"][bucket])
-                with open(os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}.jsonl"), "rb") as stream:
+                base = os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}")
+                with open(f"{base}.jsonl", "rb") as stream:
                     stream.seek(start)
                     chunk = stream.read(end - start).splitlines(keepends=True)
                 if len(chunk) != count:
-                    raise CorpusError(f"{stream.name}: {len(chunk)} records where {count} were written; delete "
+                    raise CorpusError(f"{base}.jsonl: {len(chunk)} records where {count} were written; delete "
                                       f"{plan.tmp_dir} and run again")
                 payloads.extend(chunk)
-                keys.append(index["keys"][first:first + count])
-                lines.append(index["lines"][first:first + count])
+                keys.append(np.array(np.load(f"{base}.keys.npy", mmap_mode="r")[first:first + count]))
+                lines.append(np.array(np.load(f"{base}.lines.npy", mmap_mode="r")[first:first + count]))
                 files.append(np.full(count, unit.file_index, dtype=np.int64))
             shard = os.path.join(plan.text_dir, f"{bucket:05d}.jsonl.gz")
             if not payloads:
