@@ -107,19 +107,19 @@ def main(argv=None):
     token_stages = token_shard_stages(plan, {"": tokenizer_path, **extra_tokenizers}, mix_key)
     stages = mixing.mix_stages(plan) + token_stages
     try:
-        finished = data_engine.run_stages(stages, executor_args)
+        stage_seconds = data_engine.run_stages(stages, executor_args)
     finally:
         if executor_args.executor != "slurm":
             mixing.remove_temporary(plan)  # on success and on any error; a SIGKILL leaves them for the resume
     report_path = os.path.join(args.output_dir, "mix_report.json")
-    if not finished:
+    if stage_seconds is None:
         print(f"submitted to Slurm; the report will be {report_path} (temporary files: {plan.tmp_dir})")
         return
     report = read_json(report_path)
     report["token_shards"] = {label or "training": os.path.join(args.output_dir, f"tokens-{label}" if label else "tokens")
                               for label in ["", *extra_tokenizers]} if token_stages else \
         "not written: toolkit.token_shards is not available in this checkout"
-    report["timing_s"] = {"total": round(time.time() - started, 3)}
+    report["timing_s"] = {"total": round(time.time() - started, 3), "stages_s": stage_seconds}
     write_json_atomic(report_path, report)
     share = report["english_share"]
     print(f"{report['documents']['ja']} ja + {report['documents']['en']} en documents, {report['tokens']['ja']:,} + "

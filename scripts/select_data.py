@@ -138,14 +138,14 @@ def main(argv=None):
     claim_output(plan, draw_key)
 
     # 4. The stages: count -> fit -> score -> draw -> merge -> write -> report.
-    finished = data_engine.run_stages(selection.selection_stages(plan), executor_args)
+    stage_seconds = data_engine.run_stages(selection.selection_stages(plan), executor_args)
     report_path = os.path.join(args.output_dir, "selection_report.json")
-    if not finished:
+    if stage_seconds is None:
         print(f"submitted to Slurm; the jobs' logs are under {fit_dir}/logs and {plan.draw_dir}/logs, "
               f"the report will be {report_path}")
         return
     report = read_json(report_path)
-    report["timing_s"] = {"total_s": round(time.time() - started, 3)}
+    report["timing_s"] = {"total_s": round(time.time() - started, 3), "stages_s": stage_seconds}
     write_json_atomic(report_path, report)
     counts = report["documents"]
     print(f"read {counts['read']}, filtered {counts['filtered_total']}, selected {counts['selected']}, "

@@ -122,3 +122,20 @@ def test_slurm_job_arrays_select_the_same_set_as_local(tmp_path):
         assert local_shard.exists() == slurm_shard.exists()
         if local_shard.exists():
             assert local_shard.read_bytes() == slurm_shard.read_bytes()
+
+
+def test_a_failed_task_s_error_is_read_back_from_its_log(tmp_path):
+    # Ray logs a failing task and goes on; run_stages then reports the task's own message.
+    from loguru import logger
+
+    (tmp_path / "logs").mkdir()
+    sink = logger.add(tmp_path / "logs" / "task_00003.log", level="DEBUG", colorize=False)
+    try:
+        raise CorpusError("pool.jsonl:7: 'text' is int, not a string (pass --skip_bad_records ...)")
+    except CorpusError as error:
+        logger.exception(error)
+    finally:
+        logger.remove(sink)
+    assert data_engine.task_error(tmp_path, [1, 3]) == \
+        "pool.jsonl:7: 'text' is int, not a string (pass --skip_bad_records ...)"
+    assert data_engine.task_error(tmp_path, [1]) is None

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+from tqdm import tqdm
 
 from toolkit.corpus import CorpusError
 
@@ -59,6 +61,7 @@ class ExecutorArguments:
         "help": "Address of a running Ray cluster (e.g. 'auto' or 'ray://head:10001'); default: start a local one."})
     ray_cpus_per_task: int = field(default=1, metadata={"help": "CPUs reserved for each Ray task."})
     ray_mem_per_cpu_gb: float = field(default=2, metadata={"help": "Memory reserved per CPU of each Ray task, in GB."})
+    show_progress: bool = field(default=True, metadata={"help": "A progress bar over the stages (local and Ray)."})
     show_task_logs: bool = field(default=False, metadata={"help": "Show datatrove's per-task INFO logs on the console."})
 
     def validate(self):
@@ -132,24 +135,43 @@ def run_stages(stages, args: ExecutorArguments) -> bool:
     """Run `stages` in order with the chosen executor, each logging under its `logging_dir`.
 
     Local and Ray run here, stage after stage, and raise if a stage has unfinished tasks.
-    Slurm submits job arrays chained with `depends=` and returns at once (False: the
-    outputs appear when the jobs finish). Completed tasks (markers under each stage's
+    Returns the seconds each stage took. Slurm submits job arrays chained with `depends=` and
+    returns at once (None: the outputs appear when the jobs finish). Completed tasks (markers under each stage's
     `completions/`) are skipped, which is what makes a rerun resume.
     """
     _install_quiet_logs(args.show_task_logs, local_files_are_shared=not args.ray_address)
     if args.executor == "slurm":
         _submit_slurm(stages, args)
-        return False
+        return None
     if args.executor == "ray":
         _start_ray(args)
-    for stage in stages:
+    timings = {}
+    for stage in tqdm(stages, desc="stages", unit="stage", disable=not args.show_progress):
+        started = time.perf_counter()
         executor = _executor(stage, args, stage.logging_dir)
         executor.run()
         incomplete = executor.get_incomplete_ranks(skip_completed=True)
-        if incomplete:
-            raise CorpusError(f"stage {stage.name!r}: tasks {incomplete[:10]} did not finish; their logs are in "
-                              f"{os.path.join(stage.logging_dir, 'logs')}")
-    return True
+        if incomplete:  # Ray logs a failed task and goes on: say why, from the task's log
+            reason = task_error(stage.logging_dir, incomplete)
+            raise CorpusError(f"stage {stage.name!r}: tasks {incomplete[:10]} did not finish"
+                              f"{': ' + reason if reason else ''} (logs: {os.path.join(stage.logging_dir, 'logs')})")
+        timings[stage.name] = round(time.perf_counter() - started, 3)
+    return timings
+
+
+def task_error(logging_dir, ranks):
+    """The message of the first error logged by one of `ranks` (datatrove logs a failed task's
+    exception in logs/task_NNNNN.log), or None."""
+    for rank in ranks:
+        try:
+            with open(os.path.join(logging_dir, "logs", f"task_{rank:05d}.log"), encoding="utf-8") as stream:
+                for line in stream:
+                    match = re.search(r"\| ERROR\s*\| .*? - (.*)$", line)
+                    if match:
+                        return match.group(1).strip()
+        except OSError:
+            continue
+    return None
 
 
 def _executor(stage, args, logging_dir):
