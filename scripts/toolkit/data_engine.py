@@ -131,13 +131,13 @@ def _install_quiet_logs(verbose, local_files_are_shared=True):
 
 
 # ----- running stages ------------------------------------------------------------------------
-def run_stages(stages, args: ExecutorArguments) -> bool:
+def run_stages(stages, args: ExecutorArguments) -> dict | None:
     """Run `stages` in order with the chosen executor, each logging under its `logging_dir`.
 
-    Local and Ray run here, stage after stage, and raise if a stage has unfinished tasks.
-    Returns the seconds each stage took. Slurm submits job arrays chained with `depends=` and
-    returns at once (None: the outputs appear when the jobs finish). Completed tasks (markers under each stage's
-    `completions/`) are skipped, which is what makes a rerun resume.
+    Local and Ray run here, stage after stage, raise if a stage has unfinished tasks, and
+    return the seconds each stage took. Slurm submits job arrays chained with `depends=` and
+    returns at once (None: the outputs appear when the jobs finish). Completed tasks (markers
+    under each stage's `completions/`) are skipped, which is what makes a rerun resume.
     """
     _install_quiet_logs(args.show_task_logs, local_files_are_shared=not args.ray_address)
     if args.executor == "slurm":
@@ -439,11 +439,3 @@ def hash_to_uniform(file_key: int, lines) -> np.ndarray:
 
 def file_key(seed, path) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8).digest(), "little")
-
-
-class Timer:
-    def __init__(self):
-        self.started = time.perf_counter()
-
-    def seconds(self):
-        return round(time.perf_counter() - self.started, 3)
