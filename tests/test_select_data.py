@@ -366,12 +366,17 @@ def test_asking_for_more_than_the_candidates_is_a_clear_error(tmp_path):
         run(tmp_path, k=2000)
 
 
-def test_a_damaged_cache_file_is_a_clear_error(tmp_path):
-    out, report = run(tmp_path, k=10)
-    scores = out / "cache" / report["keys"]["fit"] / "scores" / "unit_00000.npz"
-    scores.write_bytes(scores.read_bytes()[:100])  # truncated by a disk problem
-    with pytest.raises(CorpusError, match="unit_00000.npz: damaged cache file"):
-        run(tmp_path, "--seed", "5", k=10)
+def test_a_damaged_cache_file_is_rebuilt_by_the_next_run(tmp_path):
+    out, report = run(tmp_path, k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])
+    first = selected_bytes(out)
+    scores = out / "cache" / report["keys"]["fit"] / "scores" / "unit_00001.npz"
+    scores.write_bytes(scores.read_bytes()[:100])  # cut short by a disk problem
+    with pytest.raises(CorpusError, match="unit_00001.npz: damaged cache file .*run the same command again"):
+        run(tmp_path, "--seed", "5", k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])
+    _, again = run(tmp_path, "--seed", "5", k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])  # rebuilds task 1's scores
+    assert again["documents"]["read"] == 3381 and np.load(scores)["status"].shape == (1871,)
+    run(tmp_path, k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])  # back to seed 0
+    assert selected_bytes(out) == first
 
 
 def test_empty_and_missing_files_are_errors(tmp_path):

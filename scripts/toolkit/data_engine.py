@@ -392,16 +392,36 @@ def save_arrays(path, **arrays):
         np.savez(stream, **arrays)
 
 
-def load_arrays(path) -> dict:
-    """The arrays saved by `save_arrays`; a damaged file is a clear error, not an EOFError."""
+class DamagedCache(CorpusError):
+    """A cache file that exists but cannot be read (cut short or overwritten by a disk problem)."""
+
+
+def load_arrays(path, mmap_mode=None):
+    """The arrays saved by `save_arrays` (a dict), or by np.save (one array, memory-mapped with
+    mmap_mode="r"); a damaged file is `DamagedCache`, not an EOFError or an IndexError."""
     try:
+        if str(path).endswith(".npy"):
+            return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
         with np.load(path, allow_pickle=False) as saved:
             return {name: saved[name] for name in saved.files}
     except FileNotFoundError:
         raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again") from None
     except Exception as error:  # zipfile.BadZipFile, EOFError, ValueError: truncated by a disk problem
-        raise CorpusError(f"{path}: damaged cache file ({type(error).__name__}); delete it and its stage's "
-                          f"completions/ folder, or the whole cache folder, and run again") from None
+        raise DamagedCache(f"{path}: damaged cache file ({type(error).__name__})") from None
+
+
+def load_cached(path, stage_logging_dir, rank, mmap_mode=None):
+    """`load_arrays` of a file that task `rank` of a stage wrote. A damaged file is removed with
+    that task's completion marker, so that running the same command again rebuilds it."""
+    try:
+        return load_arrays(path, mmap_mode)
+    except DamagedCache as error:
+        os.remove(path)
+        marker = os.path.join(stage_logging_dir, "completions", f"{rank:05d}")
+        if os.path.exists(marker):
+            os.remove(marker)
+        raise DamagedCache(f"{error}; removed it and the completion mark of the task that wrote it "
+                           f"({marker}): run the same command again to rebuild it") from None
 
 
 def write_json(path, payload):

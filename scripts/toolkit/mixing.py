@@ -31,8 +31,8 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
-from toolkit.data_engine import (Stage, atomic_output, file_key, iter_raw_lines, line_hashes, load_arrays, read_json,
-                                 save_arrays, units_of_rank, write_json)
+from toolkit.data_engine import (Stage, atomic_output, file_key, iter_raw_lines, line_hashes, load_arrays, load_cached,
+                                 read_json, save_arrays, units_of_rank, write_json)
 
 SIDES = ("ja", "en")
 BATCH = 256
@@ -161,7 +161,8 @@ class PlanMix(_Step):
         skipped = {side: Counter() for side in SIDES}
         english_files = {}
         for unit in plan.units:
-            counts = load_arrays(os.path.join(plan.cache_dir, "counts", f"unit_{unit.index:05d}.npz"))
+            counts = load_cached(os.path.join(plan.cache_dir, "counts", f"unit_{unit.index:05d}.npz"),
+                                 os.path.join(plan.cache_dir, "logs", "count"), unit.index % plan.tasks)
             side = plan.side(unit.file_index)
             skipped[side].update(json.loads(str(counts["skipped"])))
             if side == "ja":

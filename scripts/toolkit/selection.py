@@ -43,7 +43,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
-from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, hash_to_uniform, iter_raw_lines, load_arrays,
+from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, hash_to_uniform, iter_raw_lines, load_cached,
                                  read_json, save_arrays, units_of_rank, write_json)
 
 FEATURIZERS = ("japanese_char_ngrams", "dsir_default")
@@ -305,6 +305,10 @@ class SelectionPlan:
             return self.units
         return [WorkUnit(index, index, path) for index, path in enumerate(self.raw_paths)]
 
+    def stage_logs(self, stage):
+        """The logging folder (with the completion markers) of a stage."""
+        return os.path.join(self.fit_dir if stage in FIT_STAGES else self.draw_dir, "logs", stage)
+
     def make_featurizer(self):
         return Featurizer(**self.featurizer)
 
@@ -318,9 +322,7 @@ def selection_stages(plan: SelectionPlan) -> list:
     steps = {"count": (CountNgrams, plan.tasks), "fit": (FitEstimator, 1), "score": (ScoreDocuments, plan.tasks),
              "draw": (DrawTopK, plan.tasks), "merge": (MergeDraw, 1), "write": (WriteSelected, plan.tasks),
              "report": (WriteReport, 1)}
-    return [Stage(name, [step(plan)], tasks,
-                  os.path.join(plan.fit_dir if name in FIT_STAGES else plan.draw_dir, "logs", name))
-            for name, (step, tasks) in steps.items()]
+    return [Stage(name, [step(plan)], tasks, plan.stage_logs(name)) for name, (step, tasks) in steps.items()]
 
 
 class _Step(PipelineStep):
@@ -434,7 +436,8 @@ class FitEstimator(_Step):
         per_file = [{"path": path, "documents_fitted": 0, "ngrams_fitted": 0, "stopped_at_budget": False}
                     for path in plan.raw_paths]
         for unit in plan.count_units:
-            saved = load_arrays(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"))
+            saved = load_cached(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"),
+                                plan.stage_logs("count"), unit.index % plan.tasks)
             raw_counts += saved["counts"]
             documents, ngrams, stopped = (int(v) for v in saved["stats"])
             row = per_file[unit.file_index]
@@ -470,7 +473,7 @@ class ScoreDocuments(_Step):
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
         featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
-        log_diff = load_arrays(os.path.join(plan.fit_dir, "estimator.npz"))["log_diff"]
+        log_diff = load_cached(os.path.join(plan.fit_dir, "estimator.npz"), plan.stage_logs("fit"), 0)["log_diff"]
         for unit in units_of_rank(plan.units, rank, world_size):
             parts = {"lines": [], "status": [], "chars": [], "weights": []}
             contaminated = Counter()
@@ -501,7 +504,8 @@ def _draw_keys(plan, unit, weights, lines):
 
 
 def _candidates(plan, unit):
-    scores = load_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"))
+    scores = load_cached(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"), plan.stage_logs("score"),
+                         unit.index % plan.tasks)
     candidate = scores["status"] == CANDIDATE
     return scores, candidate, scores["weights"][candidate], scores["lines"][candidate]
 
@@ -538,14 +542,8 @@ def _top(columns, k):
 
 
 def _load_draw(plan, task, name):
-    path = os.path.join(plan.draw_dir, "draw", f"task_{task:05d}.{name}.npy")
-    try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again") from None
-    except Exception as error:
-        raise CorpusError(f"{path}: damaged cache file ({type(error).__name__}); delete {plan.draw_dir} and run "
-                          f"again") from None
+    return load_cached(os.path.join(plan.draw_dir, "draw", f"task_{task:05d}.{name}.npy"), plan.stage_logs("draw"),
+                       task, mmap_mode="r")
 
 
 def kth_smallest(sorted_arrays, k) -> float:
