@@ -301,3 +301,71 @@ def test_count_windows_matches_text_nll(tiny_mistral_path):
         calls.clear()
         text_nll(model, list(range(3, 3 + length)), max_length=window)
         assert count_windows(length, max_length=window) == len(calls), (length, window)
+
+
+def test_resume_refuses_a_changed_world_size(tmp_path):
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest", report_to="none")
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    saved = {"data_fingerprint": {"tokens": 100}, "world_size": 2, "per_device_train_batch_size": 2,
+             "gradient_accumulation_steps": 1, "seed": 42}
+    (checkpoint / training.STATE_FILE).write_text(json.dumps({"step": 4, "data_signature": saved}))
+
+    class Accelerator:
+        num_processes = 4
+
+        def load_state(self, path):
+            pytest.fail("state loaded despite the changed world size")
+
+        def print(self, *args):
+            pass
+
+    now = training.data_signature(Accelerator(), args, {"tokens": 100})
+    with pytest.raises(ValueError, match=r"world_size was 2, now 4"):
+        training.resume(Accelerator(), args, now)
+    with pytest.raises(ValueError, match=r"data_fingerprint was \{'tokens': 100\}, now \{'tokens': 99\}"):
+        training.resume(Accelerator(), args, {**saved, "data_fingerprint": {"tokens": 99}})
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_with_zero3_init(tmp_path, tiny_mistral_path, extended_tokenizer, corpus):
+    """The multi-node config as two "machines" (two `accelerate launch`, --machine_rank 0 and 1) on
+    127.0.0.1 over gloo, loading under zero3_init_flag true; a few steps, then a resume."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    output = tmp_path / "multinode"
+    config = yaml.safe_load((CONFIGS / "zero3_multinode.yaml").read_text())
+    assert config["deepspeed_config"]["zero3_init_flag"] is True
+    config.update(use_cpu=True, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=port,
+                  num_processes=2)  # the shipped multi-node config, on CPUs
+    config_file = tmp_path / "multinode_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    def machines(steps, *extra):
+        processes = []
+        for rank in (0, 1):
+            command = [accelerate, "launch", "--config_file", str(config_file), "--machine_rank", str(rank),
+                       "scripts/pretrain.py", *map(str, common(tiny_mistral_path, extended_tokenizer, corpus, output)),
+                       "--per_device_train_batch_size", "2", "--max_train_steps", str(steps),
+                       "--learning_rate", "3e-3", "--checkpointing_steps", "2", "--save_dtype", "float32", *extra]
+            processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+        outputs = [process.communicate(timeout=400)[0] for process in processes]
+        for process, text in zip(processes, outputs):
+            assert process.returncode == 0, text[-3000:]
+
+    machines(2)
+    first = json.loads((output / "training_report.json").read_text())
+    assert first["processes"] == 2 and first["zero3_init"] is True and first["steps"] == 2
+    machines(4, "--resume_from_checkpoint", "latest")
+    report = json.loads((output / "training_report.json").read_text())
+    assert report["resumed_from"].endswith("step_00000002") and report["steps"] == 4
+    assert sorted(r["step"] for r in read_metrics(output) if "loss" in r) == [1, 2, 3, 4]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.vocab_size == math.ceil(len(AutoTokenizer.from_pretrained(extended_tokenizer)) / 64) * 64
