@@ -12,9 +12,9 @@ SDPA), and per-document attention from position ids with SDPA (transformers buil
 boolean mask), eager, and flex_attention (block mask, torch.compile; skips fully masked blocks).
 Median step time over `--steps` after one warm-up step.
 
-loss: the model's embeddings resized to `--vocab_size` rows (a 120k vocabulary), then one step with
-transformers' plain loss (B x T x V logits, fp32 upcast, log-softmax) and one with toolkit.losses'
-chunked loss. Peak memory = the process's resident set size sampled every millisecond during the step,
+loss: the model's embeddings resized to `--vocab_size` rows (a 120k vocabulary), then steps with
+transformers' plain loss (B x T x V logits, fp32 upcast, log-softmax) and with toolkit.losses'
+chunked loss, one chunk holding all tokens and chunks of 256 tokens. Peak memory = the process's resident set size sampled every millisecond during the step,
 minus the resident set size just before it (large tensors are mmap-allocated and returned on free,
 so each step's peak is its own). Writes bench_training_step_<mode>.json.
 """
@@ -128,13 +128,14 @@ def bench_attention(args, output_dir):
 
 
 def bench_loss(args, output_dir):
-    torch.manual_seed(0)
     rows = []
-    for implementation in ("plain", "chunked"):
+    for implementation, chunk_size in (("plain", None), ("chunked", args.block_size * args.batch_size),
+                                       ("chunked", 256)):
+        torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(assets.resolve(args.model_name_or_path), dtype=torch.float32)
         model.resize_token_embeddings(args.vocab_size, mean_resizing=False)
         model.config.use_cache = False
-        use_fused_loss(model, implementation)
+        use_fused_loss(model, implementation, chunk_size=chunk_size)
         ids = torch.randint(3, args.vocab_size, (args.batch_size, args.block_size),
                             generator=torch.Generator().manual_seed(0))
         batch = {"input_ids": ids, "labels": ids}
@@ -148,14 +149,15 @@ def bench_loss(args, output_dir):
                 times.append(time.perf_counter() - started)
             peaks.append(memory.above_start)
             gc.collect()
-        rows.append({"loss": implementation, "vocab_size": args.vocab_size, "tokens": ids.numel(),
+        rows.append({"loss": implementation, "chunk_size": chunk_size, "vocab_size": args.vocab_size, "tokens": ids.numel(),
                      "peak_rss_above_start_mib": max(peaks) / 2**20, "median_step_seconds": statistics.median(times),
                      "loss_value": loss})
         print(json.dumps(rows[-1]), flush=True)
         del model
         gc.collect()
-    rows[1]["peak_vs_plain"] = rows[1]["peak_rss_above_start_mib"] / rows[0]["peak_rss_above_start_mib"]
-    rows[1]["time_vs_plain"] = rows[1]["median_step_seconds"] / rows[0]["median_step_seconds"]
+    for row in rows[1:]:
+        row["peak_vs_plain"] = row["peak_rss_above_start_mib"] / rows[0]["peak_rss_above_start_mib"]
+        row["time_vs_plain"] = row["median_step_seconds"] / rows[0]["median_step_seconds"]
     return {"rows": rows}
 
 

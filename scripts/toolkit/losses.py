@@ -1,11 +1,11 @@
 """The causal-LM loss without ever holding the logits whole (120k vocabularies), for pretrain and finetune.
 
-    chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=4096, num_items_in_batch=None) -> loss
+    chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None) -> loss
                     mean (or sum / num_items_in_batch) next-token cross-entropy of `hidden @ weight.T`,
                     computed `chunk_size` rows at a time: forward and gradient of a chunk are done together
                     (the Liger-Kernel scheme in pure PyTorch), so peak memory holds one chunk's fp32 logits,
                     not B x T x V of them. Exact: tested equal to the plain loss in value and gradients.
-    use_fused_loss(model, implementation="chunked"|"liger", chunk_size=4096)
+    use_fused_loss(model, implementation="chunked"|"liger", chunk_size=1024)
                     replace the model's forward (this instance only) by base model -> last hidden states ->
                     fused loss; `model(input_ids=..., labels=..., position_ids=..., num_items_in_batch=...)`
                     then returns `.loss` (and `.logits` None); without labels it is the model's own forward. Under ZeRO-3 the LM head's partitioned weight is
@@ -69,7 +69,7 @@ def shift_labels(labels):
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=4096, num_items_in_batch=None):
+def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None):
     """Next-token loss of `hidden` (B, T, H) through `weight` (V, H) against `labels` (B, T) (unshifted)."""
     targets = shift_labels(labels).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -108,7 +108,7 @@ def apply_liger_kernels(model):
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
 
 
-def use_fused_loss(model, implementation="chunked", chunk_size=4096):
+def use_fused_loss(model, implementation="chunked", chunk_size=1024):
     """Make `model(...)` compute its loss with the fused LM head + cross-entropy (this instance only)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"loss implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {implementation!r}")

@@ -463,13 +463,15 @@ def _accumulation_windows(loader, size):
 
 
 def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: LoopArguments, state: TrainState,
-          num_training_steps: int, evaluate=None, flops_per_token=None, before_step=None) -> TrainState:
+          num_training_steps: int, evaluate=None, flops_per_token=None, before_step=None,
+          on_first_step=None) -> TrainState:
     """Run optimizer steps until `num_training_steps`; returns the final state.
 
     `model`, `optimizer` come from `accelerator.prepare`; `scheduler` is a plain LambdaLR
     registered for checkpointing; `dataset[i]` gives one example and `collate_fn` a batch
     dict with `labels`; `evaluate(step) -> dict` (called on every process) is logged;
-    `before_step(step)` runs before each optimizer step's first micro-batch (training stages).
+    `before_step(step)` runs before each optimizer step's first micro-batch (training stages);
+    `on_first_step()` once this session's first optimizer step is done (time to first step).
     `flops_per_token` enables MFU when the device peak is known.
 
     The loss of an optimizer step is the mean over every target token of its micro-batches on
@@ -531,6 +533,9 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
             window_seconds += seconds
             state.train_seconds += seconds
             progress.update(1)
+            if on_first_step is not None:
+                on_first_step()
+                on_first_step = None
             if state.step % args.logging_steps == 0 or state.step == num_training_steps:
                 totals = accelerator.reduce(
                     torch.tensor([float(window_loss), window_tokens], device=accelerator.device), "sum"
