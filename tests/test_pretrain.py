@@ -369,3 +369,28 @@ def test_two_machines_on_localhost_with_zero3_init(tmp_path, tiny_mistral_path, 
     assert sorted(r["step"] for r in read_metrics(output) if "loss" in r) == [1, 2, 3, 4]
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.vocab_size == math.ceil(len(AutoTokenizer.from_pretrained(extended_tokenizer)) / 64) * 64
+
+
+def test_throughput_counts_training_time_only(tmp_path, tiny_mistral_path):
+    """Evaluation (here 0.5 s of sleep after steps 1 and 2) is not in tokens/s: the logged rate times
+    the training-only time gives back every token trained."""
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, logging_steps=3,
+                                  eval_steps=1, report_to="none")
+    accelerator = training.make_accelerator(args)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    blocks = [{"input_ids": torch.arange(3, 35), "labels": torch.arange(3, 35)} for _ in range(6)]
+    started = time.time()
+    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.collate, args,
+                           training.TrainState(), num_training_steps=3,
+                           evaluate=lambda step: time.sleep(0.5) or {"eval_marker": step})
+    elapsed = time.time() - started
+    record = [r for r in read_metrics(tmp_path) if "tokens_per_second" in r][-1]
+    assert state.tokens_seen == 3 * 2 * 32 and state.pause_seconds >= 1.0
+    assert state.train_seconds <= elapsed - state.pause_seconds
+    assert record["tokens_per_second"] * state.train_seconds == pytest.approx(state.tokens_seen, rel=0.02)
+    assert record["tokens_per_second"] > state.tokens_seen / (elapsed - 1.0)  # the eval pauses are not in it
