@@ -1,42 +1,47 @@
 """The training blocks that `pretrain.py` and `finetune.py` share (the shape of transformers'
 `run_clm_no_trainer.py`, each block written once).
 
-API (stable; later changes are additive only):
+API:
 
     LoopArguments                 dataclass of the loop's knobs, parsed with HfArgumentParser next to a
                                   script's own dataclasses (batch size, accumulation, LR, schedule,
-                                  clipping, checkpointing, logging, output_dir, seed, ...)
+                                  clipping, checkpointing, logging, output_dir, seed, ddp_timeout, ...)
     make_accelerator(args, project_name) -> Accelerator
-                                  gloo process group when CUDA is absent (ZeRO-3 on CPU), trackers
-                                  (`--report_to tensorboard|wandb|none`), DeepSpeed micro-batch,
-                                  accumulation, clipping and 16-bit-gather-on-save filled in from `args`
+                                  process-group timeout `--ddp_timeout` (gloo when CUDA is absent: ZeRO-3
+                                  on CPU), trackers (`--report_to tensorboard|wandb|none`), DeepSpeed
+                                  micro-batch, accumulation, clipping and 16-bit-gather-on-save from `args`
     optimizer_param_groups(model, args) -> list[dict]
-                                  no weight decay on biases and norms (any parameter with < 2 dims);
-                                  input/output embeddings in their own group ("embedding": True) with
-                                  `--embedding_learning_rate` (default: `--learning_rate`)
+                                  no weight decay on biases, norms (< 2 dims, by the real ZeRO-3 shape) and
+                                  embeddings; input/output embeddings in their own group ("embedding": True)
+                                  with `--embedding_learning_rate` (default: `--learning_rate`)
     make_optimizer(model, args) -> torch.optim.AdamW   (fused on CUDA)
     make_scheduler(optimizer, args, num_training_steps) -> LambdaLR
-                                  `transformers.get_scheduler` (warmup + cosine by default); groups that are
-                                  not embeddings get LR 0 for the first `--freeze_non_embedding_steps`
-                                  steps (exactly frozen under AdamW, ZeRO-3 safe, no compute saved)
-    TrainState                    step, epoch, batch_in_epoch, tokens_seen, ... (the data position)
+                                  `transformers.get_scheduler` (warmup + cosine by default; `--lr_scheduler_kwargs`,
+                                  with defaults for cosine_with_min_lr and warmup_stable_decay); with
+                                  `--train_new_embeddings_only_steps N` body groups get LR 0 for N steps, then
+                                  their own warmup (the freezing itself: toolkit.embeddings.NewEmbeddingsOnlyStage)
+    TrainState                    step, epoch, batch_in_epoch, tokens_seen, train/pause seconds, data signature
     ShardedEpochSampler           deterministic per-epoch permutation (seed + epoch), split across
                                   processes, can start at a batch: exact resume without reading skipped data
-    train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args, state,
-          evaluate=None, flops_per_token=None) -> TrainState
-                                  the loop: `accelerator.accumulate`, clipping, scheduler, logging every
-                                  `--logging_steps` (loss, lr, grad_norm, tokens/s, MFU) to the trackers,
-                                  tqdm and `<output_dir>/metrics.jsonl`, `evaluate(step) -> dict` every
-                                  `--eval_steps`, checkpoints every `--checkpointing_steps`
-    save_checkpoint(accelerator, args, state) / resume(accelerator, args) -> TrainState
+    train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args, state, num_training_steps,
+          evaluate=None, flops_per_token=None, before_step=None, on_first_step=None) -> TrainState
+                                  the loop: one optimizer step per `--gradient_accumulation_steps` micro-batches,
+                                  loss normalised by the step's global target-token count (num_items_in_batch),
+                                  clipping, scheduler, logging every `--logging_steps` (loss, lr, grad_norm,
+                                  tokens/s and MFU over training time only) to the trackers, tqdm and
+                                  `<output_dir>/metrics.jsonl`, `evaluate(step) -> dict` every `--eval_steps`,
+                                  checkpoints every `--checkpointing_steps`
+    data_signature(accelerator, args, data_fingerprint) -> dict
+    save_checkpoint(accelerator, args, state) / resume(accelerator, args, signature=None) -> TrainState
                                   `accelerator.save_state` into `<output_dir>/checkpoints/.tmp-step_N`, then
                                   rename to `step_N` (atomic), keep the last `--checkpoints_total_limit`;
                                   `--resume_from_checkpoint latest|PATH` restores model, optimizer,
-                                  scheduler, RNG and data position ("latest" with none found: fresh start)
+                                  scheduler, RNG and data position ("latest" with none found: fresh start);
+                                  a checkpoint of another data signature (data, world size, batch) is refused
     save_consolidated(accelerator, model, output_dir, tokenizer=None, dtype="bfloat16", max_shard_size="5GB")
                                   full weights (ZeRO-3 gathered) as sharded safetensors + index, via
                                   `accelerator.get_state_dict` and `save_pretrained` on the main process
-    model_flops_per_token(config, seq_len, num_parameters) / peak_flops_per_device(args)
+    model_flops_per_token(config, seq_len, num_parameters) / device_peak_flops(args, device_name=None)
     log_metrics(accelerator, output_dir, record)   trackers + metrics.jsonl + console, for records outside the loop
     read_metrics(output_dir) -> list[dict];  plot_metrics(output_dir) -> Path (loss-curve PNG)
 
