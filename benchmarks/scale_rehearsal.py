@@ -4,8 +4,9 @@ on each; peak memory and time to the first step must not grow with the corpus.
 
     python benchmarks/scale_rehearsal.py --scales 1,10,100 --output_dir outputs/scale_rehearsal
 
-For each scale N: N copies of the bundled JA + EN pool (sample_data/pool, 3,381 documents, 4.9 M
-characters) as N JSONL files; `toolkit.token_shards.tokenize_locally` (the datatrove steps the mix
+For each scale N: N copies of a demo-size mix (the first 600 Japanese and 60 English documents of
+sample_data/pool, ~1.2 M characters; the demo's mix is 600 selected JA documents + ~10% EN) as N
+JSONL files; `toolkit.token_shards.tokenize_locally` (the datatrove steps the mix
 stage runs; 2 tasks, one worker) in a child process; then `scripts/pretrain.py` (one process,
 offline:tiny-mistral, block 1024, 1 step, no evaluation) on the shards in a child process. Peak RSS
 is each child's own `ru_maxrss` (os.wait4); time to first step is pretrain.py's own
@@ -59,7 +60,8 @@ def main():
     (args,) = HfArgumentParser(RehearsalArguments).parse_args_into_dataclasses()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    pool = b"".join(gzip.open(path).read() for path in POOL)
+    ja, en = (gzip.open(path).read().splitlines(keepends=True) for path in POOL)
+    pool = b"".join(ja[:600] + en[:60])
     rows = []
     for scale in map(int, args.scales.split(",")):
         text_dir, token_dir, run_dir = root / f"text-{scale}x", root / f"tokens-{scale}x", root / f"pretrain-{scale}x"

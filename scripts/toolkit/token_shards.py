@@ -106,7 +106,7 @@ class ShardTokenizer(DocumentTokenizer):
 
     name = "🔢 token shards"
 
-    def __init__(self, output_folder, facts: dict, tokenizer_file: str, batch_size: int = 1000):
+    def __init__(self, output_folder, facts: dict, tokenizer_file: str, batch_size: int = 256):
         # No in-file shuffle: the mix is already shuffled and training draws blocks in a seeded order.
         super().__init__(output_folder, tokenizer_file, eos_token=None, shuffle_documents=False,
                          save_final_metadata=False, batch_size=batch_size)
@@ -164,8 +164,10 @@ class ShardTokenizer(DocumentTokenizer):
         yield  # a pipeline step is a generator; this one ends the pipeline
 
 
-def tokenize_steps(tokenizer, output_folder, batch_size: int = 1000) -> list:
-    """The datatrove steps (after a reader) that write token shards of `tokenizer` into `output_folder`."""
+def tokenize_steps(tokenizer, output_folder, batch_size: int = 256) -> list:
+    """The datatrove steps (after a reader) that write token shards of `tokenizer` into `output_folder`.
+    `batch_size` documents are encoded at once: the tokeniser's memory is bounded by the batch
+    (tokenizers' Encoding objects are ~100 bytes per token), never by the corpus."""
     return [ShardTokenizer(str(output_folder), tokenizer_facts(tokenizer), tokenizer_json(tokenizer),
                            batch_size=batch_size)]
 
