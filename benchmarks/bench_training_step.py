@@ -12,6 +12,12 @@ SDPA), and per-document attention from position ids with SDPA (transformers buil
 boolean mask), eager, and flex_attention (block mask, torch.compile; skips fully masked blocks).
 Median step time over `--steps` after one warm-up step.
 
+kernel: the attention op alone (forward + backward) at the model's head shape, on the document
+boundaries of real blocks, the options interleaved round-robin over `--steps` rounds (drift on a
+busy machine hits all alike): SDPA causal, SDPA with the block-diagonal mask, flex_attention.
+
+    python benchmarks/bench_training_step.py --mode kernel --block_size 2048 --batch_size 2 --steps 20
+
 loss: the model's embeddings resized to `--vocab_size` rows (a 120k vocabulary), then steps with
 transformers' plain loss (B x T x V logits, fp32 upcast, log-softmax) and with toolkit.losses'
 chunked loss, one chunk holding all tokens and chunks of 256 tokens. Peak memory = the process's resident set size sampled every millisecond during the step,
@@ -44,7 +50,7 @@ CORPUS = [REPO / "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz", REPO / "samp
 
 @dataclass
 class BenchArguments:
-    mode: str = field(metadata={"help": "attention or loss"})
+    mode: str = field(metadata={"help": "attention (whole steps), kernel (the attention op alone) or loss"})
     model_name_or_path: str = field(default="offline:smollm2-135m")
     output_dir: str = field(default="outputs/bench_training_step")
     block_size: int = field(default=256)
@@ -127,6 +133,60 @@ def bench_attention(args, output_dir):
     return {"documents_per_block": documents_per_block, "rows": rows}
 
 
+def bench_kernel(args, output_dir):
+    """The attention op alone (forward + backward), options interleaved round-robin so that a busy
+    machine's drift hits every option alike; document boundaries from real blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    config = AutoModelForCausalLM.from_pretrained(assets.resolve(args.model_name_or_path)).config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    shards = output_dir / f"tokens-{Path(assets.resolve(args.model_name_or_path)).name}"
+    if not (shards / "token_shards.json").exists():
+        tokenize_locally(CORPUS, args.model_name_or_path, shards)
+    blocks = TokenBlocks(shards, args.block_size, per_document=True)
+    picks = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[: args.batch_size].tolist()
+    positions = torch.stack([blocks[i]["position_ids"] for i in picks])
+    documents = (positions == 0).cumsum(-1)  # the document index of each token
+    q, k, v = (torch.randn(args.batch_size, heads, args.block_size, head_dim, requires_grad=True) for _ in range(3))
+    causal = torch.ones(args.block_size, args.block_size, dtype=torch.bool).tril()
+    dense_mask = (documents[:, None, :, None] == documents[:, None, None, :]) & causal
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (documents[b, q_idx] == documents[b, kv_idx]) & (q_idx >= kv_idx)
+
+    block_mask = create_block_mask(same_document, args.batch_size, None, args.block_size, args.block_size,
+                                   device="cpu")
+    compiled_flex = torch.compile(flex_attention)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    options = {
+        "sdpa causal (crosses documents)": lambda: sdpa(q, k, v, is_causal=True),
+        "sdpa + block-diagonal bool mask": lambda: sdpa(q, k, v, attn_mask=dense_mask),
+        "flex_attention + block mask (compiled)": lambda: compiled_flex(q, k, v, block_mask=block_mask),
+    }
+    notes = {}
+    try:
+        options["flex_attention + block mask (compiled)"]().sum().backward()
+    except Exception as error:  # torch 2.13: "FlexAttention does not support backward on CPU"
+        notes["flex_attention + block mask (compiled)"] = f"{type(error).__name__}: {str(error)[:200]}"
+        del options["flex_attention + block mask (compiled)"]
+    times = {name: [] for name in options}
+    for repeat in range(args.steps + 1):
+        for name, attend in options.items():
+            started = time.perf_counter()
+            attend().sum().backward()
+            if repeat:  # the first round compiles and warms up
+                times[name].append(time.perf_counter() - started)
+            q.grad = k.grad = v.grad = None
+    baseline = statistics.median(times["sdpa causal (crosses documents)"])
+    rows = [{"attention": name, "median_ms": statistics.median(t) * 1e3, "vs_sdpa_causal": statistics.median(t) / baseline}
+            for name, t in times.items()]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(json.dumps(notes), flush=True)
+    return {"heads": heads, "head_dim": head_dim, "documents_per_block": float(documents[:, -1].float().mean() + 1),
+            "rows": rows, "not_runnable": notes}
+
+
 def bench_loss(args, output_dir):
     rows = []
     for implementation, chunk_size in (("plain", None), ("chunked", args.block_size * args.batch_size),
@@ -166,7 +226,8 @@ def main():
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    result = bench_attention(args, output_dir) if args.mode == "attention" else bench_loss(args, output_dir)
+    modes = {"attention": bench_attention, "kernel": bench_kernel, "loss": bench_loss}
+    result = modes[args.mode](args, output_dir)
     result = {"arguments": vars(args), "torch_threads": torch.get_num_threads(), **result}
     write_json_atomic(output_dir / f"bench_training_step_{args.mode}.json", result)
     print(json.dumps(result, indent=2))
