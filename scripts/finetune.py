@@ -12,8 +12,10 @@ without one (`--chat_template`); the loss covers only the assistant answers, eac
 by EOS so the model learns to stop. The template used is saved with the model, so
 evaluation renders prompts the same way.
 
-The loop, optimizer groups, schedule, checkpoints and the consolidated save are the ones
-`pretrain.py` uses (`toolkit.training`); the data order is a seeded permutation, so every
+The loop, optimizer groups, schedule, checkpoints, the chunked LM-head loss and the consolidated
+save are the ones `pretrain.py` uses (`toolkit.training`, `toolkit.losses`). The loss of a step is
+the mean over all its answer tokens, across accumulation steps and processes (transformers'
+`num_items_in_batch`), not a mean of per-micro-batch means. The data order is a seeded permutation, so every
 base model sees the same examples in the same order with the same hyperparameters — the
 point of an ablation. Writes the model, `metrics.jsonl`, `loss_curve.png` and
 `finetune_report.json` into --output_dir.
@@ -28,10 +30,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
 from toolkit.chat import IGNORE_INDEX, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat
+from toolkit.losses import use_fused_loss
 from toolkit.reports import write_json_atomic
 from toolkit.training import (
-    LoopArguments, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics, resume,
-    save_consolidated, train,
+    LoopArguments, data_signature, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics,
+    resume, save_consolidated, train,
 )
 
 
@@ -107,6 +110,7 @@ def main():
     # bf16 weights under a bf16 config (7B: half the CPU memory per process), else float32
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
     if loop_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     per_step = loop_args.per_device_train_batch_size * accelerator.num_processes * loop_args.gradient_accumulation_steps
@@ -117,13 +121,16 @@ def main():
     optimizer = make_optimizer(model, loop_args)
     scheduler = make_scheduler(optimizer, loop_args, num_training_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    use_fused_loss(accelerator.unwrap_model(model), "chunked")
     accelerator.register_for_checkpointing(scheduler)
-    state = resume(accelerator, loop_args)
+    state = resume(accelerator, loop_args, data_signature(accelerator, loop_args, {
+        "examples": len(examples), "tokens": sum(len(e["input_ids"]) for e in examples)}))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     state = train(accelerator, model, optimizer, scheduler, examples, pad_collate(pad_id), loop_args, state,
                   num_training_steps)
 
     tokenizer.chat_template = template  # evaluation renders prompts exactly as fine-tuning did
+    accelerator.unwrap_model(model).config.use_cache = True  # off in training only
     save_consolidated(accelerator, model, loop_args.output_dir, tokenizer=tokenizer, dtype=script_args.save_dtype)
     if accelerator.is_main_process:
         losses = [record["loss"] for record in read_metrics(loop_args.output_dir) if "loss" in record]

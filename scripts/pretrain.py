@@ -3,16 +3,20 @@
 
     accelerate launch --config_file accelerate_configs/zero3.yaml scripts/pretrain.py \\
         --model_name_or_path mistralai/Mistral-7B-v0.1 --tokenizer_name outputs/tokenizer \\
-        --train_files outputs/mix/train.jsonl --eval_files_ja ja_eval.jsonl.gz --eval_files_en en_eval.jsonl.gz \\
+        --train_token_dir outputs/mix/tokens --eval_files_ja ja_eval.jsonl.gz --eval_files_en en_eval.jsonl.gz \\
         --block_size 4096 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 \\
         --gradient_checkpointing --checkpointing_steps 500 --output_dir outputs/pretrain
 
 Steps, top to bottom (the shape of transformers' run_clm_no_trainer.py; the shared blocks
-live in toolkit/training.py and toolkit/embeddings.py):
- 1. check every input (model, tokenizers, vocabulary, corpus files, block size) before any compute
- 2. tokenise the corpus once with datasets.map (cached), EOS after every document, pack into blocks
- 3. load the model, extend its embeddings for the new tokens (before ZeRO-3 partitions it)
- 4. AdamW + warmup/cosine, accelerator.prepare, resume from a checkpoint if asked
+live in toolkit/training.py, toolkit/embeddings.py, toolkit/token_shards.py, toolkit/losses.py):
+ 1. check every input (model, tokenizers, vocabulary, token shards, block size) before any compute
+ 2. the corpus, tokenised once outside training (token shards, EOS after every document), read
+    memory-mapped in blocks: no tokenisation here, host memory O(1) in corpus size; position ids
+    restart after each EOS so attention stays inside each document (--cross_document_attention: not)
+ 3. load the model, extend its embeddings for the new tokens; the sliding window is turned off for
+    training when the block fits in it (the same maths, no dense mask)
+ 4. AdamW + warmup/cosine, accelerator.prepare, the fused LM-head loss (chunked; Liger on GPU),
+    resume from a checkpoint if asked (refused if the data, world size or batch changed)
  5. the loop, with held-out JA/EN loss and bits per character at the start, every --eval_steps, at the end
  6. a consolidated 16-bit safetensors model (sharded + index), tokenizer, generation config with
     EOS, loss-curve PNG and training_report.json in --output_dir
@@ -20,10 +24,9 @@ live in toolkit/training.py and toolkit/embeddings.py):
 
 import contextlib
 import importlib.util
-import os
+import math
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,10 +34,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets, training
-from toolkit.corpus import CorpusError, ReadStats, expand_paths, iter_records, read_texts
-from toolkit.embeddings import INITS, check_extension, extend_embeddings
+from toolkit.corpus import CorpusError, expand_paths, read_texts
+from toolkit.embeddings import INITS, NewEmbeddingsOnlyStage, check_extension, extend_embeddings
+from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
 from toolkit.metrics import BitsPerCharacter, count_windows, text_nll, token_ids_with_bos
 from toolkit.reports import write_json_atomic
+from toolkit.token_shards import TokenBlocks, TokenShardError, check_tokenizer_matches
 
 
 @dataclass
@@ -45,22 +50,45 @@ class ModelArguments:
     embedding_init: str = field(default="subword_mean", metadata={"help": f"New-token rows: {', '.join(INITS)}."})
     pad_to_multiple_of: int = field(default=64, metadata={"help": "Embedding rows are padded to a multiple of this."})
     attn_implementation: str = field(
-        default=None, metadata={"help": "Default: flash_attention_2 when installed on a GPU, else sdpa."}
+        default=None,
+        metadata={"help": "Default: flash_attention_2 when installed on a GPU (varlen per document), else "
+                  "flex_attention on a GPU (skips the masked blocks), else sdpa (CPU). See BENCHMARKS.md."},
     )
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "GPU: Liger-Kernel's fused linear cross-entropy and RMSNorm/RoPE/SwiGLU kernels "
+                  "(pip install -r requirements-gpu.txt)."},
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={"help": "The LM head + cross-entropy a chunk of tokens at a time (never B x T x V logits). "
+                  "false: transformers' plain loss (the baseline in BENCHMARKS.md)."},
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the chunked loss (120k vocabulary: 0.5 GB of fp32 logits)."})
     save_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the saved model (bfloat16, float16, float32)."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard of the saved model."})
 
 
 @dataclass
 class DataArguments:
-    train_files: list[str] = field(metadata={"help": "JSONL(.gz) files or globs with a text field: the mixed corpus."})
+    train_token_dir: str = field(
+        metadata={"help": "Token shards of the mixed corpus for --tokenizer_name (a folder with token_shards.json, "
+                  "written by the mix stage)."})
     eval_files_ja: list[str] = field(default=None, metadata={"help": "Held-out Japanese JSONL(.gz) for eval loss and bits/char."})
     eval_files_en: list[str] = field(default=None, metadata={"help": "Held-out English JSONL(.gz) for eval loss and bits/char."})
-    text_field: str = field(default="text")
+    text_field: str = field(default="text", metadata={"help": "Text field of the eval JSONL files."})
     block_size: int = field(default=2048, metadata={"help": "Tokens per packed training sequence."})
     max_eval_documents: int = field(default=32, metadata={"help": "First N documents of each eval language."})
-    preprocessing_num_workers: int = field(default=None, metadata={"help": "datasets.map num_proc."})
-    skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip bad corpus lines instead of failing."})
+    max_train_characters: int = field(
+        default=None,
+        metadata={"help": "Train until this many corpus characters are seen in expectation (steps from the shards' "
+                  "characters per token): arms with different tokenizers see the same text. Overrides "
+                  "--max_train_steps and --num_train_epochs."})
+    cross_document_attention: bool = field(
+        default=False,
+        metadata={"help": "Plain causal attention over the whole block, positions not reset (the old behaviour). "
+                  "Default: each token attends only to its own document."})
 
 
 @dataclass
@@ -113,87 +141,54 @@ def check_inputs(model_args, data_args, args):
              f"{model_args.model_name_or_path} (max_position_embeddings): use --block_size {context} or less")
     if data_args.block_size < 2:
         fail("--block_size must be at least 2")
+    if model_args.use_liger_kernel:
+        try:
+            require_liger()
+        except ImportError as error:
+            fail(str(error))
     try:
-        files = {"train": expand_paths(data_args.train_files)}
+        train_blocks = TokenBlocks(data_args.train_token_dir, data_args.block_size,
+                                   per_document=not data_args.cross_document_attention)
+        check_tokenizer_matches(train_blocks.manifest, assets.resolve(model_args.tokenizer_name),
+                                data_args.train_token_dir, f"--tokenizer_name {model_args.tokenizer_name}")
+    except TokenShardError as error:
+        fail(str(error))
+    if len(train_blocks) == 0:
+        fail(f"--train_token_dir {data_args.train_token_dir} holds {train_blocks.manifest['tokens']} tokens, fewer "
+             f"than one block of {data_args.block_size} per shard file: add data or lower --block_size")
+    files = {}
+    try:
         for language in ("ja", "en"):
             patterns = getattr(data_args, f"eval_files_{language}")
             files[language] = expand_paths(patterns) if patterns else []
     except CorpusError as error:
         fail(str(error))
-    return config, tokenizer, base_tokenizer, files
+    return config, tokenizer, base_tokenizer, train_blocks, files
 
 
 # --------------------------------------------------------------------------- 2. data
 
 
-def corpus_rows(files, text_field, skip_bad_records):
-    """Rows for datasets.Dataset.from_generator: {"text", "skip_reason"}; a skipped line or an
-    empty document is a row with text None, so the counts survive datasets' cache."""
-    for path, _, _ in files:
-        stats = ReadStats()
-        for _, record in iter_records(path, text_field, skip_bad_records, stats):
-            text = record[text_field]
-            yield {"text": text, "skip_reason": None} if text.strip() else {"text": None, "skip_reason": "empty_text"}
-        for reason, count in stats.skipped.items():
-            for _ in range(count):
-                yield {"text": None, "skip_reason": reason}
-
-
-def tokenize_and_pack(files, tokenizer, data_args, accelerator):
-    """Packed blocks of `block_size` tokens; each document is [BOS] text EOS, documents back to back.
-
-    Every step is cached by datasets (keyed by the files' paths, sizes and mtimes, the
-    tokenizer and the block size), so a restarted or resumed run does not tokenise again.
-    """
-    import datasets
-
-    keyed_files = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files]
-    eos = tokenizer.eos_token_id
-    block_size = data_args.block_size
-
-    def tokenize(batch):
-        encoded = tokenizer(batch["text"])["input_ids"]
-        return {"input_ids": [ids + [eos] for ids in encoded]}
-
-    def group(batch):
-        concatenated = [token for ids in batch["input_ids"] for token in ids]
-        usable = len(concatenated) // block_size * block_size
-        return {"input_ids": [concatenated[i:i + block_size] for i in range(0, usable, block_size)]}
-
-    with accelerator.main_process_first():
-        try:
-            raw = datasets.Dataset.from_generator(
-                corpus_rows, gen_kwargs={"files": keyed_files, "text_field": data_args.text_field,
-                                         "skip_bad_records": data_args.skip_bad_records})
-        except CorpusError as error:
-            fail(str(error))
-        except datasets.exceptions.DatasetGenerationError as error:
-            if isinstance(error.__cause__, CorpusError):
-                fail(str(error.__cause__))
-            raise
-        skipped = Counter(reason for reason in raw["skip_reason"] if reason)
-        documents = raw.filter(lambda row: row["text"] is not None, desc="drop skipped lines")
-        if len(documents) == 0:
-            fail(f"the training corpus {', '.join(files)} has no non-empty document")
-        tokenized = documents.map(tokenize, batched=True, remove_columns=["text", "skip_reason"],
-                                  num_proc=data_args.preprocessing_num_workers, desc="tokenize (EOS after each document)")
-        document_tokens = sum(len(ids) for ids in tokenized["input_ids"])
-        blocks = tokenized.map(group, batched=True, batch_size=1000, num_proc=data_args.preprocessing_num_workers,
-                               desc=f"pack into blocks of {block_size}")
-    if len(blocks) == 0:
-        fail(f"the training corpus has {document_tokens} tokens, fewer than one block of {block_size}: "
-             "add data or lower --block_size")
-    blocks.set_format("torch")
-    stats = {"files": files, "documents": len(documents), "skipped": dict(skipped),
-             "document_tokens": document_tokens, "blocks": len(blocks), "block_size": block_size,
-             "tokens_in_blocks": len(blocks) * block_size,
-             "tokens_dropped_at_block_ends": document_tokens - len(blocks) * block_size}
-    return blocks, stats
-
-
 def collate(examples):
-    input_ids = torch.stack([example["input_ids"] for example in examples])
-    return {"input_ids": input_ids, "labels": input_ids}
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def training_steps(data_args, args, blocks, tokens_per_step, steps_per_epoch):
+    """Optimizer steps: from --max_train_characters (in expectation, at the shards' characters per
+    token), else --max_train_steps, else epochs."""
+    if data_args.max_train_characters is not None:
+        characters_per_step = tokens_per_step * blocks.manifest["characters"] / blocks.manifest["tokens"]
+        return max(1, math.ceil(data_args.max_train_characters / characters_per_step))
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    return steps_per_epoch * args.num_train_epochs
+
+
+def sliding_window_for_training(config, block_size):
+    """The model's sliding window, or None when a block fits in it: then the window changes nothing
+    and transformers would build a dense (T x T) mask for it (and SDPA leave its fast kernels)."""
+    window = getattr(config, "sliding_window", None)
+    return None if window is not None and block_size <= window else window
 
 
 # --------------------------------------------------------------------------- 5. evaluation
@@ -272,7 +267,7 @@ def main():
     started = time.time()
 
     # 1. inputs, before any compute
-    config, tokenizer, base_tokenizer, files = check_inputs(model_args, data_args, args)
+    config, tokenizer, base_tokenizer, train_blocks, files = check_inputs(model_args, data_args, args)
     accelerator = training.make_accelerator(args, project_name="pretrain")
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -282,19 +277,21 @@ def main():
     for language in ("ja", "en"):
         if files[language]:
             try:
-                texts, _ = read_texts(files[language], data_args.text_field, data_args.skip_bad_records)
+                texts, _ = read_texts(files[language], data_args.text_field, False)
             except CorpusError as error:
                 fail(str(error))
             eval_texts[language] = [t for t in texts if t.strip()][: data_args.max_eval_documents]
 
-    # 2. data
-    train_dataset, data_stats = tokenize_and_pack(files["train"], tokenizer, data_args, accelerator)
+    # 2. data: memory-mapped token shards, nothing to tokenise or wait for
+    data_stats = train_blocks.stats()
     accelerator.print(f"training data: {data_stats}")
 
     # 3. model, extended before accelerator.prepare partitions it
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    on_gpu = torch.cuda.is_available()
     attention = model_args.attn_implementation or (
-        "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+        "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn")
+        else "flex_attention" if on_gpu else "sdpa"
     )
     with zero3_init(accelerator):
         model = AutoModelForCausalLM.from_pretrained(assets.resolve(model_args.model_name_or_path), dtype=dtype,
@@ -302,32 +299,52 @@ def main():
         embedding_report = extend_embeddings(model, tokenizer, base_tokenizer, init=model_args.embedding_init,
                                              pad_to_multiple_of=model_args.pad_to_multiple_of)
     accelerator.print(f"embeddings: {embedding_report}")
+    if model_args.use_liger_kernel:
+        apply_liger_kernels(model)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
+    saved_sliding_window = getattr(model.config, "sliding_window", None)
+    model.config.sliding_window = sliding_window_for_training(model.config, data_args.block_size)
+    # No KV cache in training: with one, transformers does not detect the packed documents in the
+    # position ids, and attention would silently cross documents (tests/test_losses.py).
+    model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     num_parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     flops_per_token = training.model_flops_per_token(model.config, data_args.block_size, num_parameters)
 
-    # 4. optimizer, schedule, prepare, resume
-    steps_per_epoch = len(train_dataset) // (args.per_device_train_batch_size * accelerator.num_processes) \
+    # 4. optimizer, schedule, prepare, fused loss, resume
+    tokens_per_step = args.per_device_train_batch_size * accelerator.num_processes \
+        * args.gradient_accumulation_steps * data_args.block_size
+    steps_per_epoch = len(train_blocks) // (args.per_device_train_batch_size * accelerator.num_processes) \
         // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        fail(f"{len(train_dataset)} blocks do not make one optimizer step of {args.per_device_train_batch_size} x "
+        fail(f"{len(train_blocks)} blocks do not make one optimizer step of {args.per_device_train_batch_size} x "
              f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation: add data "
              "or lower --per_device_train_batch_size / --gradient_accumulation_steps")
-    num_training_steps = args.max_train_steps if args.max_train_steps is not None \
-        else steps_per_epoch * args.num_train_epochs
+    num_training_steps = training_steps(data_args, args, train_blocks, tokens_per_step, steps_per_epoch)
+    stage = None
+    if args.train_new_embeddings_only_steps:
+        stage = NewEmbeddingsOnlyStage(model, first_new_row=len(base_tokenizer),
+                                       steps=args.train_new_embeddings_only_steps)
     optimizer = training.make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
+    loss_implementation = "liger" if model_args.use_liger_kernel else "chunked" if model_args.chunked_loss else "plain"
+    use_fused_loss(accelerator.unwrap_model(model), loss_implementation, chunk_size=model_args.loss_chunk_size)
     scheduler = training.make_scheduler(optimizer, args, max(num_training_steps, 1))
     accelerator.register_for_checkpointing(scheduler)
-    state = training.resume(accelerator, args)
+    signature = training.data_signature(accelerator, args, {
+        "tokenizer_fingerprint": data_stats["tokenizer_fingerprint"], "tokens": data_stats["tokens"],
+        "files": data_stats["files"], "block_size": data_args.block_size,
+        "per_document": not data_args.cross_document_attention})
+    try:
+        state = training.resume(accelerator, args, signature)
+    except ValueError as error:
+        fail(str(error))
     tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                       for k, v in {**asdict(model_args), **asdict(data_args), **asdict(args)}.items()}
     accelerator.init_trackers("pretrain", config=tracker_config)
@@ -338,50 +355,71 @@ def main():
     if evaluate and args.eval_at_start and state.step == 0:
         start_figures = evaluate(0)
         training.log_metrics(accelerator, output_dir, {"step": 0, **start_figures})
-    accelerator.print(f"{num_training_steps} steps, {steps_per_epoch} per epoch; "
-                      f"{args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps * data_args.block_size} tokens per step")
-    state = training.train(accelerator, model, optimizer, scheduler, train_dataset, collate, args, state,
-                           num_training_steps, evaluate=evaluate, flops_per_token=flops_per_token)
+    accelerator.print(f"{num_training_steps} steps, {steps_per_epoch} per epoch; {tokens_per_step} tokens per step")
+    startup_seconds = time.time() - started
+    first_step_seconds = []
+    state = training.train(accelerator, model, optimizer, scheduler, train_blocks, collate, args, state,
+                           num_training_steps, evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
+                           on_first_step=lambda: first_step_seconds.append(time.time() - started))
+    if stage is not None:
+        stage(num_training_steps)  # everything trainable again before saving
     final_figures = {}
     if evaluate:
         final_figures = evaluate(state.step)
         training.log_metrics(accelerator, output_dir, {"step": state.step, **final_figures})
 
-    # 6. outputs
+    # 6. outputs (with the model's own sliding window)
+    accelerator.unwrap_model(model).config.sliding_window = saved_sliding_window
+    accelerator.unwrap_model(model).config.use_cache = True
     training.save_consolidated(accelerator, model, output_dir, tokenizer=tokenizer, dtype=model_args.save_dtype,
                                max_shard_size=model_args.max_shard_size)
     accelerator.end_training()
     if accelerator.is_main_process:
         plot = training.plot_metrics(output_dir)
         seconds = state.train_seconds
-        peak = training.peak_flops_per_device(args)
-        throughput = state.tokens_seen / seconds if seconds else None
         devices = accelerator.num_processes
-        on_gpu = torch.cuda.is_available()
+        device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+        peak, peak_source = training.device_peak_flops(args, device_name if on_gpu else None)
+        throughput = state.tokens_seen / seconds if seconds else None
+        characters_per_token = data_stats["characters_per_token"]
         write_json_atomic(output_dir / "training_report.json", {
             "model": model_args.model_name_or_path,
             "tokenizer": model_args.tokenizer_name,
             "steps": state.step,
             "epochs_completed": state.epoch,
             "tokens_seen": state.tokens_seen,
-            "tokens_per_step": args.per_device_train_batch_size * devices * args.gradient_accumulation_steps
-            * data_args.block_size,
+            "characters_seen": round(state.tokens_seen * characters_per_token),
+            "characters_seen_note": "tokens seen x the shards' characters per token (in expectation)",
+            "max_train_characters": data_args.max_train_characters,
+            "tokens_per_step": tokens_per_step,
             "train_wall_seconds": seconds,
+            "eval_and_checkpoint_seconds": state.pause_seconds,
             "total_wall_seconds_this_session": time.time() - started,
+            "startup_seconds": startup_seconds,
+            "seconds_to_first_step": first_step_seconds[0] if first_step_seconds else None,
             "processes": devices,
-            "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-            "gpu_hours": seconds * devices / 3600 if on_gpu else 0.0,
+            "device": device_name,
+            "gpu_hours": (seconds + state.pause_seconds) * devices / 3600 if on_gpu else 0.0,
             "tokens_per_second": throughput,
             "tokens_per_second_per_device": throughput / devices if throughput else None,
+            "throughput_note": "training steps only: evaluation and checkpoint time excluded (eval_and_checkpoint_seconds)",
             "flops_per_token": flops_per_token,
             "flops_formula": "6*N + 12*L*H*Q*T (PaLM; N = matmul parameters, T = block size)",
             "mfu": throughput * flops_per_token / (peak * devices) if throughput and peak else None,
+            "mfu_formula": "tokens_per_second * flops_per_token / (processes * peak_flops_per_device)",
+            "peak_flops_per_device": peak,
+            "peak_flops_source": peak_source,
             "parameters": num_parameters,
             "mixed_precision": accelerator.mixed_precision,
             "distributed_type": str(accelerator.distributed_type),
             "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None,
-            "eos_appended": True,  # tokenize_and_pack ends every document with EOS (tested)
+            "zero3_init": bool(accelerator.state.deepspeed_plugin and accelerator.state.deepspeed_plugin.zero3_init_flag),
+            "eos_appended": True,  # the token shards end every document with EOS (tests/test_token_shards.py)
             "attn_implementation": attention,
+            "per_document_attention": not data_args.cross_document_attention,
+            "sliding_window_for_training": sliding_window_for_training(config, data_args.block_size),
+            "loss_implementation": loss_implementation,
+            "train_new_embeddings_only_steps": args.train_new_embeddings_only_steps,
             "resumed_from": state.resumed_from,
             "eval_at_start": start_figures,
             "final_eval": final_figures,

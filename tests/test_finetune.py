@@ -129,3 +129,38 @@ def test_finetune_under_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_
     assert any(not (trained[k] == initial[k]).all() for k in trained)
     assert AutoTokenizer.from_pretrained(output).chat_template == DEFAULT_CHAT_TEMPLATE
     assert (output / "loss_curve.png").stat().st_size > 0
+
+
+def test_a_step_weighs_every_answer_token_equally_across_accumulation(tmp_path, tiny_mistral_path):
+    """Micro-batches with 3 and 30 answer tokens: the step's gradient is that of the mean over all 33
+    tokens (transformers' num_items_in_batch), not the mean of the two micro-batch means."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    from toolkit import training
+    from toolkit.losses import use_fused_loss
+
+    args = training.LoopArguments(output_dir=str(tmp_path), per_device_train_batch_size=1,
+                                  gradient_accumulation_steps=2, max_grad_norm=1e9, report_to="none", seed=0)
+    accelerator = training.make_accelerator(args)
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for answer in (3, 30):
+        ids = torch.randint(3, 32000, (40,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (40 - answer) + ids[40 - answer:]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float64)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float64)
+    use_fused_loss(model, "chunked")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    training.train(accelerator, model, optimizer, scheduler, examples, finetune.pad_collate(0), args,
+                   training.TrainState(), num_training_steps=1)
+    batch = finetune.pad_collate(0)(examples)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                      ignore_index=IGNORE_INDEX).backward()  # mean over all 33 answer tokens
+    for (name, trained), initial in zip(model.named_parameters(), reference.parameters()):
+        expected = initial.detach() - initial.grad
+        assert torch.allclose(trained.detach(), expected, atol=1e-9), name

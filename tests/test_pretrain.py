@@ -1,6 +1,7 @@
-"""scripts/pretrain.py: inputs checked before compute, EOS-terminated packed data, and the real
-thing under `accelerate launch` with 2-process CPU ZeRO-3: loss falls, the saved model loads with
-the extended vocabulary, and SIGKILL + `--resume_from_checkpoint latest` repeats the same losses."""
+"""scripts/pretrain.py: inputs checked before compute, token shards read in blocks with per-document
+attention, and the real thing under `accelerate launch` with 2-process CPU ZeRO-3: loss falls, the saved
+model loads with the extended vocabulary, and SIGKILL + `--resume_from_checkpoint latest` repeats the
+same losses (and refuses a changed world size)."""
 
 import json
 import math
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pretrain
 from extended_tokenizers import WORDS, extend_with_merges
+from toolkit.token_shards import tokenize_locally
 from toolkit.training import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +32,18 @@ def extended_tokenizer(tiny_mistral_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(sample_data, tmp_path_factory):
+def corpus(sample_data, tmp_path_factory, extended_tokenizer):
+    """Token shards of 24 JA + 4 EN documents for the extended tokenizer (the mix stage's output)."""
     import gzip
 
     lines = []
     for language, count in (("ja", 24), ("en", 4)):
         with gzip.open(sample_data / f"pool/data/{language}/{language}_clean_0000.jsonl.gz", "rt") as stream:
             lines += [next(stream) for _ in range(count)]
-    path = tmp_path_factory.mktemp("corpus") / "train.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return str(path)
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    tokenize_locally([folder / "train.jsonl"], extended_tokenizer, folder / "tokens")
+    return str(folder / "tokens")
 
 
 def run_main(monkeypatch, *arguments):
@@ -48,7 +52,7 @@ def run_main(monkeypatch, *arguments):
 
 
 def common(model, tokenizer, corpus, output_dir, block_size=64):
-    return ["--model_name_or_path", model, "--tokenizer_name", tokenizer, "--train_files", corpus,
+    return ["--model_name_or_path", model, "--tokenizer_name", tokenizer, "--train_token_dir", corpus,
             "--block_size", block_size, "--output_dir", output_dir, "--report_to", "none"]
 
 
@@ -60,7 +64,10 @@ def common(model, tokenizer, corpus, output_dir, block_size=64):
     ("missing_tokenizer", "cannot load the --tokenizer_name"),
     ("not_an_extension", "not an extension"),
     ("block_too_long", "beyond the 4096-token context"),
-    ("missing_corpus", "no such file"),
+    ("missing_corpus", "no token-shard manifest"),
+    ("other_tokenizer", "tokenised with"),
+    ("block_over_shards", "fewer than one block"),
+    ("liger_without_gpu", "needs a CUDA GPU"),
 ])
 def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, tiny_mistral_path,
                                         smollm2_path, extended_tokenizer, corpus):
@@ -74,42 +81,18 @@ def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, ti
     elif case == "block_too_long":
         block = 8192
     elif case == "missing_corpus":
-        train = str(tmp_path / "missing.jsonl")
+        train = str(tmp_path / "missing")
+    elif case == "other_tokenizer":
+        tokenize_locally([Path(corpus).parent / "train.jsonl"], tiny_mistral_path, tmp_path / "base-tokens")
+        train = str(tmp_path / "base-tokens")
+    elif case == "block_over_shards":
+        (tmp_path / "short.jsonl").write_text('{"text": "短い。"}\n', encoding="utf-8")
+        tokenize_locally([tmp_path / "short.jsonl"], tokenizer, tmp_path / "short-tokens")
+        train = str(tmp_path / "short-tokens")
+    extra = ["--use_liger_kernel"] if case == "liger_without_gpu" else []
     monkeypatch.setattr(pretrain.training, "make_accelerator", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(SystemExit, match=message):
-        run_main(monkeypatch, *common(model, tokenizer, train, tmp_path / "out", block))
-
-
-@pytest.mark.parametrize("content, message", [
-    ('{"text": ""}\n{"text": "   "}\n', "no non-empty document"),
-    ('{"text": "短い。"}\n', "fewer than one block"),
-    ('{"text": "ok"}\n{"txt": "oops"}\n', r"train.jsonl:2: no 'text' field"),
-])
-def test_empty_or_bad_corpus_is_refused(content, message, monkeypatch, tmp_path, tiny_mistral_path,
-                                        extended_tokenizer):
-    train = tmp_path / "train.jsonl"
-    train.write_text(content, encoding="utf-8")
-    monkeypatch.setattr(pretrain.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: pytest.fail("model loaded before the corpus was checked"))
-    with pytest.raises(SystemExit, match=message):
-        run_main(monkeypatch, *common(tiny_mistral_path, extended_tokenizer, train, tmp_path / "out"))
-
-
-def test_every_document_ends_with_eos(tmp_path, extended_tokenizer):
-    from accelerate import PartialState
-
-    texts = ["日本語の設定ファイル。" * 3, "An English sentence.", "コマンドをインストールする。"]
-    train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(extended_tokenizer)
-    data_args = pretrain.DataArguments(train_files=[str(train)], block_size=8)
-    blocks, stats = pretrain.tokenize_and_pack([str(train)], tokenizer, data_args, PartialState())
-    expected = [token for text in texts for token in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
-    packed = [int(token) for block in blocks["input_ids"] for token in block]
-    assert stats["documents"] == 3 and stats["document_tokens"] == len(expected)
-    assert all(len(block) == 8 for block in blocks["input_ids"])
-    assert packed == expected[: len(expected) // 8 * 8]
-    assert packed.count(tokenizer.eos_token_id) >= 2  # the model sees where documents stop
+        run_main(monkeypatch, *common(model, tokenizer, train, tmp_path / "out", block), *extra)
 
 
 def test_accelerate_configs_parse():
@@ -206,32 +189,98 @@ def test_zero3_training_and_exact_resume(tmp_path, tiny_mistral_path, extended_t
 # --------------------------------------------------------------------------- shared training blocks
 
 
-def test_param_groups_and_frozen_body(tiny_mistral_path, tmp_path):
+def test_param_groups_and_new_embeddings_only_stage(tiny_mistral_path, tmp_path):
     from toolkit import training
+    from toolkit.embeddings import NewEmbeddingsOnlyStage
 
     args = training.LoopArguments(output_dir=str(tmp_path), learning_rate=1e-3, embedding_learning_rate=5e-3,
-                                  freeze_non_embedding_steps=2, num_warmup_steps=0, report_to="none")
+                                  train_new_embeddings_only_steps=2, num_warmup_steps=2, report_to="none")
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    first_new = 31000  # pretend ids >= 31000 are the extension's
+    stage = NewEmbeddingsOnlyStage(model, first_new_row=first_new, steps=2)
     optimizer = training.make_optimizer(model, args)
     groups = {group["name"]: group for group in optimizer.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
     assert {names[id(p)] for p in groups["embedding"]["params"]} == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert groups["embedding"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
     scheduler = training.make_scheduler(optimizer, args, num_training_steps=10)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = torch.randint(0, 32000, (2, 16))
+    batch = torch.cat([torch.randint(3, first_new, (2, 8)), torch.randint(first_new, 32000, (2, 8))], dim=1)
+    embedding_names = {"model.embed_tokens.weight", "lm_head.weight"}
     for step in range(3):
+        stage(step)
         rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
-        assert (rates["decay"] == 0.0) == (step < 2) and rates["embedding"] > 0
-        assert rates["embedding"] == pytest.approx(5 * (rates["decay"] or rates["embedding"] / 5))
+        assert (rates["decay"] == 0.0) == (step < 2) and (rates["embedding"] > 0) == (step > 0)  # warmup from 0
+        if step == 2:  # the body's own warmup after the stage: half of the schedule at its first step
+            assert rates["decay"] == pytest.approx(0.5 * rates["embedding"] / 5)
         model(input_ids=batch, labels=batch).loss.backward()
+        body_grads = [p.grad for n, p in model.named_parameters() if n not in embedding_names]
+        assert all(g is None for g in body_grads) == (step < 2)  # frozen: no weight gradients computed
         optimizer.step()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if step == 1:  # two frozen steps: only the embeddings moved
+        if step == 1:  # two stage steps: only new embedding rows moved
             moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-            assert moved == {"model.embed_tokens.weight", "lm_head.weight"}
+            assert moved == embedding_names
+            for name in embedding_names:
+                weight = dict(model.named_parameters())[name]
+                assert torch.equal(weight[:first_new], before[name][:first_new]), name
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("kind", ["cosine_with_min_lr", "warmup_stable_decay"])
+def test_schedulers_that_need_their_own_arguments(kind, tiny_mistral_path, tmp_path):
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), learning_rate=1e-3, lr_scheduler_type=kind,
+                                  num_warmup_steps=1, report_to="none")
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    optimizer = training.make_optimizer(model, args)
+    scheduler = training.make_scheduler(optimizer, args, num_training_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(rates) == pytest.approx(1e-3)
+    if kind == "cosine_with_min_lr":
+        assert rates[-1] >= 1e-4 * 0.99  # min_lr_rate 0.1 by default
+    else:
+        assert rates[10] == pytest.approx(1e-3) and rates[-1] < rates[17] == pytest.approx(1e-3)  # last 10% decay
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_device_peaks_match_full_names(name, peak, tmp_path):
+    from toolkit import training
+
+    found, source = training.device_peak_flops(training.LoopArguments(output_dir=str(tmp_path)), name)
+    assert found == peak, source
+    assert name in source
+
+
+def test_sliding_window_is_off_for_training_when_the_block_fits(tiny_mistral_path, monkeypatch):
+    import transformers.models.mistral.modeling_mistral as mistral
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_mistral_path).config
+    assert pretrain.sliding_window_for_training(config, 4096) is None
+    assert pretrain.sliding_window_for_training(config, 8192) == 4096
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    ids = torch.randint(3, 32000, (1, 32))
+    windowed = model(input_ids=ids).logits
+    calls = []
+    original = mistral.create_sliding_window_causal_mask
+    monkeypatch.setattr(mistral, "create_sliding_window_causal_mask", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model(input_ids=ids)
+    assert calls, "the window builds its own mask"
+    calls.clear()
+    model.config.sliding_window = pretrain.sliding_window_for_training(model.config, 32)
+    plain = model(input_ids=ids).logits
+    assert not calls and torch.allclose(windowed, plain, atol=1e-6)  # the same maths, no window mask
 
 
 def test_sampler_resumes_mid_epoch_and_shards():
@@ -254,3 +303,96 @@ def test_count_windows_matches_text_nll(tiny_mistral_path):
         calls.clear()
         text_nll(model, list(range(3, 3 + length)), max_length=window)
         assert count_windows(length, max_length=window) == len(calls), (length, window)
+
+
+def test_resume_refuses_a_changed_world_size(tmp_path):
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest", report_to="none")
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    saved = {"data_fingerprint": {"tokens": 100}, "world_size": 2, "per_device_train_batch_size": 2,
+             "gradient_accumulation_steps": 1, "seed": 42}
+    (checkpoint / training.STATE_FILE).write_text(json.dumps({"step": 4, "data_signature": saved}))
+
+    class Accelerator:
+        num_processes = 4
+
+        def load_state(self, path):
+            pytest.fail("state loaded despite the changed world size")
+
+        def print(self, *args):
+            pass
+
+    now = training.data_signature(Accelerator(), args, {"tokens": 100})
+    with pytest.raises(ValueError, match=r"world_size was 2, now 4"):
+        training.resume(Accelerator(), args, now)
+    with pytest.raises(ValueError, match=r"data_fingerprint was \{'tokens': 100\}, now \{'tokens': 99\}"):
+        training.resume(Accelerator(), args, {**saved, "data_fingerprint": {"tokens": 99}})
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_with_zero3_init(tmp_path, tiny_mistral_path, extended_tokenizer, corpus):
+    """The multi-node config as two "machines" (two `accelerate launch`, --machine_rank 0 and 1) on
+    127.0.0.1 over gloo, loading under zero3_init_flag true; a few steps, then a resume."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    output = tmp_path / "multinode"
+    config = yaml.safe_load((CONFIGS / "zero3_multinode.yaml").read_text())
+    assert config["deepspeed_config"]["zero3_init_flag"] is True
+    config.update(use_cpu=True, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=port,
+                  num_processes=2)  # the shipped multi-node config, on CPUs
+    config_file = tmp_path / "multinode_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    def machines(steps, *extra):
+        processes = []
+        for rank in (0, 1):
+            command = [accelerate, "launch", "--config_file", str(config_file), "--machine_rank", str(rank),
+                       "scripts/pretrain.py", *map(str, common(tiny_mistral_path, extended_tokenizer, corpus, output)),
+                       "--per_device_train_batch_size", "2", "--max_train_steps", str(steps),
+                       "--learning_rate", "3e-3", "--checkpointing_steps", "2", "--save_dtype", "float32", *extra]
+            processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+        outputs = [process.communicate(timeout=400)[0] for process in processes]
+        for process, text in zip(processes, outputs):
+            assert process.returncode == 0, text[-3000:]
+
+    machines(2)
+    first = json.loads((output / "training_report.json").read_text())
+    assert first["processes"] == 2 and first["zero3_init"] is True and first["steps"] == 2
+    machines(4, "--resume_from_checkpoint", "latest")
+    report = json.loads((output / "training_report.json").read_text())
+    assert report["resumed_from"].endswith("step_00000002") and report["steps"] == 4
+    assert sorted(r["step"] for r in read_metrics(output) if "loss" in r) == [1, 2, 3, 4]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.vocab_size == math.ceil(len(AutoTokenizer.from_pretrained(extended_tokenizer)) / 64) * 64
+
+
+def test_throughput_counts_training_time_only(tmp_path, tiny_mistral_path):
+    """Evaluation (here 0.5 s of sleep after steps 1 and 2) is not in tokens/s: the logged rate times
+    the training-only time gives back every token trained."""
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, logging_steps=3,
+                                  eval_steps=1, report_to="none")
+    accelerator = training.make_accelerator(args)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path, dtype=torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    blocks = [{"input_ids": torch.arange(3, 35), "labels": torch.arange(3, 35)} for _ in range(6)]
+    started = time.time()
+    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.collate, args,
+                           training.TrainState(), num_training_steps=3,
+                           evaluate=lambda step: time.sleep(0.5) or {"eval_marker": step})
+    elapsed = time.time() - started
+    record = [r for r in read_metrics(tmp_path) if "tokens_per_second" in r][-1]
+    assert state.tokens_seen == 3 * 2 * 32 and state.pause_seconds >= 1.0
+    assert state.train_seconds <= elapsed - state.pause_seconds
+    assert record["tokens_per_second"] * state.train_seconds == pytest.approx(state.tokens_seen, rel=0.02)
+    assert record["tokens_per_second"] > state.tokens_seen / (elapsed - 1.0)  # the eval pauses are not in it

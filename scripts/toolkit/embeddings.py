@@ -158,3 +158,41 @@ def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad
             for index, parts in examples
         ],
     }
+
+
+class NewEmbeddingsOnlyStage:
+    """EEVE's first stage (Kim et al. 2024): for `steps` optimizer steps only the new embedding rows learn.
+
+    While active, every parameter but the input/output embedding matrices has requires_grad=False (their
+    weight gradients are not computed: backward only carries activations' gradients down to the
+    embeddings), and a gradient hook zeroes the rows of the base vocabulary (ids < `first_new_row`), so
+    old rows get no update (embeddings have no weight decay, so a zero gradient means no change under
+    AdamW). From step `steps` on, everything trains; the body's learning rate warms up again
+    (`toolkit.training.make_scheduler`). ZeRO-3 safe: DeepSpeed gives a parameter without a gradient a
+    zero gradient partition, and the hook sees the gathered full-shape gradient.
+
+    `stage(step)` is called before each optimizer step (`training.train(..., before_step=stage)`).
+    """
+
+    def __init__(self, model, first_new_row: int, steps: int):
+        self.model, self.first_new_row, self.steps = model, first_new_row, steps
+        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+        self.embedding_weights = {id(m.weight): m.weight for m in embeddings if m is not None}
+        self.body = [p for p in model.parameters() if id(p) not in self.embedding_weights and p.requires_grad]
+        self.active = None
+        for weight in self.embedding_weights.values():
+            weight.register_hook(self._mask_old_rows)
+
+    def _mask_old_rows(self, grad):
+        if not self.active:
+            return grad
+        grad = grad.clone()
+        grad[: self.first_new_row] = 0
+        return grad
+
+    def __call__(self, step: int):
+        active = step < self.steps
+        if active != self.active:
+            for parameter in self.body:
+                parameter.requires_grad_(not active)
+            self.active = active

@@ -1,42 +1,47 @@
 """The training blocks that `pretrain.py` and `finetune.py` share (the shape of transformers'
 `run_clm_no_trainer.py`, each block written once).
 
-API (stable; later changes are additive only):
+API:
 
     LoopArguments                 dataclass of the loop's knobs, parsed with HfArgumentParser next to a
                                   script's own dataclasses (batch size, accumulation, LR, schedule,
-                                  clipping, checkpointing, logging, output_dir, seed, ...)
+                                  clipping, checkpointing, logging, output_dir, seed, ddp_timeout, ...)
     make_accelerator(args, project_name) -> Accelerator
-                                  gloo process group when CUDA is absent (ZeRO-3 on CPU), trackers
-                                  (`--report_to tensorboard|wandb|none`), DeepSpeed micro-batch,
-                                  accumulation, clipping and 16-bit-gather-on-save filled in from `args`
+                                  process-group timeout `--ddp_timeout` (gloo when CUDA is absent: ZeRO-3
+                                  on CPU), trackers (`--report_to tensorboard|wandb|none`), DeepSpeed
+                                  micro-batch, accumulation, clipping and 16-bit-gather-on-save from `args`
     optimizer_param_groups(model, args) -> list[dict]
-                                  no weight decay on biases and norms (any parameter with < 2 dims);
-                                  input/output embeddings in their own group ("embedding": True) with
-                                  `--embedding_learning_rate` (default: `--learning_rate`)
+                                  no weight decay on biases, norms (< 2 dims, by the real ZeRO-3 shape) and
+                                  embeddings; input/output embeddings in their own group ("embedding": True)
+                                  with `--embedding_learning_rate` (default: `--learning_rate`)
     make_optimizer(model, args) -> torch.optim.AdamW   (fused on CUDA)
     make_scheduler(optimizer, args, num_training_steps) -> LambdaLR
-                                  `transformers.get_scheduler` (warmup + cosine by default); groups that are
-                                  not embeddings get LR 0 for the first `--freeze_non_embedding_steps`
-                                  steps (exactly frozen under AdamW, ZeRO-3 safe, no compute saved)
-    TrainState                    step, epoch, batch_in_epoch, tokens_seen, ... (the data position)
+                                  `transformers.get_scheduler` (warmup + cosine by default; `--lr_scheduler_kwargs`,
+                                  with defaults for cosine_with_min_lr and warmup_stable_decay); with
+                                  `--train_new_embeddings_only_steps N` body groups get LR 0 for N steps, then
+                                  their own warmup (the freezing itself: toolkit.embeddings.NewEmbeddingsOnlyStage)
+    TrainState                    step, epoch, batch_in_epoch, tokens_seen, train/pause seconds, data signature
     ShardedEpochSampler           deterministic per-epoch permutation (seed + epoch), split across
                                   processes, can start at a batch: exact resume without reading skipped data
-    train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args, state,
-          evaluate=None, flops_per_token=None) -> TrainState
-                                  the loop: `accelerator.accumulate`, clipping, scheduler, logging every
-                                  `--logging_steps` (loss, lr, grad_norm, tokens/s, MFU) to the trackers,
-                                  tqdm and `<output_dir>/metrics.jsonl`, `evaluate(step) -> dict` every
-                                  `--eval_steps`, checkpoints every `--checkpointing_steps`
-    save_checkpoint(accelerator, args, state) / resume(accelerator, args) -> TrainState
+    train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args, state, num_training_steps,
+          evaluate=None, flops_per_token=None, before_step=None, on_first_step=None) -> TrainState
+                                  the loop: one optimizer step per `--gradient_accumulation_steps` micro-batches,
+                                  loss normalised by the step's global target-token count (num_items_in_batch),
+                                  clipping, scheduler, logging every `--logging_steps` (loss, lr, grad_norm,
+                                  tokens/s and MFU over training time only) to the trackers, tqdm and
+                                  `<output_dir>/metrics.jsonl`, `evaluate(step) -> dict` every `--eval_steps`,
+                                  checkpoints every `--checkpointing_steps`
+    data_signature(accelerator, args, data_fingerprint) -> dict
+    save_checkpoint(accelerator, args, state) / resume(accelerator, args, signature=None) -> TrainState
                                   `accelerator.save_state` into `<output_dir>/checkpoints/.tmp-step_N`, then
                                   rename to `step_N` (atomic), keep the last `--checkpoints_total_limit`;
                                   `--resume_from_checkpoint latest|PATH` restores model, optimizer,
-                                  scheduler, RNG and data position ("latest" with none found: fresh start)
+                                  scheduler, RNG and data position ("latest" with none found: fresh start);
+                                  a checkpoint of another data signature (data, world size, batch) is refused
     save_consolidated(accelerator, model, output_dir, tokenizer=None, dtype="bfloat16", max_shard_size="5GB")
                                   full weights (ZeRO-3 gathered) as sharded safetensors + index, via
                                   `accelerator.get_state_dict` and `save_pretrained` on the main process
-    model_flops_per_token(config, seq_len, num_parameters) / peak_flops_per_device(args)
+    model_flops_per_token(config, seq_len, num_parameters) / device_peak_flops(args, device_name=None)
     log_metrics(accelerator, output_dir, record)   trackers + metrics.jsonl + console, for records outside the loop
     read_metrics(output_dir) -> list[dict];  plot_metrics(output_dir) -> Path (loss-curve PNG)
 
@@ -67,8 +72,29 @@ CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "train_state.json"
 METRICS_FILE = "metrics.jsonl"
 
-# Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, matched against the full
+# torch.cuda.get_device_name() in this order (first match wins), as whole words: "L4" is not
+# "L40S", "H100 PCIe" is not the SXM part ("NVIDIA H100 80GB HBM3"). Sources: NVIDIA data sheets.
+PEAK_BF16_FLOPS = [
+    (r"\bH100\b.*\bPCIE\b", 756e12, "H100 PCIe"),
+    (r"\bH100\b.*\bNVL\b", 835e12, "H100 NVL"),
+    (r"\bH100\b", 989e12, "H100 SXM"),
+    (r"\bH200\b.*\bNVL\b", 835e12, "H200 NVL"),
+    (r"\bGH200\b", 989e12, "GH200"),
+    (r"\bH200\b", 989e12, "H200 SXM"),
+    (r"\bH800\b.*\bPCIE\b", 756e12, "H800 PCIe"),
+    (r"\bH800\b", 989e12, "H800 SXM"),
+    (r"\bB200\b", 2250e12, "B200"),
+    (r"\bA100\b", 312e12, "A100 (SXM and PCIe, 40 and 80 GB)"),
+    (r"\bA800\b", 312e12, "A800"),
+    (r"\bL40S\b", 362e12, "L40S"),
+    (r"\bL40\b", 181e12, "L40"),
+    (r"\bL4\b", 121e12, "L4"),
+    (r"\bA10G\b", 70e12, "A10G"),
+    (r"\bA10\b", 125e12, "A10"),
+    (r"\bA6000\b", 155e12, "RTX A6000"),
+    (r"\bV100\b", 125e12, "V100 (fp16)"),
+]
 
 
 @dataclass
@@ -92,8 +118,17 @@ class LoopArguments:
     warmup_ratio: float = field(default=0.01, metadata={"help": "Warmup as a share of the steps."})
     max_train_steps: int = field(default=None, metadata={"help": "Optimizer steps; overrides --num_train_epochs."})
     num_train_epochs: int = field(default=1)
-    freeze_non_embedding_steps: int = field(
-        default=0, metadata={"help": "For the first N steps only the embeddings learn (others get LR 0)."}
+    lr_scheduler_kwargs: str = field(
+        default=None,
+        metadata={"help": "JSON of the scheduler's own arguments, e.g. '{\"min_lr_rate\": 0.1}' for "
+                  "cosine_with_min_lr (its default), '{\"num_decay_steps\": 100}' for warmup_stable_decay "
+                  "(default: the last 10%% of steps)."},
+    )
+    train_new_embeddings_only_steps: int = field(
+        default=0,
+        metadata={"help": "EEVE-style first stage: for N steps only the new embedding rows learn (the body is "
+                  "frozen, requires_grad=False, so its weight gradients are not computed; old rows' gradients "
+                  "are masked); then the body trains with its own warmup (--num_warmup_steps)."},
     )
     seed: int = field(default=42, metadata={"help": "Data order and initialisation."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
@@ -106,7 +141,10 @@ class LoopArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, both comma-separated, or none."})
     peak_tflops_per_device: float = field(
-        default=None, metadata={"help": "Peak TFLOP/s of one device for MFU (default: known GPUs by name)."}
+        default=None, metadata={"help": "Peak TFLOP/s of one device for MFU (default: known GPUs by full name)."}
+    )
+    ddp_timeout: int = field(
+        default=1800, metadata={"help": "Process-group timeout in seconds (collectives that wait longer fail)."}
     )
 
 
@@ -115,12 +153,15 @@ class LoopArguments:
 
 def make_accelerator(args: LoopArguments, project_name: str = "train"):
     """An Accelerator for `args`; DeepSpeed's batch/accumulation/clipping come from `args`."""
+    from datetime import timedelta
+
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
-    handlers = []
+    timeout = timedelta(seconds=args.ddp_timeout)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -159,13 +200,14 @@ def _embedding_parameter_ids(model):
 
 
 def optimizer_param_groups(model, args: LoopArguments):
-    """Three groups: decayed matrices, biases/norms (no decay), embeddings (own LR)."""
+    """Three groups: decayed matrices, biases/norms (no decay), embeddings (own LR, no decay: a row's
+    decay would pull rarely seen tokens towards zero). Shapes are the real ones under ZeRO-3 (`ds_shape`)."""
     embedding_ids = _embedding_parameter_ids(model)
     groups = {
         "decay": {"name": "decay", "params": [], "weight_decay": args.weight_decay, "embedding": False},
         "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0, "embedding": False},
         "embedding": {
-            "name": "embedding", "params": [], "weight_decay": args.weight_decay, "embedding": True,
+            "name": "embedding", "params": [], "weight_decay": 0.0, "embedding": True,
             "lr": args.embedding_learning_rate or args.learning_rate,
         },
     }
@@ -176,7 +218,8 @@ def optimizer_param_groups(model, args: LoopArguments):
         seen.add(id(parameter))
         if id(parameter) in embedding_ids:
             groups["embedding"]["params"].append(parameter)
-        elif parameter.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+        elif len(getattr(parameter, "ds_shape", parameter.shape)) < 2 or "norm" in name.lower() \
+                or name.endswith(".bias"):
             groups["no_decay"]["params"].append(parameter)
         else:
             groups["decay"]["params"].append(parameter)
@@ -196,24 +239,40 @@ def num_warmup_steps(args: LoopArguments, num_training_steps: int) -> int:
     return math.ceil(args.warmup_ratio * num_training_steps)
 
 
+def scheduler_kwargs(args: LoopArguments, num_training_steps: int) -> dict:
+    """The scheduler's own arguments: --lr_scheduler_kwargs over documented defaults."""
+    defaults = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
+                "warmup_stable_decay": {"num_decay_steps": max(1, num_training_steps // 10)}}
+    kwargs = dict(defaults.get(args.lr_scheduler_type, {}))
+    if args.lr_scheduler_kwargs:
+        given = json.loads(args.lr_scheduler_kwargs) if isinstance(args.lr_scheduler_kwargs, str) \
+            else args.lr_scheduler_kwargs
+        kwargs.update(given)
+    return kwargs
+
+
 def make_scheduler(optimizer, args: LoopArguments, num_training_steps: int):
-    """`transformers.get_scheduler`, plus LR 0 for non-embedding groups while frozen.
+    """`transformers.get_scheduler`; with --train_new_embeddings_only_steps N the body groups get LR 0
+    for N steps, then their own linear warmup of --num_warmup_steps into the schedule.
 
     Stepped once per optimizer step by `train` (not passed to `accelerator.prepare`, which
     would step it once per process), and saved in checkpoints via `register_for_checkpointing`.
     """
     from transformers import get_scheduler
 
+    warmup = num_warmup_steps(args, num_training_steps)
     base = get_scheduler(
-        args.lr_scheduler_type, optimizer,
-        num_warmup_steps=num_warmup_steps(args, num_training_steps), num_training_steps=num_training_steps,
+        args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
+        scheduler_specific_kwargs=scheduler_kwargs(args, num_training_steps),
     )
-    if not args.freeze_non_embedding_steps:
+    if not args.train_new_embeddings_only_steps:
         return base
-    schedule, frozen = base.lr_lambdas[0], args.freeze_non_embedding_steps
+    schedule, frozen = base.lr_lambdas[0], args.train_new_embeddings_only_steps
 
     def body(step):
-        return 0.0 if step < frozen else schedule(step)
+        if step < frozen:
+            return 0.0
+        return schedule(step) * min(1.0, (step - frozen + 1) / max(warmup, 1))
 
     lambdas = [schedule if group.get("embedding") else body for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
@@ -228,8 +287,10 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
     tokens_seen: int = 0  # over all processes
-    train_seconds: float = 0.0  # wall time spent in the loop, over all sessions of the run
+    train_seconds: float = 0.0  # wall time of training steps only (no eval, no checkpoint), all sessions
+    pause_seconds: float = 0.0  # wall time of evaluation and checkpoints inside the loop, all sessions
     resumed_from: str = None
+    data_signature: dict = None  # what the data position means: data fingerprint, world size, batch
 
 
 class ShardedEpochSampler(Sampler):
@@ -293,22 +354,38 @@ def save_checkpoint(accelerator, args: LoopArguments, state: TrainState) -> Path
     return final
 
 
-def resume(accelerator, args: LoopArguments) -> TrainState:
-    """The state to start from: restored from `--resume_from_checkpoint`, or fresh."""
+def data_signature(accelerator, args: LoopArguments, data_fingerprint) -> dict:
+    """What a checkpoint's data position depends on: the data, the world size and the micro-batch."""
+    return {"data_fingerprint": data_fingerprint, "world_size": accelerator.num_processes,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed}
+
+
+def resume(accelerator, args: LoopArguments, signature: dict = None) -> TrainState:
+    """The state to start from: restored from `--resume_from_checkpoint`, or fresh. A checkpoint whose
+    data signature differs from `signature` (other data, world size or batch) is refused: its data
+    position would silently mean other examples."""
     if not args.resume_from_checkpoint:
-        return TrainState()
+        return TrainState(data_signature=signature)
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(args)
         if not found:
             accelerator.print(f"no checkpoint in {checkpoint_root(args)}: starting from step 0")
-            return TrainState()
+            return TrainState(data_signature=signature)
         path = found[-1]
     else:
         path = Path(args.resume_from_checkpoint)
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE}); use a step_N folder or 'latest'")
+    saved = read_json(path / STATE_FILE)
+    if signature is not None and saved.get("data_signature") != signature:
+        before, now = saved.get("data_signature") or {}, signature
+        changed = {key: (before.get(key), now.get(key)) for key in now if before.get(key) != now.get(key)}
+        raise ValueError(f"{path}: cannot resume exactly, the run changed since this checkpoint: "
+                         + "; ".join(f"{key} was {old!r}, now {new!r}" for key, (old, new) in changed.items())
+                         + ". Resume with the same data, processes and batch, or start a new --output_dir")
     accelerator.load_state(str(path))
-    state = TrainState(**read_json(path / STATE_FILE))
+    state = TrainState(**saved)
     state.resumed_from = str(path)
     accelerator.print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     return state
@@ -327,15 +404,21 @@ def model_flops_per_token(config, seq_len: int, num_parameters: int) -> float:
     return 6 * matmul_parameters + 12 * config.num_hidden_layers * heads * head_dim * seq_len
 
 
-def peak_flops_per_device(args: LoopArguments):
+def device_peak_flops(args: LoopArguments, device_name: str = None):
+    """(dense bf16 peak FLOP/s of one device, what it was matched as): --peak_tflops_per_device, else the
+    device's full name against PEAK_BF16_FLOPS; (None, reason) on CPU or an unknown GPU (no MFU then)."""
+    import re
+
     if args.peak_tflops_per_device:
-        return args.peak_tflops_per_device * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, flops in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return flops
-    return None  # CPU or unknown GPU: MFU is not reported
+        return args.peak_tflops_per_device * 1e12, "--peak_tflops_per_device"
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None, "cpu: no peak, no MFU"
+        device_name = torch.cuda.get_device_name()
+    for pattern, flops, label in PEAK_BF16_FLOPS:
+        if re.search(pattern, device_name.upper().replace("-", " ")):
+            return flops, f"{label} (from device name {device_name!r})"
+    return None, f"unknown device {device_name!r}: pass --peak_tflops_per_device for MFU"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -345,6 +428,11 @@ def _tokens_in(batch) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+def _label_tokens(batch) -> int:
+    """Tokens that are a target: labels[:, 1:] != -100 (the model shifts labels by one)."""
+    return int((batch["labels"][..., 1:] != -100).sum())
 
 
 def _append_metrics(path: Path, record: dict):
@@ -369,27 +457,46 @@ def _truncate_metrics(output_dir, step: int):
     os.replace(temporary, path)
 
 
+def _accumulation_windows(loader, size):
+    """Lists of `size` consecutive micro-batches (one optimizer step each); a short tail is dropped."""
+    window = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+
+
 def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: LoopArguments, state: TrainState,
-          num_training_steps: int, evaluate=None, flops_per_token=None) -> TrainState:
+          num_training_steps: int, evaluate=None, flops_per_token=None, before_step=None,
+          on_first_step=None) -> TrainState:
     """Run optimizer steps until `num_training_steps`; returns the final state.
 
     `model`, `optimizer` come from `accelerator.prepare`; `scheduler` is a plain LambdaLR
     registered for checkpointing; `dataset[i]` gives one example and `collate_fn` a batch
-    dict with `labels`; `evaluate(step) -> dict` (called on every process) is logged.
+    dict with `labels`; `evaluate(step) -> dict` (called on every process) is logged;
+    `before_step(step)` runs before each optimizer step's first micro-batch (training stages);
+    `on_first_step()` once this session's first optimizer step is done (time to first step).
     `flops_per_token` enables MFU when the device peak is known.
+
+    The loss of an optimizer step is the mean over every target token of its micro-batches on
+    every process (transformers' `num_items_in_batch`): each micro-batch's summed loss is divided
+    by that step's global target count, so short and long micro-batches weigh by their tokens.
+    tokens/s and MFU count training time only: evaluation and checkpoints pause the clock.
     """
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         _truncate_metrics(output_dir, state.step)
-    peak = peak_flops_per_device(args)
+    peak, _ = device_peak_flops(args)
     progress = tqdm(total=num_training_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step")
-    window_loss, window_micro, window_tokens, window_started = 0.0, 0, 0, time.time()
-    session_started = time.time()
-    train_seconds_before = state.train_seconds
+    window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
     grad_norm = None
+    # accelerate divides a micro-batch's loss by the accumulation steps and DeepSpeed/DDP average
+    # gradients over processes; the loss below is already a share of the global mean, so undo both.
+    loss_scale = args.gradient_accumulation_steps * accelerator.num_processes
     model.train()
     while state.step < num_training_steps:
         sampler = ShardedEpochSampler(len(dataset), args.per_device_train_batch_size, args.seed, state.epoch,
@@ -401,34 +508,49 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
             )
         loader = DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
                             collate_fn=collate_fn, drop_last=True)
-        for batch in loader:
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            state.batch_in_epoch += 1
-            state.tokens_seen += _tokens_in(batch) * accelerator.num_processes
-            window_loss += loss.detach().float()
-            window_micro += 1
-            window_tokens += _tokens_in(batch)
-            if not accelerator.sync_gradients:
-                continue
+        for window in _accumulation_windows(loader, args.gradient_accumulation_steps):
+            step_started = time.time()
+            if before_step is not None:
+                before_step(state.step)
+            window = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in window]
+            targets = accelerator.reduce(torch.tensor([sum(map(_label_tokens, window))], device=accelerator.device),
+                                         "sum")
+            num_items = max(int(targets), 1)
+            step_loss = 0.0
+            for batch in window:
+                with accelerator.accumulate(model):
+                    loss = model(**batch, num_items_in_batch=num_items).loss
+                    accelerator.backward(loss * loss_scale)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.batch_in_epoch += 1
+                step_tokens = _tokens_in(batch)
+                state.tokens_seen += step_tokens * accelerator.num_processes
+                window_tokens += step_tokens
+                step_loss += loss.detach().float()
             scheduler.step()
             state.step += 1
+            window_loss += step_loss
+            window_steps += 1
+            seconds = time.time() - step_started
+            window_seconds += seconds
+            state.train_seconds += seconds
             progress.update(1)
+            if on_first_step is not None:
+                on_first_step()
+                on_first_step = None
             if state.step % args.logging_steps == 0 or state.step == num_training_steps:
                 totals = accelerator.reduce(
-                    torch.tensor([float(window_loss), window_micro, window_tokens], device=accelerator.device), "sum"
+                    torch.tensor([float(window_loss), window_tokens], device=accelerator.device), "sum"
                 )
-                seconds = time.time() - window_started
-                tokens = int(totals[2])
+                # the same training-only window on every process: the slowest one's
+                seconds = float(accelerator.gather(torch.tensor([window_seconds], device=accelerator.device)).max())
+                tokens = int(totals[1])
                 record = {
                     "step": state.step,
-                    "loss": float(totals[0] / totals[1]),
+                    "loss": float(totals[0]) / window_steps,
                     **_learning_rates(optimizer),
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_second": tokens / seconds,
@@ -437,23 +559,21 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
                 if flops_per_token and peak:
                     record["mfu"] = tokens / seconds * flops_per_token / (peak * accelerator.num_processes)
                 log_metrics(accelerator, output_dir, record, progress)
-                window_loss, window_micro, window_tokens, window_started = 0.0, 0, 0, time.time()
+                window_loss, window_steps, window_tokens, window_seconds = 0.0, 0, 0, 0.0
+            paused = time.time()
             if evaluate is not None and args.eval_steps and state.step % args.eval_steps == 0 \
                     and state.step < num_training_steps:
                 log_metrics(accelerator, output_dir, {"step": state.step, **evaluate(state.step)}, progress)
                 model.train()
-                window_started = time.time()
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                state.train_seconds = train_seconds_before + time.time() - session_started
                 save_checkpoint(accelerator, args, state)
-                window_started = time.time()
+            state.pause_seconds += time.time() - paused
             if state.step >= num_training_steps:
                 break
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
-    state.train_seconds = train_seconds_before + time.time() - session_started
     return state
 
 
