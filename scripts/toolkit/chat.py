@@ -18,10 +18,19 @@ tokenizer's own BOS/EOS, so an instruct-tuned model later looks familiar to user
 `finetune.py --chat_template default` forces it for every base, which makes the
 prompts identical when the bases' own templates differ.
 
+Its generation prompt ends at "[/INST]", where every tokenizer agrees on the tokens; the
+space before the answer belongs to the answer. (Ending the prompt with that space, as
+many templates do, leaves a bare "▁" token in the context of a SentencePiece model, while
+in training the answer's first token was mostly a merged "▁X": an extended vocabulary
+merges far more of them, so that prompt handicaps the extended model.) The loss covers
+everything after the generation prompt, separator included, so the model learns to write
+exactly what it is asked to write at generation time.
+
 Long chats are cut in the middle of the prompt (`cut_middle`), not dropped.
 
-Loss mask: labels are -100 everywhere except on the tokens of each assistant message's
-content and the EOS token that closes it. If the template does not put EOS right after
+Loss mask: labels are -100 everywhere except on the tokens of each assistant turn (from
+the end of the generation prompt to the end of the message's content) and the EOS token
+that closes it. If the template does not put EOS right after
 an answer, one is inserted: every answer ends with EOS, so the model learns to stop.
 """
 
@@ -40,7 +49,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
 )
 
 
@@ -116,18 +124,32 @@ def prompt_text(tokenizer, user_content, template):
     return render(tokenizer, [{"role": "user", "content": user_content}], template, add_generation_prompt=True)
 
 
+def answer_text(tokenizer, user_content, answer, template):
+    """What a model must write after `prompt_text` to give `answer`: the answer with the
+    template's separator in front (" answer" for the default template)."""
+    prompt = prompt_text(tokenizer, user_content, template)
+    _, spans = assistant_spans(tokenizer, [{"role": "user", "content": user_content},
+                                           {"role": "assistant", "content": answer}], template)
+    return render(tokenizer, [{"role": "user", "content": user_content}, {"role": "assistant", "content": answer}],
+                  template)[len(prompt):spans[0][1]]
+
+
 def assistant_spans(tokenizer, messages, template):
-    """The rendered chat and the character span of each assistant message's content in it."""
+    """The rendered chat and, per assistant message, the character span the model writes:
+    from the end of the generation prompt before it to the end of its content."""
     text = render(tokenizer, messages, template)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = render(tokenizer, messages[:index], template, add_generation_prompt=True)
-        start = text.find(message["content"], len(prefix) if text.startswith(prefix) else 0)
+        follows_prompt = text.startswith(prefix)
+        start = text.find(message["content"], len(prefix) if follows_prompt else 0)
         if start < 0:
             raise ValueError("the chat template does not copy assistant messages verbatim; pass --chat_template default")
-        spans.append((start, start + len(message["content"])))
+        # the separator between the generation prompt and the content is part of the answer
+        first = len(prefix) if follows_prompt and not text[len(prefix):start].strip() else start
+        spans.append((first, start + len(message["content"])))
     return text, spans
 
 
