@@ -372,3 +372,47 @@ def test_bundled_tasks_declare_one_primary_metric(sample_data):
                         "manpage_mc": "accuracy"}
     for task in read_tasks(sample_data / "tasks"):
         assert all(example["primary_metric"] == task.primary_metric for example in task.examples)
+
+
+JGLUE_PREFIX = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet"
+JGLUE_TASKS = ["ja_jglue_jcommonsenseqa", "ja_jglue_jnli", "ja_jglue_marc_ja", "ja_jglue_jsquad"]
+
+
+def jglue_rows(config, count):
+    """A few rows in the schema of each JGLUE config's parquet conversion."""
+    if config == "JCommonsenseQA":
+        return [{"q_id": i, "question": f"質問{i}はどれですか。", **{f"choice{k}": f"選択肢{k}" for k in range(5)},
+                 "label": i % 5} for i in range(count)]
+    if config == "JNLI":
+        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": "男性が歩いている。",
+                 "sentence2": "人が歩いている。", "label": i % 3} for i in range(count)]
+    if config == "MARC-ja":
+        return [{"sentence": "とても良い商品でした。", "label": i % 2, "review_id": f"R{i}"} for i in range(count)]
+    return [{"id": f"q{i}", "title": "東京", "context": "東京 [SEP] 東京は日本の首都である。", "question": "日本の首都はどこ？",
+             "answers": {"text": ["東京"], "answer_start": [0]}, "is_impossible": False} for i in range(count)]
+
+
+def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
+    """Every JGLUE task YAML, with only its parquet URLs pointed at local files, runs in lm-eval."""
+    from datasets import Dataset
+
+    model, tokenizer = tiny
+    data = tmp_path / "JGLUE"
+    for config in ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD"):
+        for split, count in (("train", 4), ("validation", 3)):
+            (data / config / split).mkdir(parents=True)
+            Dataset.from_list(jglue_rows(config, count)).to_parquet(str(data / config / split / "0000.parquet"))
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    shutil.copy(REPO / "sample_data/tasks/lm_eval/jglue.py", include / "jglue.py")
+    for task in JGLUE_TASKS:
+        text = (REPO / f"sample_data/tasks/lm_eval/{task}.yaml").read_text(encoding="utf-8")
+        assert text.count(JGLUE_PREFIX) == 2 and "dataset_path: parquet" in text  # the shipped files, URLs aside
+        text = text.replace(JGLUE_PREFIX, str(data)).replace("  do_sample: false", "  do_sample: false\n  max_gen_toks: 4")
+        (include / f"{task}.yaml").write_text(text, encoding="utf-8")
+    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=2, samples=True)
+    for task in JGLUE_TASKS[:3]:
+        assert 0.0 <= output["results"][task]["acc,none"] <= 1.0
+        assert len(output["samples"][task]["acc"]) == 2
+    assert 0.0 <= output["results"]["ja_jglue_jsquad"]["exact_match,whitespaces"] <= 1.0
+    assert len(output["samples"]["ja_jglue_jsquad"]["exact_match"]) == 2
