@@ -416,3 +416,39 @@ def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
         assert len(output["samples"][task]["acc"]) == 2
     assert 0.0 <= output["results"]["ja_jglue_jsquad"]["exact_match,whitespaces"] <= 1.0
     assert len(output["samples"]["ja_jglue_jsquad"]["exact_match"]) == 2
+
+
+def test_the_model_card_shows_both_effects_speed_and_contamination():
+    from toolkit import model_card as mc
+
+    effect = {"difference": 0.2, "ci95": [0.1, 0.3], "p_value": 0.01, "p_holm": 0.02, "survives_holm": True,
+              "verdict": "better"}
+    noise = {"difference": 0.0, "ci95": [-0.1, 0.1], "p_value": 0.9, "p_holm": 0.9, "survives_holm": False,
+             "verdict": "within noise"}
+    report = {
+        "models": [{"name": "base"}, {"name": "continued"}, {"name": "extended"}], "baseline": "base",
+        "effects": [{"name": "data", "minuend": "continued", "subtrahend": "base"},
+                    {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}],
+        "metrics": [
+            {"task": "heading_mc", "metric": "accuracy", "primary": True, "higher_is_better": True,
+             "values": {"base": 0.3, "continued": 0.5, "extended": 0.5}, "effects": {"data": effect, "tokenizer": noise}},
+            {"task": "heldout_ja", "metric": "bits_per_byte", "primary": False, "higher_is_better": False,
+             "values": {"base": 2, "continued": 1.5, "extended": 1.5}, "effects": {"data": effect, "tokenizer": noise}}],
+        "generation_speed": {name: {"characters_per_second": cps, "tokens_per_second": 10.0, "characters_per_token": cps / 10,
+                                    "prompts": 4, "new_characters": 48, "batch_size": 8, "device": "cpu", "repeats": 3}
+                             for name, cps in (("base", 9.0), ("continued", 9.0), ("extended", 22.5))},
+        "speed_ratios": {"data": 1.0, "tokenizer": 2.5},
+        "contamination": {"ngram": 13, "documents_scanned": 1200,
+                          "tasks": {"heading_mc": {"items": 81, "items_overlapping": 2}}},
+        "verdict": "data: better on 1 of 1 tasks.",
+    }
+    facts = mc.ablation_facts(report)
+    assert [task["name"] for task in facts["tasks"]] == ["heading_mc"]  # related figures are not repeated
+    assert facts["comparisons"] == ["data: continued − base", "tokenizer: extended − continued"]
+    card = mc.render_card({"ablation": facts}, mc.load_card_config(), "o/m")
+    english, japanese = mc.split_languages(card)
+    assert "| heading_mc | accuracy | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] | 0.020 | better |" in english
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in english and "tokenizer: 2.50x the characters per second" in english
+    assert "| heading_mc | 81 | 2 |" in english and "13-character n-gram" in english
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in japanese and "2.50 倍" in japanese and "| heading_mc | 81 | 2 |" in japanese
+    assert "改善" in japanese and "Holm" in japanese
