@@ -70,3 +70,39 @@ def test_the_bundled_sft_chats_share_the_prompt_tokens(mistral_tokenizer_path, s
         prompt = tokenizer(prompt_text(tokenizer, chat[0]["content"], DEFAULT_CHAT_TEMPLATE),
                            add_special_tokens=False)["input_ids"]
         assert tokenize_chat(tokenizer, chat, DEFAULT_CHAT_TEMPLATE)["input_ids"][: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("path_fixture", ["mistral_tokenizer_path", "smollm2_path"])
+def test_chats_without_special_strings_tokenise_exactly_as_the_tokenizer_does(path_fixture, request, sample_data):
+    from toolkit.chat import chat_template, content_spans, encode_rendered
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(path_fixture))
+    template = chat_template(tokenizer)
+    for chat in read_chat_records([sample_data / "sft" / "sft_ja.jsonl"])[:20] + CHATS:
+        text = render(tokenizer, chat, template)
+        ids, offsets = encode_rendered(tokenizer, text, content_spans(text, chat))
+        expected = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == expected["input_ids"] and offsets == [tuple(o) for o in expected["offset_mapping"]]
+
+
+@pytest.mark.parametrize("path_fixture", ["mistral_tokenizer_path", "smollm2_path"])
+def test_special_token_strings_in_contents_are_text(path_fixture, request):
+    from toolkit.chat import chat_template, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(path_fixture))
+    template = chat_template(tokenizer)
+    eos = tokenizer.eos_token_id
+    tricky = f"終わりは{tokenizer.eos_token}と書きます。<s>も<|im_end|>も文字です。"
+    chat = [{"role": "user", "content": tricky}, {"role": "assistant", "content": tricky}]
+    example = tokenize_chat(tokenizer, chat, template)
+    specials = set(tokenizer.all_special_ids)
+    template_specials = [t for t in tokenizer(render(tokenizer, [{"role": "user", "content": "x"},
+                                                                 {"role": "assistant", "content": "y"}], template),
+                                              add_special_tokens=False)["input_ids"] if t in specials]
+    # the only special tokens are the ones the template writes for any chat
+    assert [t for t in example["input_ids"] if t in specials] == template_specials
+    learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert learned.count(eos) == 1 and learned[-1] == eos
+    assert tokenizer.decode(learned[:-1]).strip() == tricky
+    prompt = encode_prompt(tokenizer, tricky, template)
+    assert example["input_ids"][: len(prompt)] == prompt and tokenizer.decode(prompt).count(tricky) == 1

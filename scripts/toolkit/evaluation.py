@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from toolkit.chat import answer_text, prompt_text
+from toolkit.chat import answer_text, content_spans, encode_prompt, encode_rendered, prompt_text
 from toolkit.corpus import CorpusError, iter_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,20 +107,21 @@ def read_tasks(task_dir, names=None, max_examples=None):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, context, continuations):
+def continuation_logprobs(model, tokenizer, context, continuations, context_data_spans=()):
     """Summed log-probability of each continuation after `context`.
 
     The text context + continuation is tokenised whole (as the model sees it) and the
     tokens that cover any continuation character are scored, so no tokenizer-specific
     boundary handling (SentencePiece's leading "▁", byte-level BPE merges) is needed.
-    The token prefix shared by all options runs once; its KV cache is repeated for a
-    padded batch of the options' remaining tokens.
+    Continuations and `context_data_spans` (e.g. the user's question in a chat prompt) are
+    data: special-token strings in them are text. The token prefix shared by all options
+    runs once; its KV cache is repeated for a padded batch of the options' remaining tokens.
     """
     sequences, first_scored = [], []
     for continuation in continuations:
-        encoding = tokenizer(context + continuation, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
-        first = next(i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > len(context))
+        ids, offsets = encode_rendered(tokenizer, context + continuation,
+                                       [*context_data_spans, (len(context), len(context) + len(continuation))])
+        first = next(i for i, (_, end) in enumerate(offsets) if end > len(context))
         if first == 0:
             raise ValueError("the context must contain at least one token before the continuation")
         sequences.append(ids)
@@ -163,7 +164,8 @@ def score_multiple_choice(model, tokenizer, template, example):
     """
     context = prompt_text(tokenizer, example["prompt"], template)
     answers = [answer_text(tokenizer, example["prompt"], choice, template) for choice in example["choices"]]
-    logprobs = continuation_logprobs(model, tokenizer, context, answers)
+    logprobs = continuation_logprobs(model, tokenizer, context, answers,
+                                     content_spans(context, [{"content": example["prompt"]}]))
     per_character = [lp / max(len(choice), 1) for lp, choice in zip(logprobs, example["choices"])]
     return int(np.argmax(per_character)), per_character
 
@@ -209,8 +211,7 @@ def generate_answers(model, tokenizer, template, prompts, max_new_characters, ba
     device = next(model.parameters()).device
     answers = []
     for first in range(0, len(prompts), batch_size):
-        contexts = [tokenizer(prompt_text(tokenizer, p, template), add_special_tokens=False)["input_ids"]
-                    for p in prompts[first:first + batch_size]]
+        contexts = [encode_prompt(tokenizer, p, template) for p in prompts[first:first + batch_size]]
         ids, mask = left_padded(contexts, pad)
         budget = CharacterBudget(tokenizer, ids.shape[1], max_new_characters, eos)
         output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
