@@ -11,9 +11,12 @@ raw base continued-pretrained with its own tokenizer on the same mix; the extend
 continued-pretrained. Both pretraining runs stop after the same number of corpus
 characters (`--max_train_characters`), so the raw base takes more, shorter-text steps.
 
-Time budget on 2 cores (the whole demo must stay under 15 minutes after the install):
-select ~40 s, tokenizer ~30 s, mix ~40 s, pretrain (extended) ~90 s, pretrain_base ~130 s,
-ablation ~330 s (3 two-step fine-tunes, 3 evaluations on small subsets, speed), publish ~20 s.
+Time budget on a quiet 2-core machine (the whole demo must stay under 15 minutes after the
+install; seconds, from the measured step times in BENCHMARKS.md): select 30, tokenizer 20,
+mix 40 (text and two token-shard folders), pretrain 150 (~8 steps of 1,024 tokens + start-up,
+evaluation, save), pretrain_base 240 (~18 steps: the raw tokenizer packs ~2.3x fewer
+characters per token), ablation 320 (3 two-step fine-tunes, 3 evaluations on small subsets,
+generation speed, contamination), publish 20: ~14 minutes at most, ~12 expected.
 """
 
 import os
@@ -32,9 +35,9 @@ from toolkit.reports import read_json, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "sample_data"
-# Corpus characters each pretraining arm reads: ~16 steps of 1,024 tokens for the extended
-# tokenizer on the demo mix, ~2.5x as many steps for the raw base's tokenizer.
-DEMO_TRAIN_CHARACTERS = "36000"
+# Corpus characters each pretraining arm reads: ~8 steps of 1,024 tokens for the extended
+# tokenizer on the demo mix (2.56 characters/token), ~18 for the raw base's (1.11).
+DEMO_TRAIN_CHARACTERS = "20000"
 
 
 @dataclass
