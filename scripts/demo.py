@@ -112,9 +112,10 @@ def stages(out, base_model):
              "--finetune", "--seeds", "0", "--sft_files", f"{SAMPLE}/sft/sft_ja.jsonl",
              "--task_dir", f"{SAMPLE}/tasks", "--output_dir", f"{out}/ablation",
              "--contamination_files", f"{out}/mix/text/*.jsonl.gz",
-             # demo sizes: one seed, 2-step fine-tunes, small subsets of every evaluation
+             # demo sizes: one seed, 2-step fine-tunes, small subsets of every evaluation;
+             # 544 tokens hold the longest SFT chat for the raw tokenizer (523), so no arm sees a cut chat
              "--finetune_max_train_steps", "2", "--finetune_per_device_train_batch_size", "1",
-             "--finetune_max_seq_length", "512", "--finetune_learning_rate", "5e-5",
+             "--finetune_max_seq_length", "544", "--finetune_learning_rate", "5e-5",
              "--max_eval_documents", "3", "--max_eval_characters", "400", "--max_task_examples", "6",
              "--max_new_characters", "40", "--speed_prompts", "4", "--speed_new_characters", "48",
              "--speed_repeats", "3"],
