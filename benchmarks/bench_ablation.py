@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Measure multiple-choice scoring: shared-prefix KV cache vs one pass per option.
+"""Measure the ablation's evaluation building blocks, each against its baseline in one process.
 
     python benchmarks/bench_ablation.py --model offline:smollm2-135m --task sample_data/tasks/continuation_mc.jsonl \\
         --max_examples 8 --output_dir outputs/bench_ablation
 
-Both ways run in the same process on the same questions; the report gives seconds,
-the ratio, and the largest score difference (they must agree).
+1. Multiple-choice scoring: shared-prefix KV cache vs one pass per option, on the same
+   questions: seconds, the ratio, and the largest score difference (they must agree).
+2. The character budget's cost: greedy generation that stops each row after
+   `--budget_characters` characters (a stopping criterion that decodes the new tokens at
+   every step) vs plain `generate` for the same number of new tokens.
 """
 
 import sys
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.chat import chat_template, prompt_text
-from toolkit.evaluation import continuation_logprobs, read_task
+from toolkit.evaluation import GreedyWriter, continuation_logprobs, read_task
 from toolkit.reports import write_json_atomic
 
 
@@ -30,6 +33,8 @@ class BenchArguments:
     model: str = field(default="offline:smollm2-135m")
     task: str = field(default="sample_data/tasks/continuation_mc.jsonl")
     max_examples: int = field(default=8)
+    budget_characters: int = field(default=48, metadata={"help": "Characters per row for the budget measurement."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs of each generation way (median)."})
     output_dir: str = field(default="outputs/bench_ablation")
 
 
@@ -43,6 +48,31 @@ def one_pass_per_option(model, tokenizer, context, options):
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
         scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(first, len(ids))))
     return scores
+
+
+@torch.no_grad()
+def character_budget_cost(model, tokenizer, prompts, args):
+    """Seconds of character-budgeted generation vs plain generate of as many new tokens, one
+    prompt at a time (so both ways generate exactly the same tokens)."""
+    writers = [GreedyWriter(model, tokenizer, [prompt], args.budget_characters, batch_size=1) for prompt in prompts]
+    writers[0]()  # warm-up
+
+    def plain(writer, steps):
+        (ids, mask), = writer.batches
+        began = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, pad_token_id=writer.pad, suppress_tokens=writer.suppressed)
+        return time.perf_counter() - began
+
+    budgeted = plain_total = tokens = 0.0
+    for writer in writers:
+        runs = sorted(writer() for _ in range(args.repeats))
+        seconds, _, new_tokens = runs[len(runs) // 2]
+        budgeted += seconds
+        tokens += new_tokens
+        plain_total += sorted(plain(writer, new_tokens) for _ in range(args.repeats))[args.repeats // 2]
+    return {"prompts": len(prompts), "budget_characters": args.budget_characters, "new_tokens": int(tokens),
+            "budgeted_seconds": budgeted, "plain_seconds_same_tokens": plain_total, "ratio": budgeted / plain_total}
 
 
 def main():
@@ -64,6 +94,7 @@ def main():
         "model": args.model, "task": args.task, "questions": len(examples), "seconds": timings,
         "speedup": timings["one_pass_per_option"] / timings["shared_prefix_cache"],
         "largest_score_difference_nats": largest, "torch_threads": torch.get_num_threads(),
+        "character_budget": character_budget_cost(model, tokenizer, [e["prompt"] for e in examples], args),
     }
     write_json_atomic(Path(args.output_dir) / "bench_ablation.json", report)
     print(report)

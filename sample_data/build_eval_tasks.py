@@ -160,6 +160,7 @@ def multiple_choice(kind, examples, num_choices, rng):
         tasks.append({
             "id": f"{kind}_mc-{index:04d}", "prompt": prompt_for(kind, example), "choices": choices,
             "label": choices.index(example[answer]), "source": example["source"], "origin": example["origin"],
+            "primary_metric": "accuracy",
         })
     return tasks
 
@@ -167,7 +168,8 @@ def multiple_choice(kind, examples, num_choices, rng):
 def generation(kind, examples):
     return [
         {"id": f"{kind}_generation-{index:04d}", "prompt": prompt_for(kind, example),
-         "reference": example[ANSWER_FIELD[kind]], "source": example["source"], "origin": example["origin"]}
+         "reference": example[ANSWER_FIELD[kind]], "source": example["source"], "origin": example["origin"],
+         "primary_metric": "char_f1"}
         for index, example in enumerate(examples)
     ]
 

@@ -5,6 +5,18 @@ Each stage is the command a user would type for their own run, printed before it
 with the demo's small sizes. A stage whose script is not in `scripts/` yet is listed as
 not available instead of run. At the end: where each artifact is, and a summary table
 read from the stages' JSON reports.
+
+The ablation has three arms, as the full recipe (README, "Ablation"): the raw base; the
+raw base continued-pretrained with its own tokenizer on the same mix; the extended base
+continued-pretrained. Both pretraining runs stop after the same number of corpus
+characters (`--max_train_characters`), so the raw base takes more, shorter-text steps.
+
+Time budget on a quiet 2-core machine (the whole demo must stay under 15 minutes after the
+install; seconds, from the measured step times in BENCHMARKS.md): select 30, tokenizer 20,
+mix 40 (text and two token-shard folders), pretrain 150 (~8 steps of 1,024 tokens + start-up,
+evaluation, save), pretrain_base 240 (~18 steps: the raw tokenizer packs ~2.3x fewer
+characters per token), ablation 320 (3 two-step fine-tunes, 3 evaluations on small subsets,
+generation speed, contamination), publish 20: ~14 minutes at most, ~12 expected.
 """
 
 import os
@@ -23,6 +35,9 @@ from toolkit.reports import read_json, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "sample_data"
+# Corpus characters each pretraining arm reads: ~8 steps of 1,024 tokens for the extended
+# tokenizer on the demo mix (2.56 characters/token), ~18 for the raw base's (1.11).
+DEMO_TRAIN_CHARACTERS = "20000"
 
 
 @dataclass
@@ -43,6 +58,11 @@ class Stage:
 def stages(out, base_model):
     """The recipe's stages, in order, with the demo's sizes."""
     launch_cpu = ["accelerate", "launch", "--config_file", "accelerate_configs/cpu_zero3_2proc.yaml"]
+    pretrain_sizes = ["--eval_files_ja", f"{SAMPLE}/eval/ja_eval.jsonl.gz",
+                      "--eval_files_en", f"{SAMPLE}/eval/en_eval.jsonl.gz",
+                      "--block_size", "256", "--per_device_train_batch_size", "2",
+                      "--max_train_characters", DEMO_TRAIN_CHARACTERS, "--max_eval_documents", "4",
+                      "--eval_at_start", "false"]
     return [
         Stage(
             "select", "select_data.py",
@@ -64,31 +84,41 @@ def stages(out, base_model):
             "mix", "mix_corpus.py",
             ["python", "scripts/mix_corpus.py", "--japanese_files", f"{out}/selection/selected.jsonl",
              "--english_files", f"{SAMPLE}/pool/data/en/en_clean_0000.jsonl.gz",
-             "--tokenizer", f"{out}/tokenizer", "--english_token_share", "0.1", "--output_dir", f"{out}/mix"],
+             "--tokenizer", f"{out}/tokenizer", "--extra_tokenizers", f"base={base_model}",
+             "--english_token_share", "0.1", "--output_dir", f"{out}/mix"],
             "mix/mix_report.json",
         ),
         Stage(
             "pretrain", "pretrain.py",
             launch_cpu + ["scripts/pretrain.py", "--model_name_or_path", base_model,
-                          "--tokenizer_name", f"{out}/tokenizer", "--train_files", f"{out}/mix/train.jsonl",
-                          "--eval_files_ja", f"{SAMPLE}/eval/ja_eval.jsonl.gz",
-                          "--eval_files_en", f"{SAMPLE}/eval/en_eval.jsonl.gz",
-                          "--block_size", "256", "--per_device_train_batch_size", "2",
-                          "--max_train_steps", "24", "--max_eval_documents", "4", "--eval_at_start", "false",
-                          "--output_dir", f"{out}/pretrain"],
+                          "--tokenizer_name", f"{out}/tokenizer", "--train_token_dir", f"{out}/mix/tokens",
+                          *pretrain_sizes, "--output_dir", f"{out}/pretrain"],
             "pretrain/training_report.json",
         ),
         Stage(
+            # arm 2 of the ablation: the raw base, its own tokenizer, the same mix and characters
+            "pretrain_base", "pretrain.py",
+            launch_cpu + ["scripts/pretrain.py", "--model_name_or_path", base_model,
+                          "--tokenizer_name", base_model, "--train_token_dir", f"{out}/mix/tokens-base",
+                          *pretrain_sizes, "--output_dir", f"{out}/pretrain-base"],
+            "pretrain-base/training_report.json",
+        ),
+        Stage(
             "ablation", "evaluate_ablation.py",
-            ["python", "scripts/evaluate_ablation.py", "--models", base_model, f"{out}/pretrain",
-             "--model_names", "base", "extended", "--finetune",
-             "--sft_files", f"{SAMPLE}/sft/sft_ja.jsonl",
+            ["python", "scripts/evaluate_ablation.py",
+             "--models", base_model, f"{out}/pretrain-base", f"{out}/pretrain",
+             "--model_names", "base", "continued", "extended",
+             "--effects", "data=continued:base", "tokenizer=extended:continued",
+             "--finetune", "--seeds", "0", "--sft_files", f"{SAMPLE}/sft/sft_ja.jsonl",
              "--task_dir", f"{SAMPLE}/tasks", "--output_dir", f"{out}/ablation",
-             # demo sizes: two 2-step fine-tunes, small subsets of every evaluation
+             "--contamination_files", f"{out}/mix/text/*.jsonl.gz",
+             # demo sizes: one seed, 2-step fine-tunes, small subsets of every evaluation;
+             # 544 tokens hold the longest SFT chat for the raw tokenizer (523), so no arm sees a cut chat
              "--finetune_max_train_steps", "2", "--finetune_per_device_train_batch_size", "1",
-             "--finetune_max_seq_length", "256", "--finetune_learning_rate", "5e-5",
-             "--max_eval_documents", "3", "--max_eval_characters", "400", "--max_task_examples", "8",
-             "--max_new_tokens", "48", "--lm_eval_limit", "4"],
+             "--finetune_max_seq_length", "544", "--finetune_learning_rate", "5e-5",
+             "--max_eval_documents", "3", "--max_eval_characters", "400", "--max_task_examples", "6",
+             "--max_new_characters", "40", "--speed_prompts", "4", "--speed_new_characters", "48",
+             "--speed_repeats", "3"],
             "ablation/ablation_results.json",
         ),
         Stage(
@@ -127,10 +157,16 @@ def key_figures(out):
                 rows.append((row["name"], f"{row['value']:.3f}"))
     if facts["ablation"]:
         f = facts["ablation"]
+        labels = f.get("comparisons") or f["compared"]
         for task in f["tasks"]:
             scores = " vs ".join(f"{s:.3f}" if s is not None else "-" for s in task["scores"])
-            outcome = ", ".join(c["outcome"] for c in task["comparisons"])
+            outcome = ", ".join(f"{label.split(':')[0]} {c['outcome']}" for label, c in zip(labels, task["comparisons"]))
             rows.append((f"{task['name']} ({task['metric']})", f"{' vs '.join(f['models'])}: {scores} [{outcome}]"))
+        for row in f.get("speed") or []:
+            rows.append((f"generation speed {row['model']}", f"{row['characters_per_second']:.1f} characters/s, "
+                                                             f"{row['tokens_per_second']:.1f} tokens/s"))
+        for row in f.get("speed_ratios") or []:
+            rows.append((f"speed ratio ({row['effect']})", f"{row['ratio']:.2f}x characters/s"))
     return rows
 
 

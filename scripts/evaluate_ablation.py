@@ -1,50 +1,81 @@
 #!/usr/bin/env python
-"""Fine-tuned ablation: does the extended base beat the raw base on Japanese?
+"""Fine-tuned ablation: what do the extended vocabulary and the continued pretraining each add?
 
-    python scripts/evaluate_ablation.py --models mistralai/Mistral-7B-v0.1 out/pretrain \\
-        --model_names base extended --finetune --sft_files sample_data/sft/sft_ja.jsonl \\
-        --task_dir sample_data/tasks --output_dir out/ablation
+    python scripts/evaluate_ablation.py \
+        --models mistralai/Mistral-7B-v0.1 out/pretrain-base out/pretrain \
+        --model_names base continued extended \
+        --effects data=continued:base tokenizer=extended:continued \
+        --finetune --seeds 0 1 2 --sft_files sample_data/sft/sft_ja.jsonl \
+        --contamination_files 'out/mix/text/*.jsonl.gz' --output_dir out/ablation
 
-A raw base model "doesn't benchmark well": it continues text and never learned to
-stop. So each model is first fine-tuned identically (`--finetune`: `scripts/finetune.py`
-under `accelerate launch`, the same hyperparameters, data and data order for every base),
-then every fine-tuned model is evaluated on the same things:
+The three arms (README, "Ablation"): the raw base; the raw base continued-pretrained with
+its own tokenizer on the same mix for the same number of characters; the extended base
+continued-pretrained. Arm 2 - arm 1 is the effect of the data, arm 3 - arm 2 the effect of
+the tokenizer. Any number of models works; `--effects NAME=A:B` names the differences
+A - B to report (default: each model minus the one before it).
 
-1. bits per character and per UTF-8 byte on held-out Japanese and English text
-   (`toolkit.metrics`): tokenizer-independent, fair across vocabularies;
+A raw base model "doesn't benchmark well": it continues text and never learned to stop.
+So each model is first fine-tuned identically (`--finetune`: `scripts/finetune.py` under
+`accelerate launch`, the same hyperparameters, data and data order for every base), once
+per seed of `--seeds`; then every fine-tuned model is evaluated on the same things, with
+budgets in characters, never tokens (a token budget gives a denser tokenizer more text):
+
+1. bits per character on held-out Japanese and English text (`toolkit.metrics`), with a
+   context window of `--bpc_window_characters` characters: tokenizer-independent;
 2. the multiple-choice tasks in `--task_dir` (log-likelihood per character of each
-   choice after the chat-rendered prompt) and the generation tasks (greedy answers,
-   exact match and character-level F1 / ROUGE-L through `evaluate` modules in `metrics/`);
-3. how often a generated answer stops with EOS within `--max_new_tokens`;
-4. lm-evaluation-harness tasks (`--lm_eval_tasks`): by default the bundled local task
-   (offline); with network e.g. the JGLUE tasks of its `japanese_leaderboard` group.
+   choice after the chat-rendered prompt) and the generation tasks (greedy answers of at
+   most `--max_new_characters` characters, exact match, character-level F1 / ROUGE-L
+   through `evaluate` modules in `metrics/`, and how often an answer stops with EOS);
+3. lm-evaluation-harness tasks (`--lm_eval_tasks`): e.g. the JGLUE tasks of
+   `sample_data/tasks/lm_eval/` (parquet, so they load with datasets 5; network);
+4. generation speed: characters and tokens per second of greedy generation, on the same
+   prompts, batch and device for every model: the practical gain of the extension;
+5. with `--contamination_files` (the pretraining mix), how many items of each task share
+   a 13-character n-gram with it (`toolkit.decontamination`).
 
-Every metric is compared with the first model (the baseline) per example, with a
-paired bootstrap 95% interval (seeded). A difference whose interval contains 0 is
-reported as within noise.
+The verdict counts ONE primary metric per task (declared in the task file; bits per
+character for held-out text; the first metric for lm-eval tasks); bits per byte, ROUGE-L,
+exact match and the EOS rate are shown, not counted. Each effect gets a paired bootstrap
+95% interval over seeds and examples and a p-value; Holm's correction runs across the
+tasks of each effect, and the table marks the differences that survive it.
 
 Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation_chart.png`,
-`<name>/predictions.jsonl` (every answer, for inspection), `finetuned/<name>/` (with --finetune).
+`<name>/seed<k>/predictions.jsonl` (every answer), `finetuned/<name>/seed<k>/` (--finetune).
 
 `ablation_results.json` schema (read by `publish.py` for the model card):
 
     {
-      "models": [{"name": str, "model": str (as given), "evaluated": str (path of the model
-                  evaluated: the fine-tuned one with --finetune), "finetune_report": dict|null}, ...],
-      "baseline": str,                      # name of the first model; differences are vs it
+      "models": [{"name": str, "model": str (as given), "runs": [{"seed": int|null,
+                  "evaluated": str (the model evaluated: the fine-tune with --finetune),
+                  "finetune_report": dict|null}]}, ...],
+      "baseline": str,                      # the first model
+      "effects": [{"name": str, "minuend": model name, "subtrahend": model name}],
+      "seeds": [int] | [null],              # fine-tuning seeds (null: evaluated as given)
       "metrics": [{
           "task": str,                      # "heldout_ja", "heading_mc", "lm_eval:<task>", ...
           "metric": str,                    # "bits_per_character", "accuracy", "char_f1", ...
+          "primary": bool,                  # counted in the verdict (one per task)
           "higher_is_better": bool,
           "examples": int,                  # documents or questions the figure is over
-          "values": {model name: float},
-          "differences": {model name (not the baseline): {
-              "difference": float,          # value(model) - value(baseline)
-              "ci95": [low, high],          # paired bootstrap over examples
+          "values": {model name: float},    # mean over seeds
+          "values_per_seed": {model name: [float per seed]},
+          "effects": {effect name: {
+              "difference": float,          # value(minuend) - value(subtrahend)
+              "ci95": [low, high],          # paired bootstrap over seeds and examples
+              "p_value": float,             # two-sided, from the same bootstrap
+              "p_holm": float|null,         # Holm-adjusted across the effect's primary rows
+              "survives_holm": bool|null,   # p_holm < alpha (primary rows only)
               "verdict": "better" | "worse" | "within noise"}}}, ...],
-      "verdict": str,                       # the one-paragraph answer
-      "settings": {...},                    # the arguments of the run
-      "bootstrap": {"samples": int, "seed": int, "confidence": 0.95},
+              # primary rows: better/worse only if it survives Holm; others: the interval alone
+      "generation_speed": {model name: {"characters_per_second", "tokens_per_second",
+                           "characters_per_token", "seconds", "prompts", "batch_size",
+                           "new_characters", "repeats", "device", ...}},
+      "speed_ratios": {effect name: characters/s of the minuend / of the subtrahend},
+      "contamination": null | {"ngram": int, "files": [str], "documents_scanned": int,
+                       "tasks": {task: {"items": int, "items_overlapping": int,
+                                        "mix_documents_overlapping": int}}},
+      "verdict": str,                       # the answer, effect by effect
+      "settings": {...}, "bootstrap": {"samples", "seed", "confidence", "alpha", "correction"},
       "timings_seconds": {...}
     }
 """
@@ -65,9 +96,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
 from toolkit.chat import chat_template, require_eos
-from toolkit.corpus import read_texts
+from toolkit.corpus import expand_paths, iter_records, read_texts
+from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, read_eval_items
 from toolkit.evaluation import (
-    generate_answers, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_tasks, score_multiple_choice,
+    bootstrap_difference, generate_answers, generation_speeds, holm_adjust, lm_eval_tasks, load_metric,
+    ratio_of_sums, read_tasks, score_multiple_choice,
 )
 from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
@@ -77,32 +110,53 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class AblationArguments:
-    models: list[str] = field(metadata={"help": "Base models (Hub ids, folders, offline: names); the first is the baseline."})
+    models: list[str] = field(metadata={"help": "Base models (Hub ids, folders, offline: names); the first is the baseline. "
+                                        "Three arms: raw base, raw base + continued pretraining, extended base + "
+                                        "continued pretraining."})
     output_dir: str = field(metadata={"help": "Where results, tables, charts and fine-tuned models go."})
     model_names: list[str] = field(default=None, metadata={"help": "A short name per model (default: model0, model1, ...)."})
+    effects: list[str] = field(
+        default=None, metadata={"help": "Differences to report, NAME=A:B meaning A - B (model names), e.g. "
+                                "data=continued:base tokenizer=extended:continued. Default: each model minus the one "
+                                "before it."})
     task_dir: str = field(default="sample_data/tasks", metadata={"help": "Folder of *.jsonl task files."})
     tasks: list[str] = field(default=None, metadata={"help": "Task file names (without .jsonl) to run; default all."})
     eval_files_ja: list[str] = field(default_factory=lambda: ["sample_data/eval/ja_eval.jsonl.gz"])
     eval_files_en: list[str] = field(default_factory=lambda: ["sample_data/eval/en_eval.jsonl.gz"])
     max_eval_documents: int = field(default=None, metadata={"help": "First N held-out documents per language."})
     max_eval_characters: int = field(default=None, metadata={"help": "Cut each held-out document to N characters."})
+    bpc_window_characters: int = field(
+        default=2048, metadata={"help": "Context window of bits per character, in characters of text (the same "
+                                "context for every tokenizer)."})
     max_task_examples: int = field(default=None, metadata={"help": "First N questions per task."})
-    max_new_tokens: int = field(
-        default=64, metadata={"help": "Token budget of a generated answer (a heading is at most 40 characters; a raw "
-                              "base tokenizer needs over one token per Japanese character)."}
-    )
+    max_new_characters: int = field(
+        default=48, metadata={"help": "A generated answer stops at EOS or after this many characters, whatever the "
+                              "tokenizer (a heading is at most 40 characters)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
+    speed_prompts: int = field(default=8, metadata={"help": "Held-out Japanese documents whose start prompts the "
+                                                    "generation-speed measurement (0 to skip it)."})
+    speed_prompt_characters: int = field(default=64, metadata={"help": "Characters of each speed prompt."})
+    speed_new_characters: int = field(default=64, metadata={"help": "Characters each speed prompt generates."})
+    speed_repeats: int = field(default=3, metadata={"help": "Timed rounds (every model once each; median per model), "
+                                                    "after a warm-up. All models are in memory together for it."})
+    contamination_files: list[str] = field(
+        default=None, metadata={"help": "The pretraining mix's text (JSONL[.gz] with a 'text' field, globs): report "
+                                "per task how many items share an n-gram with it."})
+    contamination_ngram: int = field(default=DEFAULT_NGRAM, metadata={"help": "Characters per n-gram."})
     chat_template: str = field(default="auto", metadata={"help": "auto (the tokenizer's, else the default), default, or a .jinja file."})
     lm_eval_tasks: list[str] = field(
-        default_factory=lambda: ["ja_debian_heading_mc"],
-        metadata={"help": "lm-evaluation-harness tasks; with network e.g. ja_leaderboard_jcommonsenseqa "
-                  "ja_leaderboard_jnli ja_leaderboard_marc_ja ja_leaderboard_jsquad. 'none' to skip."},
+        default_factory=lambda: ["none"],
+        metadata={"help": "lm-evaluation-harness tasks, e.g. (network) ja_jglue_jcommonsenseqa ja_jglue_jnli "
+                  "ja_jglue_marc_ja ja_jglue_jsquad from --lm_eval_include_path, and English retention "
+                  "mmlu_computer_security hellaswag arc_easy; offline: ja_debian_heading_mc (the heading_mc "
+                  "questions again, so not counted twice with it: use it to test the path). 'none' to skip."},
     )
     lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={"help": "Folder of local task YAMLs."})
     lm_eval_limit: int = field(default=None, metadata={"help": "Questions per lm-eval task (default all)."})
     lm_eval_num_fewshot: int = field(default=None, metadata={"help": "Few-shot examples (default: the task's own)."})
     bootstrap_samples: int = field(default=1000)
-    seed: int = field(default=0, metadata={"help": "Bootstrap seed (fine-tuning has its own --seed)."})
+    seed: int = field(default=0, metadata={"help": "Bootstrap seed (fine-tuning seeds: --seeds)."})
+    alpha: float = field(default=0.05, metadata={"help": "Family-wise error rate of Holm's correction, per effect."})
 
 
 @dataclass
@@ -110,6 +164,10 @@ class FinetuneSettings:
     """Passed to scripts/finetune.py identically for every model."""
 
     finetune: bool = field(default=False, metadata={"help": "Fine-tune every model identically before evaluating."})
+    seeds: list[int] = field(
+        default_factory=lambda: [42],
+        metadata={"help": "Fine-tune each model once per seed (same seeds for every model); intervals resample over "
+                  "seeds and examples."})
     sft_files: list[str] = field(default_factory=lambda: ["sample_data/sft/sft_ja.jsonl"])
     accelerate_config: str = field(
         default=None, metadata={"help": "accelerate config for finetune.py (default: the 2-process CPU one without CUDA)."}
@@ -119,12 +177,29 @@ class FinetuneSettings:
     finetune_learning_rate: float = field(default=2e-5)
     finetune_per_device_train_batch_size: int = field(default=4)
     finetune_gradient_accumulation_steps: int = field(default=1)
-    finetune_max_seq_length: int = field(default=512)
-    finetune_seed: int = field(default=42, metadata={"help": "Same data order and initialisation for every model."})
+    finetune_max_seq_length: int = field(
+        default=1024, metadata={"help": "Tokens per chat; set it so that no chat is cut for any tokenizer (the "
+                                "reports count cut chats, and the verdict warns when the arms saw different data)."})
     finetune_extra_args: str = field(default="", metadata={"help": "More finetune.py arguments, same for every model."})
 
 
-def finetune_command(model, output_dir, args, settings):
+def parse_effects(specs, names):
+    """[(effect name, minuend, subtrahend)] from NAME=A:B specs, checked against the model names."""
+    if not specs:
+        return [(f"{later} − {earlier}", later, earlier) for earlier, later in zip(names, names[1:])]
+    effects = []
+    for spec in specs:
+        name, _, pair = spec.partition("=")
+        minuend, _, subtrahend = pair.partition(":")
+        if not name or minuend not in names or subtrahend not in names or minuend == subtrahend:
+            raise ValueError(f"--effects {spec!r}: expected NAME=A:B with two different model names among {names}")
+        effects.append((name, minuend, subtrahend))
+    if len({name for name, _, _ in effects}) != len(effects):
+        raise ValueError(f"--effects: names must be distinct, got {[name for name, _, _ in effects]}")
+    return effects
+
+
+def finetune_command(model, output_dir, args, settings, seed):
     config = settings.accelerate_config or (
         None if torch.cuda.is_available() else str(REPO_ROOT / "accelerate_configs" / "cpu_zero3_2proc.yaml")
     )
@@ -137,7 +212,7 @@ def finetune_command(model, output_dir, args, settings):
         "--learning_rate", str(settings.finetune_learning_rate),
         "--per_device_train_batch_size", str(settings.finetune_per_device_train_batch_size),
         "--gradient_accumulation_steps", str(settings.finetune_gradient_accumulation_steps),
-        "--max_seq_length", str(settings.finetune_max_seq_length), "--seed", str(settings.finetune_seed),
+        "--max_seq_length", str(settings.finetune_max_seq_length), "--seed", str(seed),
         "--num_train_epochs", str(settings.finetune_num_train_epochs), "--report_to", "none",
     ]
     if settings.finetune_max_train_steps:
@@ -145,10 +220,10 @@ def finetune_command(model, output_dir, args, settings):
     return command + settings.finetune_extra_args.split()
 
 
-def run_finetune(name, model, args, settings):
-    output = Path(args.output_dir) / "finetuned" / name
-    command = finetune_command(model, output, args, settings)
-    print(f"\n--- fine-tuning {name}: {' '.join(command)}", flush=True)
+def run_finetune(name, model, args, settings, seed):
+    output = Path(args.output_dir) / "finetuned" / name / f"seed{seed}"
+    command = finetune_command(model, output, args, settings, seed)
+    print(f"\n--- fine-tuning {name} (seed {seed}): {' '.join(command)}", flush=True)
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts")})
     return str(output), read_json(output / "finetune_report.json")
 
@@ -170,19 +245,25 @@ def heldout_texts(files, args):
     return [text[: args.max_eval_characters] for text in texts] if args.max_eval_characters else texts
 
 
+LOWER_IS_BETTER = {"bits_per_character", "bits_per_byte"}
+RATIO_METRICS = {"bits_per_character", "bits_per_byte"}
+
+
 def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predictions_path):
-    """Per-example results of one model: {(task, metric): list}, plus aggregate-only figures."""
+    """Per-example results of one model: {(task, metric): list}, and {task: its primary metric}."""
     template = chat_template(tokenizer, args.chat_template)
-    per_example = {}
+    per_example, primary = {}, {}
     for language, texts in heldout.items():
         rows = []
         for text in tqdm(texts, desc=f"bits/char {language}", leave=False):
-            figures = bits_per_character(model, tokenizer, [text])
+            figures = bits_per_character(model, tokenizer, [text], window_characters=args.bpc_window_characters)
             rows.append((figures.nll_nats, figures.characters, figures.utf8_bytes))
         per_example[(f"heldout_{language}", "bits_per_character")] = [(nll, chars) for nll, chars, _ in rows]
         per_example[(f"heldout_{language}", "bits_per_byte")] = [(nll, size) for nll, _, size in rows]
+        primary[f"heldout_{language}"] = "bits_per_character"  # bits per byte: the same measurement, shown only
     predictions = []
     for task in tasks:
+        primary[task.name] = task.primary_metric
         if task.kind == "multiple_choice":
             correct = []
             for example in tqdm(task.examples, desc=task.name, leave=False):
@@ -193,7 +274,7 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
             per_example[(task.name, "accuracy")] = correct
         else:
             generated = generate_answers(model, tokenizer, template, [e["prompt"] for e in task.examples],
-                                         args.max_new_tokens, batch_size=args.generation_batch_size)
+                                         args.max_new_characters, batch_size=args.generation_batch_size)
             answers = [text for text, _, _ in generated]
             stopped = [float(eos) for _, eos, _ in generated]
             for example, (text, eos, length) in zip(task.examples, generated):
@@ -204,9 +285,9 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
                 predictions=answers, references=references, regexes_to_ignore=[r"^\s+", r"\s+$"], return_scores=True
             )
             characters = metric_modules["char_f1"].compute(predictions=answers, references=references, return_scores=True)
-            per_example[(task.name, "exact_match")] = exact["scores"]
             per_example[(task.name, "char_f1")] = characters["char_f1_scores"]
             per_example[(task.name, "char_rouge_l")] = characters["char_rouge_l_scores"]
+            per_example[(task.name, "exact_match")] = exact["scores"]
             per_example[(task.name, "stops_with_eos")] = stopped
     if args.lm_eval_tasks and args.lm_eval_tasks != ["none"]:
         results = lm_eval_tasks(model, tokenizer, args.lm_eval_tasks, include_path=args.lm_eval_include_path,
@@ -214,107 +295,196 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
         for task, samples in results["samples"].items():
             for metric, values in samples.items():
                 per_example[(f"lm_eval:{task}", metric)] = values
+            # the task's first metric is primary (acc before acc_norm; exact_match for JSQuAD)
+            primary[f"lm_eval:{task}"] = next(iter(samples))
     with open(predictions_path, "w", encoding="utf-8") as stream:
         for row in predictions:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return per_example
-
-
-LOWER_IS_BETTER = {"bits_per_character", "bits_per_byte"}
+    return per_example, primary
 
 
 def aggregate(metric, values):
-    if metric == "bits_per_character" or metric == "bits_per_byte":
-        return ratio_of_sums(values)
-    return float(np.mean(values))
+    return ratio_of_sums(values) if metric in RATIO_METRICS else float(np.mean(values))
 
 
-def compare(names, results, args):
-    """One row per (task, metric): values, and differences to the baseline with intervals."""
-    baseline = names[0]
+def compare(names, effects, results, primary, args):
+    """One row per (task, metric): values (mean over seeds), and each effect with its interval,
+    p-value, and Holm's correction across the primary rows of that effect."""
     rows = []
-    for key in results[baseline]:
+    for key in results[names[0]][0]:
         task, metric = key
-        statistic = ratio_of_sums if metric in LOWER_IS_BETTER else np.mean
+        statistic = ratio_of_sums if metric in RATIO_METRICS else np.mean
         higher_is_better = metric not in LOWER_IS_BETTER
-        row = {"task": task, "metric": metric, "higher_is_better": higher_is_better,
-               "examples": len(results[baseline][key]),
-               "values": {name: aggregate(metric, results[name][key]) for name in names}, "differences": {}}
-        for name in names[1:]:
-            low, high = paired_bootstrap(results[baseline][key], results[name][key], statistic=statistic,
-                                         num_samples=args.bootstrap_samples, seed=args.seed)
-            difference = row["values"][name] - row["values"][baseline]
-            if low <= 0 <= high:
-                verdict = "within noise"
-            else:
-                verdict = "better" if (difference > 0) == higher_is_better else "worse"
-            row["differences"][name] = {"difference": difference, "ci95": [low, high], "verdict": verdict}
+        per_seed = {name: [aggregate(metric, run[key]) for run in results[name]] for name in names}
+        row = {"task": task, "metric": metric, "primary": primary.get(task) == metric,
+               "higher_is_better": higher_is_better, "examples": len(results[names[0]][0][key]),
+               "values": {name: float(np.mean(per_seed[name])) for name in names},
+               "values_per_seed": per_seed, "effects": {}}
+        for effect, minuend, subtrahend in effects:
+            figures = bootstrap_difference([run[key] for run in results[subtrahend]],
+                                           [run[key] for run in results[minuend]], statistic=statistic,
+                                           num_samples=args.bootstrap_samples, seed=args.seed)
+            difference = row["values"][minuend] - row["values"][subtrahend]
+            low, high = figures["ci95"]
+            row["effects"][effect] = {"difference": difference, **figures, "p_holm": None, "survives_holm": None,
+                                      "verdict": reading(low, high, difference, higher_is_better)}
         rows.append(row)
+    for effect, _, _ in effects:
+        counted = [row for row in rows if row["primary"]]
+        for row, adjusted in zip(counted, holm_adjust([row["effects"][effect]["p_value"] for row in counted])):
+            entry = row["effects"][effect]
+            entry["p_holm"], entry["survives_holm"] = adjusted, adjusted < args.alpha
+            if not entry["survives_holm"]:
+                entry["verdict"] = "within noise"
     return rows
 
 
-def verdict_paragraph(names, rows):
+def reading(low, high, difference, higher_is_better):
+    if low <= 0 <= high:
+        return "within noise"
+    return "better" if (difference > 0) == higher_is_better else "worse"
+
+
+def verdict_paragraph(names, effects, rows, speed, alpha):
     if len(names) < 2:
         return f"Only one model ({names[0]}) was evaluated: nothing to compare."
+    counted = [row for row in rows if row["primary"]]
     sentences = []
-    for name in names[1:]:
-        better = [f"{r['task']} {r['metric']}" for r in rows if r["differences"][name]["verdict"] == "better"]
-        worse = [f"{r['task']} {r['metric']}" for r in rows if r["differences"][name]["verdict"] == "worse"]
-        noise = [r for r in rows if r["differences"][name]["verdict"] == "within noise"]
-        sentence = f"Compared with {names[0]}, {name} is better on {len(better)} of {len(rows)} figures"
-        sentence += f" ({', '.join(better)})" if better else ""
-        sentence += f", worse on {len(worse)}" + (f" ({', '.join(worse)})" if worse else "")
-        sentence += (f", and within noise on {len(noise)}: their paired bootstrap 95% intervals contain zero, so "
-                     "these tasks, at this size, cannot tell the models apart.") if noise else "."
+    for effect, minuend, subtrahend in effects:
+        better = [row["task"] for row in counted if row["effects"][effect]["verdict"] == "better"]
+        worse = [row["task"] for row in counted if row["effects"][effect]["verdict"] == "worse"]
+        sentence = (f"{effect} ({minuend} − {subtrahend}): better on {len(better)} of {len(counted)} tasks"
+                    + (f" ({', '.join(better)})" if better else "") + f", worse on {len(worse)}"
+                    + (f" ({', '.join(worse)})" if worse else "")
+                    + f" after Holm's correction at {alpha:g}; no detectable difference on the rest.")
+        if minuend in speed and subtrahend in speed:
+            fast, slow = speed[minuend]["characters_per_second"], speed[subtrahend]["characters_per_second"]
+            sentence += (f" Generation speed: {fast:.1f} vs {slow:.1f} characters/s ({fast / slow:.2f}x; "
+                         f"{speed[minuend]['characters_per_token']:.2f} vs "
+                         f"{speed[subtrahend]['characters_per_token']:.2f} characters/token).")
         sentences.append(sentence)
-    sizes = sorted({r["examples"] for r in rows})
-    sentences.append(f"Each figure is over {sizes[0]}-{sizes[-1]} examples; small home-made tasks over Debian "
-                     "manuals, not public benchmarks, so treat differences inside the intervals as no difference.")
+    sizes = sorted({r["examples"] for r in counted})
+    sentences.append(f"One primary metric per task is counted; related figures are shown, not counted. Each task has "
+                     f"{sizes[0]}-{sizes[-1]} examples: small home-made tasks over Debian manuals, not public "
+                     "benchmarks, so read \"no detectable difference\" as \"these tasks, at this size, cannot tell\".")
     return " ".join(sentences)
 
 
-def markdown_table(names, rows):
-    others = names[1:]
-    header = ["task", "metric", "n"] + names + [f"{n} − {names[0]}" for n in others] + [f"95% CI ({n})" for n in others]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
-    for row in rows:
-        cells = [row["task"], row["metric"] + (" ↑" if row["higher_is_better"] else " ↓"), str(row["examples"])]
-        cells += [f"{row['values'][n]:.3f}" for n in names]
-        cells += [f"{row['differences'][n]['difference']:+.3f}" for n in others]
-        cells += [f"[{row['differences'][n]['ci95'][0]:+.3f}, {row['differences'][n]['ci95'][1]:+.3f}] "
-                  f"{row['differences'][n]['verdict']}" for n in others]
+def markdown_table(names, effects, rows, speed, contamination):
+    header = ["task", "metric", "n"] + names
+    for effect, _, _ in effects:
+        header += [f"{effect}", "95% CI", "p (Holm)", "reading"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(names) + 1)
+             + "---:|---|---:|---|" * len(effects)]
+    for row in sorted(rows, key=lambda r: not r["primary"]):
+        metric = ("**" + row["metric"] + "**" if row["primary"] else row["metric"]) + (
+            " ↑" if row["higher_is_better"] else " ↓")
+        cells = [row["task"], metric, str(row["examples"])] + [f"{row['values'][n]:.3f}" for n in names]
+        for effect, _, _ in effects:
+            entry = row["effects"][effect]
+            holm = (f"{entry['p_holm']:.3f}" + (" ✓" if entry["survives_holm"] else "")) if row["primary"] else "not counted"
+            cells += [f"{entry['difference']:+.3f}", f"[{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]", holm,
+                      entry["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\nBold: the task's primary metric, the only one counted; ✓: the difference survives " \
+                             "Holm's correction across the tasks of that effect.\n"
+    if speed:
+        text += ("\n| generation speed | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+                 + "| characters/s | " + " | ".join(f"{speed[n]['characters_per_second']:.1f}" for n in names) + " |\n"
+                 + "| tokens/s | " + " | ".join(f"{speed[n]['tokens_per_second']:.1f}" for n in names) + " |\n"
+                 + "| characters/token | " + " | ".join(f"{speed[n]['characters_per_token']:.2f}" for n in names)
+                 + " |\n")
+        first = speed[names[0]]
+        text += (f"\nGreedy generation, EOS suppressed, {first['new_characters']} new characters for each of "
+                 f"{first['prompts']} held-out Japanese prompts, batch {first['batch_size']}, on {first['device']}, "
+                 f"median of {first['repeats']} runs.\n")
+    if contamination:
+        text += (f"\n| contamination ({contamination['ngram']}-gram overlap with the pretraining mix, "
+                 f"{contamination['documents_scanned']:,} documents) | items | overlapping |\n|---|---:|---:|\n")
+        for task, entry in contamination["tasks"].items():
+            text += f"| {task} | {entry['items']} | {entry['items_overlapping']} |\n"
+    return text
 
 
-def bar_chart(names, rows, path):
+def bar_chart(names, effects, rows, speed, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = [row for row in rows if row["primary"]]
+    panels = len(shown) + (1 if speed else 0)
     columns = 4
-    lines = (len(rows) + columns - 1) // columns
+    lines = (panels + columns - 1) // columns
     figure, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.8 * lines), squeeze=False)
-    for axis, row in zip(axes.flat, rows):
-        values = [row["values"][n] for n in names]
-        axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
-        axis.set_title(f"{row['task']}\n{row['metric']} {'↑' if row['higher_is_better'] else '↓'}", fontsize=8)
+    colours = [f"C{i}" for i in range(len(names))]
+    for axis, row in zip(axes.flat, shown):
+        axis.bar(names, [row["values"][n] for n in names], color=colours)
+        marks = " ".join(f"{effect}{'✓' if row['effects'][effect]['survives_holm'] else ''}" for effect, _, _ in effects)
+        axis.set_title(f"{row['task']}\n{row['metric']} {'↑' if row['higher_is_better'] else '↓'}  {marks}", fontsize=7)
         axis.tick_params(labelsize=7)
         if row["higher_is_better"]:  # rates and accuracies
             axis.set_ylim(0, 1.05)
-        for name in names[1:]:
-            low, high = row["differences"][name]["ci95"]
-            index = names.index(name)
-            base = row["values"][names[0]]
-            axis.errorbar(index, values[index], yerr=[[max(values[index] - (base + low), 0)],
-                                                       [max(base + high - values[index], 0)]], color="k", capsize=3)
-    for axis in list(axes.flat)[len(rows):]:
+        for effect, minuend, subtrahend in effects:  # whisker on the minuend: the interval of its difference
+            low, high = row["effects"][effect]["ci95"]
+            index, value = names.index(minuend), row["values"][minuend]
+            base = row["values"][subtrahend]
+            axis.errorbar(index, value, yerr=[[max(value - (base + low), 0)], [max(base + high - value, 0)]],
+                          color="k", capsize=3)
+    if speed:
+        axis = list(axes.flat)[len(shown)]
+        axis.bar(names, [speed[n]["characters_per_second"] for n in names], color=colours)
+        axis.set_title("generation speed\ncharacters/s ↑", fontsize=7)
+        axis.tick_params(labelsize=7)
+    for axis in list(axes.flat)[panels:]:
         axis.axis("off")
-    figure.suptitle("fine-tuned ablation (bars: value; whiskers: 95% CI of the difference to the baseline)", fontsize=9)
+    figure.suptitle("fine-tuned ablation: primary metrics (whiskers: 95% CI of each effect, on its first model; "
+                    "✓: survives Holm)", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def contamination_report(tasks, patterns, n):
+    """Per task: items sharing an n-gram with the mix, and mix documents sharing one with the task.
+
+    Pass 1 streams the mix against an index of all task items and keeps the (few) documents
+    that overlap; pass 2 indexes those documents and asks which items they overlap.
+    """
+    index = EvalNgramIndex(n)
+    items = {task.name: read_eval_items(task.path) for task in tasks}
+    for name, texts in items.items():
+        index.add(name, texts)
+    paths = expand_paths(patterns)
+    if not paths:
+        raise FileNotFoundError(f"--contamination_files {patterns}: no such files")
+    flagged, documents, per_task_documents = [], 0, {name: 0 for name in items}
+    batch = []
+
+    def scan(batch):
+        for text, overlapping in zip(batch, index.overlapping_tasks(batch)):
+            for name in overlapping:
+                per_task_documents[name] += 1
+            if overlapping:
+                flagged.append(text)
+
+    for path in tqdm(paths, desc="contamination", leave=False):
+        for _, record in iter_records(path):
+            batch.append(record["text"])
+            documents += 1
+            if len(batch) == 2000:
+                scan(batch)
+                batch = []
+    if batch:
+        scan(batch)
+    mix_index = EvalNgramIndex(n)
+    mix_index.add("mix", flagged)
+    report = {}
+    for name, texts in items.items():
+        overlapping = sum(bool(found) for found in mix_index.overlapping_tasks(texts)) if flagged else 0
+        report[name] = {"items": len(texts), "items_overlapping": overlapping,
+                        "mix_documents_overlapping": per_task_documents[name]}
+    return {"ngram": n, "files": [str(p) for p in paths], "documents_scanned": documents, "tasks": report}
 
 
 def main():
@@ -322,6 +492,12 @@ def main():
     names = args.model_names or [f"model{i}" for i in range(len(args.models))]
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise ValueError(f"--model_names needs {len(args.models)} distinct names, got {names}")
+    effects = parse_effects(args.effects, names)
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(f"--seeds must be distinct, got {settings.seeds}")
+    if not settings.finetune and len(settings.seeds) > 1:
+        raise ValueError("--seeds with several seeds needs --finetune (the seeds are fine-tuning seeds)")
+    seeds = settings.seeds if settings.finetune else [None]
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -331,46 +507,76 @@ def main():
         require_eos(AutoTokenizer.from_pretrained(assets.resolve(model)), model)
     tasks = read_tasks(args.task_dir, args.tasks, args.max_task_examples)
     heldout = {"ja": heldout_texts(args.eval_files_ja, args), "en": heldout_texts(args.eval_files_en, args)}
+    speed_prompts = [text[: args.speed_prompt_characters] for text in heldout["ja"][: args.speed_prompts]]
     metric_modules = {name: load_metric(name) for name in ("exact_match", "char_f1")}
+    contamination = None
+    if args.contamination_files:
+        started = time.time()
+        contamination = contamination_report(tasks, args.contamination_files, args.contamination_ngram)
+        timings["contamination"] = time.time() - started
 
     models = []
     for name, model in zip(names, args.models):
-        evaluated, report = assets.resolve(model), None
-        if settings.finetune:
-            started = time.time()
-            evaluated, report = run_finetune(name, evaluated, args, settings)
-            timings[f"finetune_{name}"] = time.time() - started
-        models.append({"name": name, "model": model, "evaluated": evaluated, "finetune_report": report})
+        runs = []
+        for seed in seeds:
+            evaluated, report = assets.resolve(model), None
+            if settings.finetune:
+                started = time.time()
+                evaluated, report = run_finetune(name, evaluated, args, settings, seed)
+                timings[f"finetune_{name}_seed{seed}"] = time.time() - started
+            runs.append({"seed": seed, "evaluated": evaluated, "finetune_report": report})
+        models.append({"name": name, "model": model, "runs": runs})
 
-    results = {}
+    results, primary, speed = {}, {}, {}
     for entry in models:
+        results[entry["name"]] = []
+        for run in entry["runs"]:
+            started = time.time()
+            model, tokenizer = load_model(run["evaluated"])
+            folder = output / entry["name"] / (f"seed{run['seed']}" if run["seed"] is not None else "as-given")
+            folder.mkdir(parents=True, exist_ok=True)
+            per_example, primary_of = evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules,
+                                                     folder / "predictions.jsonl")
+            results[entry["name"]].append(per_example)
+            primary.update(primary_of)
+            timings[f"evaluate_{entry['name']}_seed{run['seed']}"] = time.time() - started
+            del model
+            gc.collect()
+    if speed_prompts:  # every arm's first fine-tune in memory at once, timed in interleaved rounds
         started = time.time()
-        model, tokenizer = load_model(entry["evaluated"])
-        (output / entry["name"]).mkdir(exist_ok=True)
-        results[entry["name"]] = evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules,
-                                                output / entry["name"] / "predictions.jsonl")
-        del model
+        arms = {entry["name"]: load_model(entry["runs"][0]["evaluated"]) for entry in models}
+        speed = generation_speeds(arms, speed_prompts, new_characters=args.speed_new_characters,
+                                  batch_size=args.generation_batch_size, repeats=args.speed_repeats)
+        del arms
         gc.collect()
-        timings[f"evaluate_{entry['name']}"] = time.time() - started
+        timings["generation_speed"] = time.time() - started
 
-    rows = compare(names, results, args)
-    verdict = verdict_paragraph(names, rows)
+    rows = compare(names, effects, results, primary, args)
+    verdict = verdict_paragraph(names, effects, rows, speed, args.alpha)
     if settings.finetune:
-        seen = {(m["finetune_report"]["examples"], m["finetune_report"]["steps"]) for m in models}
-        if len(seen) > 1:  # e.g. --max_seq_length too short for one tokenizer's prompts
-            verdict += (" Caution: the fine-tunes did not see the same data (examples, steps per model: "
-                        + ", ".join(f"{m['name']} {m['finetune_report']['examples']}, {m['finetune_report']['steps']}"
-                                    for m in models) + ").")
+        seen = {(run["seed"], run["finetune_report"]["examples"], run["finetune_report"]["steps"],
+                 run["finetune_report"]["truncated"]) for m in models for run in m["runs"]}
+        if len(seen) > len(seeds):  # e.g. --finetune_max_seq_length too short for one tokenizer's chats
+            verdict += (" Caution: the fine-tunes did not see the same data (seed: examples, steps, chats cut): "
+                        + "; ".join(f"{m['name']} seed {run['seed']}: {run['finetune_report']['examples']}, "
+                                    f"{run['finetune_report']['steps']}, {run['finetune_report']['truncated']}"
+                                    for m in models for run in m["runs"]) + ".")
     else:
         verdict += " The models were evaluated as given (no --finetune)."
-    table = markdown_table(names, rows)
+    speed_ratios = {effect: speed[a]["characters_per_second"] / speed[b]["characters_per_second"]
+                    for effect, a, b in effects if a in speed and b in speed}
+    table = markdown_table(names, effects, rows, speed, contamination)
     (output / "ablation_table.md").write_text(table + "\n" + verdict + "\n", encoding="utf-8")
-    bar_chart(names, rows, output / "ablation_chart.png")
+    bar_chart(names, effects, rows, speed, output / "ablation_chart.png")
     write_json_atomic(output / "ablation_results.json", {
-        "models": models, "baseline": names[0], "metrics": rows, "verdict": verdict,
-        "settings": {**asdict(args), **asdict(settings)},
-        "tasks": [{"name": t.name, "kind": t.kind, "path": t.path, "examples": len(t.examples)} for t in tasks],
-        "bootstrap": {"samples": args.bootstrap_samples, "seed": args.seed, "confidence": 0.95},
+        "models": models, "baseline": names[0],
+        "effects": [{"name": e, "minuend": a, "subtrahend": b} for e, a, b in effects], "seeds": seeds,
+        "metrics": rows, "generation_speed": speed, "speed_ratios": speed_ratios, "contamination": contamination,
+        "verdict": verdict, "settings": {**asdict(args), **asdict(settings)},
+        "tasks": [{"name": t.name, "kind": t.kind, "path": t.path, "examples": len(t.examples),
+                   "primary_metric": t.primary_metric} for t in tasks],
+        "bootstrap": {"samples": args.bootstrap_samples, "seed": args.seed, "confidence": 0.95,
+                      "alpha": args.alpha, "correction": "holm", "resampled": "seeds and examples"},
         "timings_seconds": timings,
     })
     print("\n" + table + "\n" + verdict)

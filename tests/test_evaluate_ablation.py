@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from extended_tokenizers import extend_with_merges
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import (
-    TaskError, continuation_logprobs, generate_answers, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task,
-    score_multiple_choice,
+    CharacterBudget, TaskError, bootstrap_difference, continuation_logprobs, generate_answers, generation_speeds,
+    holm_adjust, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task, score_multiple_choice,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,33 +114,65 @@ def test_bad_task_files_name_file_and_line(tmp_path, content, message):
 def run_ablation(tmp_path, *extra):
     command = [sys.executable, "scripts/evaluate_ablation.py", "--output_dir", str(tmp_path / "out"),
                "--task_dir", "sample_data/tasks", "--max_eval_documents", "2", "--max_eval_characters", "300",
-               "--max_task_examples", "3", "--max_new_tokens", "4", "--lm_eval_limit", "2",
-               "--bootstrap_samples", "50", *extra]
+               "--max_task_examples", "3", "--max_new_characters", "6", "--lm_eval_limit", "2",
+               "--bootstrap_samples", "50", "--speed_prompts", "2", "--speed_new_characters", "8",
+               "--speed_repeats", "1", *extra]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+def extended_tiny_model(tiny_mistral_path, folder):
+    """tiny-mistral with a few Japanese merges added and its embeddings resized: an 'extended' arm."""
+    extend_with_merges(tiny_mistral_path, ["日本語", "設定", "ファイル"], folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral_path)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(folder)))
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.slow
-def test_identical_models_differ_by_nothing_and_the_verdict_says_noise(tmp_path, tiny_mistral_path):
+def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_mistral_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_mistral_path, copy)
-    done = run_ablation(tmp_path, "--models", "offline:tiny-mistral", str(copy), "--model_names", "base", "copy")
+    extended = extended_tiny_model(tiny_mistral_path, tmp_path / "extended")
+    mix = tmp_path / "mix.jsonl"
+    item = json.loads((REPO / "sample_data/tasks/heading_mc.jsonl").read_text().splitlines()[0])
+    mix.write_text(json.dumps({"text": "前置き。" + item["prompt"][-60:]}, ensure_ascii=False) + "\n"
+                   + json.dumps({"text": "関係のない文章です。" * 5}, ensure_ascii=False) + "\n")
+    done = run_ablation(tmp_path, "--models", "offline:tiny-mistral", str(copy), str(extended),
+                        "--model_names", "base", "continued", "extended",
+                        "--effects", "data=continued:base", "tokenizer=extended:continued",
+                        "--lm_eval_tasks", "ja_debian_heading_mc", "--contamination_files", str(mix))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "ablation_results.json").read_text())
-    assert results["baseline"] == "base" and [m["name"] for m in results["models"]] == ["base", "copy"]
-    tasks = {(row["task"], row["metric"]) for row in results["metrics"]}
+    assert results["baseline"] == "base" and [m["name"] for m in results["models"]] == ["base", "continued", "extended"]
+    assert results["effects"] == [{"name": "data", "minuend": "continued", "subtrahend": "base"},
+                                  {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}]
+    rows = {(row["task"], row["metric"]): row for row in results["metrics"]}
     assert {("heldout_ja", "bits_per_character"), ("heldout_en", "bits_per_byte"), ("heading_mc", "accuracy"),
             ("heading_generation", "char_f1"), ("heading_generation", "stops_with_eos"),
-            ("lm_eval:ja_debian_heading_mc", "acc")} <= tasks
-    for row in results["metrics"]:
-        difference = row["differences"]["copy"]
-        assert row["values"]["base"] == row["values"]["copy"]
-        assert difference["difference"] == 0 and difference["ci95"] == [0.0, 0.0]
-        assert difference["verdict"] == "within noise"
-    assert "within noise" in results["verdict"]
+            ("lm_eval:ja_debian_heading_mc", "acc")} <= set(rows)
+    primary = sorted(task for task, metric in rows if rows[(task, metric)]["primary"])
+    assert primary == sorted(["heldout_ja", "heldout_en", "continuation_mc", "heading_mc", "manpage_mc",
+                              "heading_generation", "lm_eval:ja_debian_heading_mc"])  # one per task
+    assert rows[("heading_generation", "char_f1")]["primary"] and not rows[("heading_generation", "char_rouge_l")]["primary"]
+    assert not rows[("heldout_ja", "bits_per_byte")]["primary"]
+    for row in results["metrics"]:  # base and its copy: the data effect is exactly zero
+        data = row["effects"]["data"]
+        assert row["values"]["base"] == row["values"]["continued"]
+        assert data["difference"] == 0 and data["ci95"] == [0.0, 0.0] and data["verdict"] == "within noise"
+        assert (data["p_holm"] == 1.0) if row["primary"] else data["p_holm"] is None
+    assert "data (continued − base): better on 0 of 7 tasks" in results["verdict"]
+    assert "tokenizer (extended − continued)" in results["verdict"]
+    assert set(results["generation_speed"]) == {"base", "continued", "extended"}
+    assert all(s["characters_per_second"] > 0 and s["tokens_per_second"] > 0 for s in results["generation_speed"].values())
+    assert set(results["speed_ratios"]) == {"data", "tokenizer"}
+    contamination = results["contamination"]["tasks"]
+    assert contamination["heading_mc"]["items_overlapping"] >= 1 and contamination["heading_mc"]["items"] == 81
+    assert contamination["manpage_mc"]["items_overlapping"] == 0
     table = (tmp_path / "out" / "ablation_table.md").read_text()
-    assert "| heading_mc | accuracy ↑ | 3 |" in table
+    assert "| heading_mc | **accuracy** ↑ | 3 |" in table and "characters/s" in table and "not counted" in table
     assert (tmp_path / "out" / "ablation_chart.png").stat().st_size > 0
-    predictions = (tmp_path / "out" / "base" / "predictions.jsonl").read_text().splitlines()
+    predictions = (tmp_path / "out" / "base" / "as-given" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 3 * 4  # 3 questions per task file
 
 
@@ -167,21 +200,255 @@ def test_batched_generation_matches_one_prompt_at_a_time(tiny):
     model, tokenizer = tiny
     template = chat_template(tokenizer)
     prompts = ["見出しを答えてください。", "次の文章の続きを一文書いてください。\n\nGIMP は画像編集ソフトです。", "短い"]
-    batched = generate_answers(model, tokenizer, template, prompts, max_new_tokens=6, batch_size=3)
-    alone = [generate_answers(model, tokenizer, template, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    batched = generate_answers(model, tokenizer, template, prompts, max_new_characters=10, batch_size=3)
+    alone = [generate_answers(model, tokenizer, template, [p], max_new_characters=10, batch_size=1)[0] for p in prompts]
     assert batched == alone
-    assert all(length == 6 and not stopped for _, stopped, length in batched)  # a random model never stops
+    assert not any(stopped for _, stopped, _ in batched)  # a random model never stops
 
 
-def test_every_base_is_fine_tuned_with_the_same_arguments():
+def test_the_answer_budget_is_in_characters_whatever_the_tokenizer(tiny, tiny_mistral_path, tmp_path):
+    model, tokenizer = tiny
+    extended_folder = extended_tiny_model(tiny_mistral_path, tmp_path / "extended")
+    arms = {"base": (model, tokenizer),
+            "extended": (AutoModelForCausalLM.from_pretrained(extended_folder).eval(),
+                         AutoTokenizer.from_pretrained(extended_folder))}
+    prompts = ["見出しを答えてください。", "日本語の設定ファイルについて"]
+    for arm_model, arm_tokenizer in arms.values():
+        for budget in (5, 12):
+            answers = generate_answers(arm_model, arm_tokenizer, chat_template(arm_tokenizer), prompts,
+                                       max_new_characters=budget, batch_size=2)
+            for text, stopped, new_tokens in answers:
+                assert len(text) <= budget and not stopped
+                # the random model's tokens decode to several characters: fewer tokens than characters
+                assert 0 < new_tokens < budget
+    # the stopping rule itself: a row is done once its new tokens decode to the budget
+    ids = tokenizer("日本語のテキスト", add_special_tokens=False)["input_ids"]
+    row = torch.tensor([[1] + ids])
+    done_at = [CharacterBudget(tokenizer, 1, budget)(row, None).item() for budget in (3, 8, 9)]
+    assert done_at == [True, True, False]
+    speeds = generation_speeds(arms, prompts, new_characters=12, batch_size=2, repeats=2)
+    for figures in speeds.values():
+        assert figures["characters"] >= 2 * 12 and len(figures["rounds_seconds"]) == 2
+        assert figures["characters_per_second"] == figures["characters"] / figures["seconds"]
+        assert figures["characters_per_token"] == figures["characters"] / figures["tokens"]
+
+
+def test_every_base_is_fine_tuned_with_the_same_arguments_once_per_seed():
     from evaluate_ablation import AblationArguments, FinetuneSettings, finetune_command
 
     args = AblationArguments(models=["a", "b"], output_dir="out")
-    settings = FinetuneSettings(finetune=True, finetune_max_train_steps=3, finetune_extra_args="--save_dtype bfloat16")
-    first = finetune_command("org/raw-base", "out/finetuned/base", args, settings)
-    second = finetune_command("out/pretrain", "out/finetuned/extended", args, settings)
+    settings = FinetuneSettings(finetune=True, finetune_max_train_steps=3, finetune_extra_args="--save_dtype bfloat16",
+                                seeds=[0, 1])
+    first = finetune_command("org/raw-base", "out/finetuned/base/seed1", args, settings, seed=1)
+    second = finetune_command("out/pretrain", "out/finetuned/extended/seed1", args, settings, seed=1)
     differing = [(x, y) for x, y in zip(first, second) if x != y]
-    assert differing == [("org/raw-base", "out/pretrain"), ("out/finetuned/base", "out/finetuned/extended")]
+    assert differing == [("org/raw-base", "out/pretrain"), ("out/finetuned/base/seed1", "out/finetuned/extended/seed1")]
     assert len(first) == len(second)
-    assert first[first.index("--seed") + 1] == "42" and first[first.index("--max_train_steps") + 1] == "3"
+    assert first[first.index("--seed") + 1] == "1" and first[first.index("--max_train_steps") + 1] == "3"
     assert first[-2:] == ["--save_dtype", "bfloat16"]
+
+
+def test_effects_default_to_consecutive_arms_and_bad_specs_are_refused():
+    from evaluate_ablation import parse_effects
+
+    names = ["base", "continued", "extended"]
+    assert parse_effects(None, names) == [("continued − base", "continued", "base"),
+                                          ("extended − continued", "extended", "continued")]
+    assert parse_effects(["tokenizer=extended:continued"], names) == [("tokenizer", "extended", "continued")]
+    for bad in (["tokenizer=extended:nope"], ["x=base:base"], ["extended:base"]):
+        with pytest.raises(ValueError, match="--effects"):
+            parse_effects(bad, names)
+
+
+def test_holm_correction_hand_computed():
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> max so far 0.06
+    adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert np.allclose(adjusted, [0.03, 0.06, 0.06, 0.02])
+    assert [p < 0.05 for p in adjusted] == [True, False, False, True]
+    assert holm_adjust([0.5, 0.6]) == [1.0, 1.0] and holm_adjust([0.01]) == [0.01]
+
+
+def test_the_interval_resamples_over_seeds_as_well_as_examples():
+    rng = np.random.default_rng(0)
+    items = rng.random(60)
+    # the second model is +0.3 with seed 0 and -0.3 with seed 1: the fine-tuning seed decides
+    first_runs = [items, items]
+    second_runs = [items + 0.3, items - 0.3]
+    one_seed = bootstrap_difference(first_runs[:1], second_runs[:1], num_samples=400, seed=0)
+    both = bootstrap_difference(first_runs, second_runs, num_samples=400, seed=0)
+    assert np.allclose(one_seed["ci95"], [0.3, 0.3]) and one_seed["p_value"] < 0.01
+    assert both["ci95"][0] <= -0.29 and both["ci95"][1] >= 0.29 and both["p_value"] > 0.5
+    with pytest.raises(ValueError, match="same number"):
+        bootstrap_difference(first_runs, second_runs[:1])
+
+
+def three_arm_results(rng, items=40):
+    """base at 25% accuracy, continued and extended at 85% on every task (no tokenizer effect),
+    two seeds; bits per character lower for both continued arms."""
+    def accuracy(p):
+        return (rng.random(items) < p).astype(float)
+
+    def run(p, nll_per_char):
+        per_example = {(task, "accuracy"): accuracy(p) for task in ("task_a", "task_b", "task_c")}
+        per_example[("task_c", "accuracy_again")] = per_example[("task_c", "accuracy")]  # a related figure
+        chars = rng.integers(200, 400, items)
+        per_example[("heldout_ja", "bits_per_character")] = np.stack([chars * nll_per_char * np.log(2), chars], 1)
+        return per_example
+
+    continued = [run(0.85, 2.0), run(0.85, 2.0)]
+    extended = [{key: values.copy() for key, values in seed_run.items()} for seed_run in continued]
+    return {"base": [run(0.25, 4.0), run(0.25, 4.0)], "continued": continued, "extended": extended}
+
+
+def test_three_arm_verdict_states_the_data_and_the_tokenizer_effect_separately():
+    from types import SimpleNamespace
+
+    from evaluate_ablation import compare, markdown_table, verdict_paragraph
+
+    names = ["base", "continued", "extended"]
+    effects = [("data", "continued", "base"), ("tokenizer", "extended", "continued")]
+    primary = {"task_a": "accuracy", "task_b": "accuracy", "task_c": "accuracy", "heldout_ja": "bits_per_character"}
+    args = SimpleNamespace(bootstrap_samples=300, seed=0, alpha=0.05)
+    rows = compare(names, effects, three_arm_results(np.random.default_rng(1)), primary, args)
+    by_key = {(row["task"], row["metric"]): row for row in rows}
+    for task in ("task_a", "task_b", "task_c", "heldout_ja"):
+        row = by_key[(task, primary[task])]
+        assert row["primary"] and row["effects"]["data"]["verdict"] == "better"
+        assert row["effects"]["data"]["survives_holm"] and row["effects"]["data"]["p_holm"] < 0.05
+        assert row["effects"]["tokenizer"]["difference"] == 0 and row["effects"]["tokenizer"]["verdict"] == "within noise"
+        assert not row["effects"]["tokenizer"]["survives_holm"]
+    again = by_key[("task_c", "accuracy_again")]
+    assert not again["primary"] and again["effects"]["data"]["p_holm"] is None  # shown, not counted
+    assert by_key[("heldout_ja", "bits_per_character")]["values"]["continued"] == pytest.approx(2.0)
+    speed = {name: {"characters_per_second": cps, "characters_per_token": cpt}
+             for name, cps, cpt in (("base", 10.0, 1.0), ("continued", 10.0, 1.0), ("extended", 25.0, 2.5))}
+    verdict = verdict_paragraph(names, effects, rows, speed, 0.05)
+    assert "data (continued − base): better on 4 of 4 tasks (task_a, task_b, task_c, heldout_ja)" in verdict
+    assert "tokenizer (extended − continued): better on 0 of 4 tasks" in verdict
+    assert "25.0 vs 10.0 characters/s (2.50x" in verdict
+    table = markdown_table(names, effects, rows, {n: {**s, "tokens_per_second": 10.0, "new_characters": 8, "prompts": 2,
+                                                      "batch_size": 2, "device": "cpu", "repeats": 1}
+                                                  for n, s in speed.items()}, None)
+    assert "| task_c | accuracy_again ↑ |" in table and "not counted" in table and "✓" in table
+
+
+def test_holm_can_withdraw_a_difference_the_interval_alone_would_call(monkeypatch):
+    """Six tasks, each with a difference at p ~ 0.02: every interval excludes 0, none survives Holm."""
+    from types import SimpleNamespace
+
+    import evaluate_ablation
+
+    monkeypatch.setattr(evaluate_ablation, "bootstrap_difference",
+                        lambda *a, **k: {"ci95": [0.01, 0.2], "p_value": 0.02})
+    tasks = [f"t{i}" for i in range(6)]
+    results = {name: [{(task, "accuracy"): [0.0, 1.0] for task in tasks}] for name in ("a", "b")}
+    rows = evaluate_ablation.compare(["a", "b"], [("e", "b", "a")], results, {t: "accuracy" for t in tasks},
+                                     SimpleNamespace(bootstrap_samples=10, seed=0, alpha=0.05))
+    assert all(row["effects"]["e"]["p_holm"] == pytest.approx(0.12) for row in rows)
+    assert all(row["effects"]["e"]["verdict"] == "within noise" for row in rows)
+
+
+def test_a_task_file_declares_its_primary_metric(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    path.write_text('{"prompt": "q", "reference": "a", "primary_metric": "exact_match"}\n'
+                    '{"prompt": "q2", "reference": "b", "primary_metric": "exact_match"}\n', encoding="utf-8")
+    assert read_task(path).primary_metric == "exact_match"
+    path.write_text('{"prompt": "q", "reference": "a"}\n', encoding="utf-8")
+    assert read_task(path).primary_metric == "char_f1"  # the default for generation
+    path.write_text('{"prompt": "q", "reference": "a", "primary_metric": "exact_match"}\n'
+                    '{"prompt": "q2", "reference": "b", "primary_metric": "char_f1"}\n', encoding="utf-8")
+    with pytest.raises(TaskError, match=r"gen.jsonl:2: primary_metric 'char_f1', but line 1 declares 'exact_match'"):
+        read_task(path)
+    path.write_text('{"prompt": "q", "reference": "a", "primary_metric": "accuracy"}\n', encoding="utf-8")
+    with pytest.raises(TaskError, match=r"gen.jsonl:1: primary_metric 'accuracy' is not a metric of a generation"):
+        read_task(path)
+
+
+def test_bundled_tasks_declare_one_primary_metric(sample_data):
+    from toolkit.evaluation import read_tasks
+
+    declared = {task.name: task.primary_metric for task in read_tasks(sample_data / "tasks")}
+    assert declared == {"continuation_mc": "accuracy", "heading_generation": "char_f1", "heading_mc": "accuracy",
+                        "manpage_mc": "accuracy"}
+    for task in read_tasks(sample_data / "tasks"):
+        assert all(example["primary_metric"] == task.primary_metric for example in task.examples)
+
+
+JGLUE_PREFIX = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet"
+JGLUE_TASKS = ["ja_jglue_jcommonsenseqa", "ja_jglue_jnli", "ja_jglue_marc_ja", "ja_jglue_jsquad"]
+
+
+def jglue_rows(config, count):
+    """A few rows in the schema of each JGLUE config's parquet conversion."""
+    if config == "JCommonsenseQA":
+        return [{"q_id": i, "question": f"質問{i}はどれですか。", **{f"choice{k}": f"選択肢{k}" for k in range(5)},
+                 "label": i % 5} for i in range(count)]
+    if config == "JNLI":
+        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": "男性が歩いている。",
+                 "sentence2": "人が歩いている。", "label": i % 3} for i in range(count)]
+    if config == "MARC-ja":
+        return [{"sentence": "とても良い商品でした。", "label": i % 2, "review_id": f"R{i}"} for i in range(count)]
+    return [{"id": f"q{i}", "title": "東京", "context": "東京 [SEP] 東京は日本の首都である。", "question": "日本の首都はどこ？",
+             "answers": {"text": ["東京"], "answer_start": [0]}, "is_impossible": False} for i in range(count)]
+
+
+def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
+    """Every JGLUE task YAML, with only its parquet URLs pointed at local files, runs in lm-eval."""
+    from datasets import Dataset
+
+    model, tokenizer = tiny
+    data = tmp_path / "JGLUE"
+    for config in ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD"):
+        for split, count in (("train", 4), ("validation", 3)):
+            (data / config / split).mkdir(parents=True)
+            Dataset.from_list(jglue_rows(config, count)).to_parquet(str(data / config / split / "0000.parquet"))
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    shutil.copy(REPO / "sample_data/tasks/lm_eval/jglue.py", include / "jglue.py")
+    for task in JGLUE_TASKS:
+        text = (REPO / f"sample_data/tasks/lm_eval/{task}.yaml").read_text(encoding="utf-8")
+        assert text.count(JGLUE_PREFIX) == 2 and "dataset_path: parquet" in text  # the shipped files, URLs aside
+        text = text.replace(JGLUE_PREFIX, str(data)).replace("  do_sample: false", "  do_sample: false\n  max_gen_toks: 4")
+        (include / f"{task}.yaml").write_text(text, encoding="utf-8")
+    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=2, samples=True)
+    for task in JGLUE_TASKS[:3]:
+        assert 0.0 <= output["results"][task]["acc,none"] <= 1.0
+        assert len(output["samples"][task]["acc"]) == 2
+    assert 0.0 <= output["results"]["ja_jglue_jsquad"]["exact_match,whitespaces"] <= 1.0
+    assert len(output["samples"]["ja_jglue_jsquad"]["exact_match"]) == 2
+
+
+def test_the_model_card_shows_both_effects_speed_and_contamination():
+    from toolkit import model_card as mc
+
+    effect = {"difference": 0.2, "ci95": [0.1, 0.3], "p_value": 0.01, "p_holm": 0.02, "survives_holm": True,
+              "verdict": "better"}
+    noise = {"difference": 0.0, "ci95": [-0.1, 0.1], "p_value": 0.9, "p_holm": 0.9, "survives_holm": False,
+             "verdict": "within noise"}
+    report = {
+        "models": [{"name": "base"}, {"name": "continued"}, {"name": "extended"}], "baseline": "base",
+        "effects": [{"name": "data", "minuend": "continued", "subtrahend": "base"},
+                    {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}],
+        "metrics": [
+            {"task": "heading_mc", "metric": "accuracy", "primary": True, "higher_is_better": True,
+             "values": {"base": 0.3, "continued": 0.5, "extended": 0.5}, "effects": {"data": effect, "tokenizer": noise}},
+            {"task": "heldout_ja", "metric": "bits_per_byte", "primary": False, "higher_is_better": False,
+             "values": {"base": 2, "continued": 1.5, "extended": 1.5}, "effects": {"data": effect, "tokenizer": noise}}],
+        "generation_speed": {name: {"characters_per_second": cps, "tokens_per_second": 10.0, "characters_per_token": cps / 10,
+                                    "prompts": 4, "new_characters": 48, "batch_size": 8, "device": "cpu", "repeats": 3}
+                             for name, cps in (("base", 9.0), ("continued", 9.0), ("extended", 22.5))},
+        "speed_ratios": {"data": 1.0, "tokenizer": 2.5},
+        "contamination": {"ngram": 13, "documents_scanned": 1200,
+                          "tasks": {"heading_mc": {"items": 81, "items_overlapping": 2}}},
+        "verdict": "data: better on 1 of 1 tasks.",
+    }
+    facts = mc.ablation_facts(report)
+    assert [task["name"] for task in facts["tasks"]] == ["heading_mc"]  # related figures are not repeated
+    assert facts["comparisons"] == ["data: continued − base", "tokenizer: extended − continued"]
+    card = mc.render_card({"ablation": facts}, mc.load_card_config(), "o/m")
+    english, japanese = mc.split_languages(card)
+    assert "| heading_mc | accuracy | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] | 0.020 | better |" in english
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in english and "tokenizer: 2.50x the characters per second" in english
+    assert "| heading_mc | 81 | 2 |" in english and "13-character n-gram" in english
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in japanese and "2.50 倍" in japanese and "| heading_mc | 81 | 2 |" in japanese
+    assert "改善" in japanese and "Holm" in japanese

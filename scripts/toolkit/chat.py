@@ -18,14 +18,28 @@ tokenizer's own BOS/EOS, so an instruct-tuned model later looks familiar to user
 `finetune.py --chat_template default` forces it for every base, which makes the
 prompts identical when the bases' own templates differ.
 
+Its generation prompt ends at "[/INST]", where every tokenizer agrees on the tokens; the
+space before the answer belongs to the answer. (Ending the prompt with that space, as
+many templates do, leaves a bare "▁" token in the context of a SentencePiece model, while
+in training the answer's first token was mostly a merged "▁X": an extended vocabulary
+merges far more of them, so that prompt handicaps the extended model.) The loss covers
+everything after the generation prompt, separator included, so the model learns to write
+exactly what it is asked to write at generation time.
+
 Long chats are cut in the middle of the prompt (`cut_middle`), not dropped.
 
-Loss mask: labels are -100 everywhere except on the tokens of each assistant message's
-content and the EOS token that closes it. If the template does not put EOS right after
+Message contents are data: a user or an answer that spells "</s>" or "<|im_end|>" gets the
+tokens of those characters, never the special token (`encode_rendered`); special tokens are
+parsed only where the template itself wrote them.
+
+Loss mask: labels are -100 everywhere except on the tokens of each assistant turn (from
+the end of the generation prompt to the end of the message's content) and the EOS token
+that closes it. If the template does not put EOS right after
 an answer, one is inserted: every answer ends with EOS, so the model learns to stop.
 """
 
 import json
+import re
 from pathlib import Path
 
 from toolkit.corpus import CorpusError, expand_paths
@@ -40,7 +54,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
 )
 
 
@@ -111,23 +124,87 @@ def render(tokenizer, messages, template, add_generation_prompt=False):
     )
 
 
+def special_token_pattern(tokenizer):
+    """A regex matching any special-token string of `tokenizer` (longest first)."""
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True) if token))
+
+
+def encode_rendered(tokenizer, text, data_spans):
+    """Token ids and character offsets of a rendered chat.
+
+    Special-token strings become special tokens only outside `data_spans` (the character
+    spans of message contents); inside them they are text. The text between two template
+    special tokens is tokenised as a piece, which is what the tokenizer does anyway (added
+    tokens split the text before its pre-tokenizer runs), so a chat without special-token
+    strings in its contents gets exactly the ids of `tokenizer(text)`.
+    """
+    cuts = [match.span() for match in special_token_pattern(tokenizer).finditer(text)
+            if not any(start < match.end() and match.start() < end for start, end in data_spans)]
+    ids, offsets, position = [], [], 0
+    for start, end in cuts + [(len(text), len(text))]:
+        if start > position:
+            piece = tokenizer(text[position:start], add_special_tokens=False, split_special_tokens=True,
+                              return_offsets_mapping=True)
+            ids += piece["input_ids"]
+            offsets += [(a + position, b + position) for a, b in piece["offset_mapping"]]
+        if end > start:
+            ids.append(tokenizer.convert_tokens_to_ids(text[start:end]))
+            offsets.append((start, end))
+        position = end
+    return ids, offsets
+
+
+def content_spans(text, messages):
+    """Character spans of each message's content in the rendered `text`, in order."""
+    spans, cursor = [], 0
+    for message in messages:
+        start = text.find(message["content"], cursor)
+        if start < 0:
+            raise ValueError("the chat template does not copy messages verbatim; pass --chat_template default")
+        spans.append((start, start + len(message["content"])))
+        cursor = start + len(message["content"])
+    return spans
+
+
+def encode_prompt(tokenizer, user_content, template):
+    """Token ids of `prompt_text`, the user's content read as text."""
+    text = prompt_text(tokenizer, user_content, template)
+    return encode_rendered(tokenizer, text, content_spans(text, [{"content": user_content}]))[0]
+
+
 def prompt_text(tokenizer, user_content, template):
     """The text a model sees before its answer to one user message."""
     return render(tokenizer, [{"role": "user", "content": user_content}], template, add_generation_prompt=True)
 
 
+def answer_text(tokenizer, user_content, answer, template):
+    """What a model must write after `prompt_text` to give `answer`: the answer with the
+    template's separator in front (" answer" for the default template)."""
+    prompt = prompt_text(tokenizer, user_content, template)
+    _, spans = assistant_spans(tokenizer, [{"role": "user", "content": user_content},
+                                           {"role": "assistant", "content": answer}], template)
+    return render(tokenizer, [{"role": "user", "content": user_content}, {"role": "assistant", "content": answer}],
+                  template)[len(prompt):spans[0][1]]
+
+
 def assistant_spans(tokenizer, messages, template):
-    """The rendered chat and the character span of each assistant message's content in it."""
+    """The rendered chat and, per assistant message, the character span the model writes:
+    from the end of the generation prompt before it to the end of its content."""
     text = render(tokenizer, messages, template)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = render(tokenizer, messages[:index], template, add_generation_prompt=True)
-        start = text.find(message["content"], len(prefix) if text.startswith(prefix) else 0)
+        follows_prompt = text.startswith(prefix)
+        start = text.find(message["content"], len(prefix) if follows_prompt else 0)
         if start < 0:
             raise ValueError("the chat template does not copy assistant messages verbatim; pass --chat_template default")
-        spans.append((start, start + len(message["content"])))
+        # the separator between the generation prompt and the content is part of the answer
+        first = len(prefix) if follows_prompt and not text[len(prefix):start].strip() else start
+        spans.append((first, start + len(message["content"])))
     return text, spans
 
 
@@ -135,10 +212,10 @@ def tokenize_chat(tokenizer, messages, template, max_length=None):
     """input_ids and labels (-100 outside answers) for one chat; each answer ends with EOS."""
     eos = require_eos(tokenizer)
     text, spans = assistant_spans(tokenizer, messages, template)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    token_ids, offsets = encode_rendered(tokenizer, text, content_spans(text, messages))
     input_ids, labels = [], []
     open_answer = None  # index of the answer whose tokens were just labelled, until EOS closes it
-    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+    for token, (start, end) in zip(token_ids, offsets):
         answer = next((k for k, (a, b) in enumerate(spans) if start < b and end > a), None)
         if open_answer is not None and answer != open_answer:
             open_answer = None

@@ -26,7 +26,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _S31, _S27 = np.uint64(31), np.uint64(27)
 # Keys of task records that hold bookkeeping, not text a model is asked about.
-_NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang"}
+_NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang", "primary_metric"}
 
 
 def normalize_for_overlap(text: str) -> str:

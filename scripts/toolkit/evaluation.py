@@ -2,23 +2,34 @@
 
 - Task files: JSONL, one question per line. Multiple choice: `{"id", "prompt", "choices",
   "label"}`; generation: `{"id", "prompt", "reference"}` (see `sample_data/tasks/README.md`).
-- Multiple choice is scored by log-likelihood of each choice after the chat-rendered
-  prompt, divided by the choice's length in characters: comparable across tokenizers
-  (a per-token average would favour a tokenizer that cuts the answer into more pieces).
-- Generation: greedy decoding up to a token budget; whether it stopped with EOS; metrics
-  through `evaluate` modules shipped in `metrics/` and loaded by path (offline).
-- Paired bootstrap over examples for the difference between two models, seeded.
+  Every record may declare the task's `primary_metric` (the same in all records): the one
+  figure of the task the verdict counts; the others are shown, not counted.
+- Multiple choice is scored by log-likelihood of each choice (with the template's
+  separator in front, as in fine-tuning) after the chat-rendered prompt, divided by the
+  choice's length in characters: comparable across tokenizers (a per-token average would
+  favour a tokenizer that cuts the answer into more pieces).
+- Generation: greedy decoding until EOS or a budget in CHARACTERS (the same answer length
+  for every tokenizer; a token budget gives a denser tokenizer a longer answer); whether
+  it stopped with EOS; metrics through `evaluate` modules shipped in `metrics/`, loaded
+  by path (offline).
+- Generation speed: characters and tokens per second of greedy generation on the same
+  prompts, batch and device for every model, timed in interleaved rounds (the practical
+  gain of a denser tokenizer).
+- Paired bootstrap over fine-tuning seeds and examples for the difference between two
+  models, seeded, with a two-sided p-value; Holm's correction across tasks.
 - lm-evaluation-harness through its Python API on an in-memory model.
 """
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from toolkit.chat import prompt_text
+from toolkit.chat import answer_text, content_spans, encode_prompt, encode_rendered, prompt_text
 from toolkit.corpus import CorpusError, iter_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,18 +40,25 @@ class TaskError(CorpusError):
     """A malformed task file, with the file and line at fault."""
 
 
+# The figure each kind of task is judged by, unless its records declare `primary_metric`.
+DEFAULT_PRIMARY_METRIC = {"multiple_choice": "accuracy", "generation": "char_f1"}
+TASK_METRICS = {"multiple_choice": ("accuracy",),
+                "generation": ("char_f1", "char_rouge_l", "exact_match", "stops_with_eos")}
+
+
 @dataclass
 class Task:
     name: str
     kind: str  # "multiple_choice" or "generation"
     path: str
     examples: list
+    primary_metric: str = None
 
 
 def read_task(path, max_examples=None):
     """One task file; the kind follows from its records. Errors name file and line."""
     path = Path(path)
-    examples, kind = [], None
+    examples, kind, primary, primary_line = [], None, None, None
     try:
         for line_number, record in iter_records(path, text_field="prompt"):
             where = f"{path}:{line_number}"
@@ -58,12 +76,22 @@ def read_task(path, max_examples=None):
             if kind and record_kind != kind:
                 raise TaskError(f"{where}: a {record_kind} record in a {kind} task file; keep one kind per file")
             kind = record_kind
+            declared = record.get("primary_metric")
+            if declared is not None:
+                if declared not in TASK_METRICS[kind]:
+                    raise TaskError(f"{where}: primary_metric {declared!r} is not a metric of a {kind} task "
+                                    f"({', '.join(TASK_METRICS[kind])})")
+                if primary is not None and declared != primary:
+                    raise TaskError(f"{where}: primary_metric {declared!r}, but line {primary_line} declares "
+                                    f"{primary!r}; one primary metric per task file")
+                primary, primary_line = declared, line_number
             examples.append(record)
     except CorpusError as error:
         raise TaskError(str(error).replace("pass --skip_bad_records to count and skip such lines", "fix or remove it")) from error
     if not examples:
         raise TaskError(f"{path}: no task records")
-    return Task(path.stem, kind, str(path), examples[:max_examples] if max_examples else examples)
+    return Task(path.stem, kind, str(path), examples[:max_examples] if max_examples else examples,
+                primary or DEFAULT_PRIMARY_METRIC[kind])
 
 
 def read_tasks(task_dir, names=None, max_examples=None):
@@ -79,20 +107,21 @@ def read_tasks(task_dir, names=None, max_examples=None):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, context, continuations):
+def continuation_logprobs(model, tokenizer, context, continuations, context_data_spans=()):
     """Summed log-probability of each continuation after `context`.
 
     The text context + continuation is tokenised whole (as the model sees it) and the
     tokens that cover any continuation character are scored, so no tokenizer-specific
     boundary handling (SentencePiece's leading "▁", byte-level BPE merges) is needed.
-    The token prefix shared by all options runs once; its KV cache is repeated for a
-    padded batch of the options' remaining tokens.
+    Continuations and `context_data_spans` (e.g. the user's question in a chat prompt) are
+    data: special-token strings in them are text. The token prefix shared by all options
+    runs once; its KV cache is repeated for a padded batch of the options' remaining tokens.
     """
     sequences, first_scored = [], []
     for continuation in continuations:
-        encoding = tokenizer(context + continuation, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
-        first = next(i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > len(context))
+        ids, offsets = encode_rendered(tokenizer, context + continuation,
+                                       [*context_data_spans, (len(context), len(context) + len(continuation))])
+        first = next(i for i, (_, end) in enumerate(offsets) if end > len(context))
         if first == 0:
             raise ValueError("the context must contain at least one token before the continuation")
         sequences.append(ids)
@@ -128,36 +157,142 @@ def continuation_logprobs(model, tokenizer, context, continuations):
 
 
 def score_multiple_choice(model, tokenizer, template, example):
-    """Index of the choice with the highest log-likelihood per character, and the scores."""
+    """Index of the choice with the highest log-likelihood per character, and the scores.
+
+    Each choice is scored as the model would write it after the prompt, with the template's
+    separator in front (" choice" for the default template), as fine-tuning taught it.
+    """
     context = prompt_text(tokenizer, example["prompt"], template)
-    logprobs = continuation_logprobs(model, tokenizer, context, example["choices"])
+    answers = [answer_text(tokenizer, example["prompt"], choice, template) for choice in example["choices"]]
+    logprobs = continuation_logprobs(model, tokenizer, context, answers,
+                                     content_spans(context, [{"content": example["prompt"]}]))
     per_character = [lp / max(len(choice), 1) for lp, choice in zip(logprobs, example["choices"])]
     return int(np.argmax(per_character)), per_character
 
 
+class CharacterBudget(StoppingCriteria):
+    """Stops each row once its new tokens decode to `max_characters` characters (EOS is the
+    model's own stop, handled by `generate`)."""
+
+    def __init__(self, tokenizer, prompt_width, max_characters, eos_token_id=None):
+        self.tokenizer, self.width, self.max_characters, self.eos = tokenizer, prompt_width, max_characters, eos_token_id
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids[:, self.width:].tolist():
+            if self.eos is not None and self.eos in row:
+                row = row[: row.index(self.eos)]
+            done.append(len(self.tokenizer.decode(row, skip_special_tokens=True)) >= self.max_characters)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def token_cap(max_new_characters):
+    """A safety cap on new tokens for a character budget: a token decodes to at least one
+    character except byte-fallback pieces (up to 4 per character) and special tokens."""
+    return 4 * max_new_characters + 8
+
+
+def left_padded(contexts, pad):
+    width = max(map(len, contexts))
+    ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, context in enumerate(contexts):
+        ids[row, width - len(context):] = torch.tensor(context)
+        mask[row, width - len(context):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, template, prompts, max_new_tokens, batch_size=8):
-    """Greedy answers, batched with left padding: [(text, stopped with EOS?, new tokens)]."""
+def generate_answers(model, tokenizer, template, prompts, max_new_characters, batch_size=8):
+    """Greedy answers, batched with left padding, until EOS or `max_new_characters`
+    characters: [(text, stopped with EOS?, new tokens)]; text is cut to the budget."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     answers = []
     for first in range(0, len(prompts), batch_size):
-        contexts = [tokenizer(prompt_text(tokenizer, p, template), add_special_tokens=False)["input_ids"]
-                    for p in prompts[first:first + batch_size]]
-        width = max(map(len, contexts))
-        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, context in enumerate(contexts):
-            ids[row, width - len(context):] = torch.tensor(context)
-            mask[row, width - len(context):] = 1
-        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        for row in output[:, width:].tolist():
-            stopped = eos in row
-            new = row[: row.index(eos)] if stopped else row
-            answers.append((tokenizer.decode(new, skip_special_tokens=True).strip(), stopped, len(new)))
+        contexts = [encode_prompt(tokenizer, p, template) for p in prompts[first:first + batch_size]]
+        ids, mask = left_padded(contexts, pad)
+        budget = CharacterBudget(tokenizer, ids.shape[1], max_new_characters, eos)
+        output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                max_new_tokens=token_cap(max_new_characters), do_sample=False, eos_token_id=eos,
+                                pad_token_id=pad, stopping_criteria=StoppingCriteriaList([budget]))
+        for row in output[:, ids.shape[1]:].tolist():
+            new = row[: row.index(eos)] if eos in row else row
+            while new and new[-1] == pad:  # a row that reached the budget before the others is padded
+                new = new[:-1]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            # a row stopped by the budget is padded (pad may be EOS): EOS counts only before the budget
+            stopped = eos in row and len(text) < max_new_characters
+            answers.append((text[:max_new_characters].strip(), stopped, len(new)))
     return answers
+
+
+class GreedyWriter:
+    """Greedy generation of `new_characters` characters after each prompt, EOS suppressed,
+    for one model: the unit that `generation_speeds` times."""
+
+    def __init__(self, model, tokenizer, prompts, new_characters, batch_size):
+        self.model, self.tokenizer, self.new_characters = model, tokenizer, new_characters
+        eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        self.suppressed = sorted({eos, self.pad})  # pad then only marks a row that already reached the budget
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        self.device = next(model.parameters()).device
+        self.batches = [left_padded([[start] + tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                                     for p in prompts[first:first + batch_size]], self.pad)
+                        for first in range(0, len(prompts), batch_size)]
+
+    @torch.no_grad()
+    def __call__(self):
+        """(seconds, characters written, tokens written)."""
+        characters = tokens = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        outputs = []
+        for ids, mask in self.batches:
+            budget = CharacterBudget(self.tokenizer, ids.shape[1], self.new_characters)
+            output = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         max_new_tokens=token_cap(self.new_characters), do_sample=False,
+                                         pad_token_id=self.pad, suppress_tokens=self.suppressed,
+                                         stopping_criteria=StoppingCriteriaList([budget]))
+            outputs.append(output[:, ids.shape[1]:].tolist())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+        for rows in outputs:
+            for row in rows:
+                written = row[: row.index(self.pad)] if self.pad in row else row
+                characters += len(self.tokenizer.decode(written, skip_special_tokens=True))
+                tokens += len(written)
+        return seconds, characters, tokens
+
+
+def generation_speeds(arms, prompts, new_characters=64, batch_size=8, repeats=3):
+    """Characters and tokens per second of greedy generation for every arm ({name: (model,
+    tokenizer)}): the same prompts (raw text after BOS), batch and device, until every row
+    has written `new_characters` characters. One warm-up per arm, then `repeats` rounds that
+    time every arm once each, in rotating order, so that a shared machine's load drifts over
+    all arms alike; the median round per arm is reported."""
+    writers = {name: GreedyWriter(model, tokenizer, prompts, new_characters, batch_size)
+               for name, (model, tokenizer) in arms.items()}
+    for writer in writers.values():
+        writer()  # warm-up: first-call allocations and kernel selection are not speed
+    runs = {name: [] for name in writers}
+    names = list(writers)
+    for round_number in range(repeats):
+        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+            runs[name].append(writers[name]())
+    speeds = {}
+    for name, timed in runs.items():
+        seconds, characters, tokens = sorted(timed)[len(timed) // 2]
+        speeds[name] = {"characters_per_second": characters / seconds, "tokens_per_second": tokens / seconds,
+                        "characters_per_token": characters / max(tokens, 1), "seconds": seconds,
+                        "characters": characters, "tokens": tokens, "prompts": len(prompts), "batch_size": batch_size,
+                        "new_characters": new_characters, "repeats": repeats,
+                        "device": str(writers[name].device), "rounds_seconds": [t for t, _, _ in timed]}
+    return speeds
 
 
 def load_metric(name):
@@ -171,22 +306,53 @@ def load_metric(name):
     return evaluate.load(str(folder))
 
 
-def paired_bootstrap(first, second, statistic=np.mean, num_samples=1000, seed=0, confidence=0.95):
-    """Interval for statistic(second) - statistic(first), resampling examples jointly.
+def bootstrap_difference(first_runs, second_runs, statistic=np.mean, num_samples=1000, seed=0, confidence=0.95):
+    """Interval and two-sided p-value for statistic(second) - statistic(first).
 
-    `first` and `second` are per-example arrays over the same examples (rows may be
-    tuples, e.g. (nll, characters) for bits per character with a ratio statistic).
-    Deterministic for a given seed.
+    `first_runs` and `second_runs` hold one per-example array per fine-tuning seed, over the
+    same examples (rows may be tuples, e.g. (nll, characters) for bits per character with a
+    ratio statistic); run k of each model used the same seed. Each bootstrap sample draws
+    seeds and examples with replacement, and the figure is the mean over the drawn seeds of
+    the per-seed difference over the drawn examples: the interval covers both the noise of
+    fine-tuning and that of the question sample. Deterministic for a given seed.
     """
-    first, second = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
-    if len(first) != len(second) or len(first) == 0:
-        raise ValueError("paired bootstrap needs two non-empty arrays over the same examples")
+    first = [np.asarray(run, dtype=float) for run in first_runs]
+    second = [np.asarray(run, dtype=float) for run in second_runs]
+    if not first or len(first) != len(second):
+        raise ValueError("paired bootstrap needs the same number (>= 1) of seeds for both models")
+    size = len(first[0])
+    if size == 0 or any(len(run) != size for run in first + second):
+        raise ValueError("paired bootstrap needs non-empty arrays over the same examples for every seed")
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, len(first), size=(num_samples, len(first)))
-    differences = np.array([statistic(second[rows]) - statistic(first[rows]) for rows in indices])
+    seeds = rng.integers(0, len(first), size=(num_samples, len(first)))
+    examples = rng.integers(0, size, size=(num_samples, size))
+    differences = np.array([
+        np.mean([statistic(second[k][rows]) - statistic(first[k][rows]) for k in drawn])
+        for drawn, rows in zip(seeds, examples)
+    ])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(differences, [tail, 100 - tail])
-    return float(low), float(high)
+    # two-sided: how often the resampled difference lands on either side of zero (+1 smoothing)
+    below = (np.sum(differences <= 0) + 1) / (num_samples + 1)
+    above = (np.sum(differences >= 0) + 1) / (num_samples + 1)
+    return {"ci95": [float(low), float(high)], "p_value": float(min(1.0, 2 * min(below, above)))}
+
+
+def paired_bootstrap(first, second, statistic=np.mean, num_samples=1000, seed=0, confidence=0.95):
+    """Interval for statistic(second) - statistic(first) over the examples of one run each."""
+    low, high = bootstrap_difference([first], [second], statistic, num_samples, seed, confidence)["ci95"]
+    return low, high
+
+
+def holm_adjust(p_values):
+    """Holm's step-down adjusted p-values (same order as given): a difference survives the
+    correction across the family at level alpha when its adjusted p-value is below alpha."""
+    order = np.argsort(p_values, kind="stable")
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def ratio_of_sums(rows):

@@ -300,8 +300,44 @@ def _higher_is_better(row, metric):
     return not any(word in metric.lower() for word in ("bits", "perplexity", "loss", "error"))
 
 
+def _ablation_extras(report):
+    """Generation speed, speed ratios and contamination of evaluate_ablation.py's report."""
+    speed = []
+    for name, figures in (_get(report, "generation_speed", default={}) or {}).items():
+        if isinstance(figures, dict) and _number(figures.get("characters_per_second")) is not None:
+            speed.append({"model": str(name), "characters_per_second": _number(figures.get("characters_per_second")),
+                          "tokens_per_second": _number(figures.get("tokens_per_second")),
+                          "characters_per_token": _number(figures.get("characters_per_token"))})
+    first = next(iter((_get(report, "generation_speed", default={}) or {}).values()), None) or {}
+    ratios = [{"effect": str(name), "ratio": _number(value)}
+              for name, value in (_get(report, "speed_ratios", default={}) or {}).items() if _number(value) is not None]
+    contamination = _get(report, "contamination")
+    rows = []
+    if isinstance(contamination, dict):
+        for task, entry in (contamination.get("tasks") or {}).items():
+            if isinstance(entry, dict):
+                rows.append({"task": str(task), "questions": _number(entry.get("items")),
+                             "items_overlapping": _number(entry.get("items_overlapping"))})
+    return {
+        "speed": speed or None,
+        "speed_setup": {key: first.get(key) for key in ("prompts", "new_characters", "batch_size", "device", "repeats")}
+        if speed else None,
+        "speed_ratios": ratios or None,
+        "contamination": rows or None,
+        "contamination_ngram": _number(contamination.get("ngram")) if isinstance(contamination, dict) else None,
+        "contamination_documents": _number(contamination.get("documents_scanned")) if isinstance(contamination, dict)
+        else None,
+    }
+
+
 def ablation_facts(report):
-    """Rows of (task, metric): each model's value, and each other model's difference to the baseline."""
+    """Rows of (task, metric): each model's value and each comparison's difference.
+
+    evaluate_ablation.py's schema names its comparisons ("effects": data = continued - base,
+    tokenizer = extended - continued) and marks one primary metric per task: the card shows
+    the primary rows, with Holm-adjusted p-values. Older reports compare every model with
+    the baseline.
+    """
     if not report:
         return None
     models = [str(m.get("name")) if isinstance(m, dict) else str(m) for m in (_get(report, "models", default=[]) or [])]
@@ -309,8 +345,28 @@ def ablation_facts(report):
         return None
     baseline = _get(report, "baseline") if _get(report, "baseline") in models else models[0]
     compared = [m for m in models if m != baseline]
-    rows = []
-    if isinstance(_get(report, "metrics"), list):  # evaluate_ablation.py's schema
+    rows, labels, holm = [], [f"{m} − {baseline}" for m in compared], False
+    effects = _get(report, "effects")
+    if isinstance(_get(report, "metrics"), list) and isinstance(effects, list) and effects:  # named effects
+        names = [str(e.get("name")) for e in effects if isinstance(e, dict)]
+        labels = [f"{e.get('name')}: {e.get('minuend')} − {e.get('subtrahend')}" for e in effects if isinstance(e, dict)]
+        holm = True
+        for row in report["metrics"]:
+            if not row.get("primary"):
+                continue  # related figures are in ablation_table.md, not counted, not repeated here
+            metric = str(row.get("metric", ""))
+            comparisons = []
+            for name in names:
+                entry = (row.get("effects") or {}).get(name) or {}
+                ci = entry.get("ci95") or [None, None]
+                lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
+                comparisons.append({"difference": _number(entry.get("difference")), "ci_low": lo, "ci_high": hi,
+                                    "p_holm": _number(entry.get("p_holm")),
+                                    "outcome": _outcome(lo, hi, _higher_is_better(row, metric), entry.get("verdict"))})
+            values = row.get("values") or {}
+            rows.append({"name": str(row.get("task")), "metric": metric,
+                         "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
+    elif isinstance(_get(report, "metrics"), list):  # one difference per model against the baseline
         for row in report["metrics"]:
             metric = str(row.get("metric", ""))
             values = row.get("values") or {}
@@ -320,6 +376,7 @@ def ablation_facts(report):
                 ci = diff.get("ci95") or [None, None]
                 lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
                 comparisons.append({"difference": _number(diff.get("difference")), "ci_low": lo, "ci_high": hi,
+                                    "p_holm": None,
                                     "outcome": _outcome(lo, hi, _higher_is_better(row, metric), diff.get("verdict"))})
             rows.append({"name": str(row.get("task")), "metric": metric,
                          "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
@@ -333,12 +390,14 @@ def ablation_facts(report):
             rows.append({"name": str(task.get("name")), "metric": metric,
                          "scores": [_number((task.get("scores") or {}).get(m)) for m in [baseline] + compared],
                          "comparisons": [{"difference": _number(task.get("difference")), "ci_low": lo, "ci_high": hi,
+                                          "p_holm": None,
                                           "outcome": _outcome(lo, hi, _higher_is_better(task, metric))}][:len(compared)]})
     if not rows:
         return None
     verdict = _get(report, "verdict")
-    return {"models": [baseline] + compared, "baseline": baseline, "compared": compared, "tasks": rows,
-            "verdict": verdict if isinstance(verdict, str) else None}
+    return {"models": [baseline] + compared, "baseline": baseline, "compared": compared,
+            "comparisons": labels[: len(rows[0]["comparisons"])], "holm": holm, "tasks": rows, "verdict": verdict if isinstance(verdict, str) else None,
+            **_ablation_extras(report)}
 
 
 def collect_facts(reports: dict) -> dict:
