@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import read_texts
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Arguments:
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
     texts, _ = read_texts(args.files)
     reference = sentencepiece.SentencePieceProcessor(model_file=str(assets.mistral_sentencepiece_model()))

@@ -24,6 +24,7 @@ from transformers import AutoConfig, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets, model_card, publishing
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -42,6 +43,7 @@ def best_of(repeats, function):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     source = Path(assets.resolve(args.model_dir))
     with tempfile.TemporaryDirectory() as scratch:

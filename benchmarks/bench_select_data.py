@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from toolkit.corpus import iter_records, read_texts
 from toolkit.reports import write_json_atomic
 from toolkit.selection import JapaneseDSIR
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -186,6 +187,7 @@ def end_to_end(args, work):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.output_dir)

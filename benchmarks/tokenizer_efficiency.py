@@ -26,6 +26,7 @@ from toolkit import assets
 from toolkit.corpus import expand_paths, iter_records
 from toolkit.reports import write_json_atomic
 from toolkit.tokenizer_extension import characters_per_token
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -77,6 +78,7 @@ def bar_chart(rows, labels, path):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(EfficiencyArguments).parse_args_into_dataclasses()
     names = args.names or args.tokenizers
     paths = expand_paths(args.files)

@@ -58,6 +58,7 @@ from toolkit.tokenizer_extension import (
     tokenizer_family,
     train_bpe,
 )
+from toolkit.quiet import quiet_by_default
 
 # Files a slow (non-tokenizers) class would read instead of tokenizer.json; they describe
 # the base vocabulary only, so they are not copied to the extended tokenizer.
@@ -194,6 +195,7 @@ def move_into(staging: Path, output_dir: Path):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(ExtensionArguments).parse_args_into_dataclasses()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)

@@ -33,6 +33,7 @@ from toolkit.training import (
     LoopArguments, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics, resume,
     save_consolidated, train,
 )
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -71,6 +72,7 @@ def pad_collate(pad_id):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     script_args, loop_args = HfArgumentParser((FinetuneArguments, LoopArguments)).parse_args_into_dataclasses()
     if not loop_args.output_dir:
         raise ValueError("--output_dir is required")

@@ -28,6 +28,7 @@ from toolkit import assets
 from toolkit.corpus import CorpusError, ReadStats, iter_records
 from toolkit.selection import resolve_inputs
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -121,6 +122,7 @@ def read_side(paths, lang, tokenizer, args, stats, sink, token_budget=None):
 
 
 def main(argv=None):
+    quiet_by_default(argv)  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(MixArguments).parse_args_into_dataclasses(args=argv)
     if not args.japanese_files or not args.tokenizer or not args.output_dir:
         raise SystemExit("--japanese_files, --tokenizer and --output_dir are required")

@@ -35,6 +35,7 @@ from toolkit.corpus import CorpusError, ReadStats, expand_paths, iter_records, r
 from toolkit.embeddings import INITS, check_extension, extend_embeddings
 from toolkit.metrics import BitsPerCharacter, count_windows, text_nll, token_ids_with_bos
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -263,6 +264,7 @@ def zero3_init(accelerator):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
         model_args, data_args, args = parser.parse_yaml_file(sys.argv[1]) if sys.argv[1].endswith(("yaml", "yml")) \

@@ -41,6 +41,7 @@ from toolkit.publishing import (
     verify_remote,
 )
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -177,6 +178,7 @@ def publish(args):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(PublishArguments).parse_args_into_dataclasses()
     from huggingface_hub import get_token
 

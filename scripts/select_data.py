@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 from toolkit import selection
 from toolkit.corpus import CorpusError
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -65,6 +66,7 @@ class SelectionArguments:
 
 
 def main(argv=None):
+    quiet_by_default(argv)  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(SelectionArguments).parse_args_into_dataclasses(args=argv)
     if args.num_to_sample is None or args.output_dir is None:
         raise SystemExit("--num_to_sample and --output_dir are required")
