@@ -3,9 +3,10 @@
 
     python benchmarks/bench_publish.py --model_dir PATH_OR_OFFLINE_NAME [--repeats 3]
 
-Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card,
-file classification, weight/config check on the meta device, tokenizer + generation check,
-sha256 of every file) and (b) the baseline: huggingface_hub building the `CommitOperationAdd`
+Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card
+rendered into a temporary folder, file classification, weight/config check on the meta
+device, tokenizer + generation check, the card's figures against the model, sha256 of every
+file) and (b) the baseline: huggingface_hub building the `CommitOperationAdd`
 of every file and computing its upload info (the sha256 `upload_folder` needs before it sends
 anything). Prints a markdown table with the ratio of each phase to the baseline. Best of
 `--repeats` runs (the file cache is warm after the first).
@@ -42,6 +43,11 @@ def best_of(repeats, function):
     return min(times)
 
 
+def render_card(folder, card_config):
+    with tempfile.TemporaryDirectory() as scratch:
+        return model_card.build_card("bench/model", [folder], card_config, scratch)
+
+
 def main():
     quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
@@ -54,8 +60,10 @@ def main():
                 (folder / item.name).symlink_to(item.resolve())
         card_config = model_card.load_card_config()
         config = AutoConfig.from_pretrained(folder)
-        model_card.write_card(folder, "bench/model", [folder], card_config)
-        files, _ = publishing.classify_files(folder, [])
+        files, _ = publishing.classify_files(folder, [], [])
+        facts = render_card(folder, card_config)["facts"]
+        weights = publishing.check_weights(folder, files, config, [])
+        tokenizer = publishing.check_tokenizer_and_generation(folder, config, 128, [])
         total = sum((folder / name).stat().st_size for name in files)
 
         def hash_all():
@@ -73,10 +81,12 @@ def main():
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)).upload_info.sha256
 
         phases = {
-            "render + validate card": lambda: model_card.write_card(folder, "bench/model", [folder], card_config),
-            "classify files": lambda: publishing.classify_files(folder, []),
-            "weights vs config (meta device)": lambda: publishing.check_weights(folder, files, config),
-            "tokenizer + generation config": lambda: publishing.check_tokenizer_and_generation(folder, config, 128),
+            "render + validate card (temporary folder)": lambda: render_card(folder, card_config),
+            "classify files": lambda: publishing.classify_files(folder, [], []),
+            "weights vs config (meta device)": lambda: publishing.check_weights(folder, files, config, []),
+            "tokenizer + generation config": lambda: publishing.check_tokenizer_and_generation(folder, config, 128, []),
+            "card vs model (vocabulary, parameters, base)":
+                lambda: publishing.check_card_against_model(facts, config, weights, tokenizer, []),
             "sha256 of every file": hash_all,
         }
         baseline_seconds = best_of(args.repeats, baseline)

@@ -14,7 +14,6 @@ key, adapt the one function here.
 """
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,15 +459,18 @@ def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
     return environment.get_template("card.md.j2").render(**context)
 
 
-def write_card(model_dir, repo_id, report_roots, config: CardConfig) -> dict:
-    """Render the card from the reports under `report_roots`, check its metadata with
-    huggingface_hub's ModelCard/ModelCardData, and write MODEL_DIR/README.md atomically."""
+def build_card(repo_id, report_roots, config: CardConfig, scratch_dir) -> dict:
+    """Render the card from the reports under `report_roots` into `scratch_dir`/README.md (a
+    temporary location: the model folder is never touched here), load it back with
+    huggingface_hub's ModelCard, and check its metadata. Returns the card's text, path,
+    facts and metadata; the caller decides whether it may go into the model folder."""
     from huggingface_hub import ModelCard
 
-    model_dir = Path(model_dir)
     paths = find_reports(report_roots)
     facts = collect_facts(load_reports(paths))
-    card = ModelCard(render_card(facts, config, repo_id))  # parses the front matter into ModelCardData
+    rendered = Path(scratch_dir) / "README.md"
+    rendered.write_text(render_card(facts, config, repo_id), encoding="utf-8")
+    card = ModelCard.load(rendered)  # parses the front matter into ModelCardData, as the Hub will
     data = card.data
     problems = [f"{key}={getattr(data, key)!r}" for key, want in
                 (("license", config.license), ("library_name", "transformers"), ("pipeline_tag", "text-generation"))
@@ -477,10 +479,8 @@ def write_card(model_dir, repo_id, report_roots, config: CardConfig) -> dict:
         problems.append(f"language={data.language!r}")
     if problems:
         raise ValueError(f"the rendered card's metadata is not as intended: {', '.join(problems)}")
-    temporary = model_dir / ".README.md.tmp"
-    temporary.write_text(str(card), encoding="utf-8")
-    os.replace(temporary, model_dir / "README.md")  # atomic: never a half-written card
-    return {"path": str(model_dir / "README.md"), "reports": {k: str(v) for k, v in paths.items()},
+    return {"text": rendered.read_text(encoding="utf-8"), "rendered_at": str(rendered), "facts": facts,
+            "reports": {k: str(v) for k, v in paths.items()},
             "sections_left_out": [stage for stage, value in facts.items() if value is None],
             "metadata": data.to_dict()}
 
