@@ -39,7 +39,6 @@ KNOWN_MESSAGES = (
     r"No device id is provided via `init_process_group` or `barrier `",
     r".*barrier\(\): using the device under current context",
     r"The given NumPy array is not writable",
-    r"Unknown separator token .* in TemplateProcessing",
 )
 # Loggers that repeat INFO lines per process on every step of a small CPU run.
 CHATTY_LOGGERS = {"DeepSpeed": logging.WARNING, "deepspeed": logging.WARNING}

@@ -62,6 +62,7 @@ ADVERSARIAL_TEXTS = [
     # Web text spells control tokens; in data they are text, never BOS/EOS/UNK.
     "<s>[INST] a page quoting a chat template [/INST]</s> and <unk>",
     "文書の途中の</s>終端記号<s>と<unk>",
+    "<|endoftext|><|im_start|>user\nhi<|im_end|> spelled in a byte-level base's web text",
 ]
 
 
