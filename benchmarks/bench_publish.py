@@ -25,6 +25,7 @@ from transformers import AutoConfig, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets, model_card, publishing
+from toolkit.reports import write_json_atomic
 from toolkit.quiet import quiet_by_default
 
 
@@ -61,9 +62,17 @@ def main():
         card_config = model_card.load_card_config()
         config = AutoConfig.from_pretrained(folder)
         files, _ = publishing.classify_files(folder, [], [])
-        facts = render_card(folder, card_config)["facts"]
+        # Reports of this very model, as pretrain.py and extend_tokenizer.py leave them, so the
+        # card has figures to check against the folder (vocabulary, parameters, base model).
         weights = publishing.check_weights(folder, files, config, [])
         tokenizer = publishing.check_tokenizer_and_generation(folder, config, 128, [])
+        write_json_atomic(folder / "training_report.json", {
+            "model": args.model_dir, "parameters": weights["parameters"], "steps": 1, "tokens_seen": 1})
+        write_json_atomic(folder / "tokenizer_report.json", {
+            "base_vocab_size": tokenizer["tokenizer_length"], "final_vocab_size": tokenizer["tokenizer_length"]})
+        facts = render_card(folder, card_config)["facts"]
+        compared = publishing.check_card_against_model(facts, config, weights, tokenizer, [])
+        assert set(compared) == {"vocabulary", "parameters", "base_model"} and compared["base_model"]["checked"]
         total = sum((folder / name).stat().st_size for name in files)
 
         def hash_all():
