@@ -160,7 +160,8 @@ def publish(args):
     files, left_out = classify_files(model_dir, args.ignore_patterns, problems)
     weights = check_weights(model_dir, files, config, problems)
     tokenizer = check_tokenizer_and_generation(model_dir, config, args.max_vocab_padding, problems)
-    card["checked_against_model"] = check_card_against_model(card.pop("facts"), config, weights, tokenizer, problems)
+    card["checked_against_model"] = check_card_against_model(
+        card.pop("facts"), config, weights, tokenizer, problems, base_model=card["metadata"].get("base_model"))
     check_existing_card(model_dir, card_text, args.overwrite_card, problems)
     report_dir = Path(args.output_dir or model_dir)
     if problems:

@@ -129,8 +129,16 @@ def test_report_and_requested_size_rounded_to_multiple_of_64(extended, name):
     assert len(tokenizer) % 64 == 0 and len(tokenizer) >= report["requested_vocab_size"] > len(tokenizer) - 64
     assert report["tokens_added"] == len(tokenizer) - base_size
     assert report["shortfall"] is None
-    assert report["round_trip"]["lossless"] is True
+    assert report["round_trip"]["lossless"] is True and report["problems"] == []
     assert report["encoding_throughput_mb_per_s"]["extended"] > 0
+    sentencepiece_model = report["sentencepiece_model"]
+    if name == "mistral":  # a SentencePiece base: tokenizer.model written and agreeing on every checked text
+        assert sentencepiece_model["written"] and sentencepiece_model["ids_differ"] == 0
+        assert sentencepiece_model["pieces"] == len(tokenizer) and (output / "tokenizer.model").is_file()
+    else:  # byte-level: llama.cpp converts tokenizer.json itself
+        assert not sentencepiece_model["written"] and "byte_level" in sentencepiece_model["reason"]
+        assert not (output / "tokenizer.model").exists()
+    assert not list(output.glob(".tokenizer-*"))  # the staging folder is gone
     assert report["training_seconds"] > 0
 
 

@@ -370,4 +370,11 @@ def test_a_card_from_another_runs_reports_is_refused(model_dir):
     assert "3 problem(s)" in message
     assert "53,248 tokens (tokenizer_report.json) but the model folder's tokenizer has 32,000" in message
     assert f"137,000,000 parameters (training_report.json) but the weights hold {parameters_in(model_dir):,}" in message
-    assert "names offline:smollm2-135m as the base model" in message and "model_type llama vs mistral" in message
+    assert "names HuggingFaceTB/SmolLM2-135M-Instruct as the base model" in message  # what the card would state
+    assert "model_type llama vs mistral" in message
+
+
+def test_a_base_model_named_on_the_command_line_is_checked_too(model_dir):
+    with pytest.raises(publish.PublishError, match=r"(?s)1 problem\(s\).*names offline:smollm2-135m as the base model "
+                                                   r"\(the card's base_model\)"):
+        publish.publish(arguments(model_dir, base_model="offline:smollm2-135m"))

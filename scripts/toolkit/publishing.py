@@ -198,18 +198,23 @@ def base_model_config(name):
     from transformers import AutoConfig
 
     from toolkit import assets
+    from toolkit.model_card import OFFLINE_BASE_MODELS
 
-    try:
-        return AutoConfig.from_pretrained(assets.resolve(name)).to_dict()
-    except Exception:  # a Hub id not in the local cache while offline, a gated repo, ...: not checkable here
-        return None
+    offline_copy = {hub_id: name for name, hub_id in OFFLINE_BASE_MODELS.items()}.get(name)
+    for candidate in [name] + ([offline_copy] if offline_copy else []):
+        try:
+            return AutoConfig.from_pretrained(assets.resolve(candidate)).to_dict()
+        except Exception:  # a Hub id not in the local cache while offline, a gated repo, ...: not checkable here
+            continue
+    return None
 
 
-def check_card_against_model(facts, config, weights, tokenizer, problems):
+def check_card_against_model(facts, config, weights, tokenizer, problems, base_model=None):
     """The card's figures (vocabulary, parameters, base model) must be this model's.
 
     Reports from another run (a --reports folder of a different experiment) would otherwise
-    publish a card describing another model. Returns what was compared, for the report.
+    publish a card describing another model. `base_model` is the base the card's metadata
+    names (default: the training report's). Returns what was compared, for the report.
     """
     compared = {}
     card_vocabulary = (facts.get("tokenizer") or {}).get("final_vocab_size")
@@ -226,7 +231,8 @@ def check_card_against_model(facts, config, weights, tokenizer, problems):
         if card_parameters != weights["parameters"]:
             problems.append(f"the card would say {card_parameters:,.0f} parameters (training_report.json) but the "
                             f"weights hold {weights['parameters']:,}: are --reports from another run?")
-    base = training.get("base_model")
+    base = base_model or training.get("base_model")
+    source = "the card's base_model" if base_model else "training_report.json"
     if base:
         base_config = base_model_config(base)
         model_config = config.to_dict()
@@ -237,7 +243,7 @@ def check_card_against_model(facts, config, weights, tokenizer, problems):
                       if base_config.get(key) != model_config.get(key)]
             compared["base_model"] = {"card": base, "checked": True, "architecture_differs": differ}
             if differ:
-                problems.append(f"the card names {base} as the base model (training_report.json), but config.json is "
+                problems.append(f"the card names {base} as the base model ({source}), but config.json is "
                                 f"not that architecture ({'; '.join(differ)}): are --reports from another run?")
     return compared
 
