@@ -378,3 +378,31 @@ def test_a_base_model_named_on_the_command_line_is_checked_too(model_dir):
     with pytest.raises(publish.PublishError, match=r"(?s)1 problem\(s\).*names offline:smollm2-135m as the base model "
                                                    r"\(the card's base_model\)"):
         publish.publish(arguments(model_dir, base_model="offline:smollm2-135m"))
+
+
+def test_a_tied_output_matrix_that_the_file_also_stores_counts_once(model_dir):
+    """DeepSpeed's 16-bit save writes lm_head.weight even when it is tied to the embeddings (the
+    demo's SmolLM2); the model has the parameters once, as training_report.json counts them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    reports = reports_of(model_dir)
+    training = json.loads((reports / "pretrain" / "training_report.json").read_text())
+    training.update(model=str(model_dir), parameters=model.num_parameters())
+    training["arguments"]["model"]["model_name_or_path"] = str(model_dir)
+    (reports / "pretrain" / "training_report.json").write_text(json.dumps(training))
+    shutil.copyfile(reports / "pretrain" / "training_report.json", model_dir / "training_report.json")
+    report = publish.publish(arguments(model_dir))
+    assert report["weights"]["parameters"] == model.num_parameters()
+    assert report["weights"]["stored_parameters"] == model.num_parameters() + 32000 * 64

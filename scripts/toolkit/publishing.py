@@ -118,6 +118,7 @@ def check_weights(model_dir: Path, files, config, problems):
         problems.append(f"{model_dir}: sharded weights {shards} but no model.safetensors.index.json")
 
     vocab_size = getattr(config, "vocab_size", None)
+    tied = set()
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -146,8 +147,11 @@ def check_weights(model_dir: Path, files, config, problems):
         for name, (shape, shard) in tensors.items():
             if any(key in name for key in ("embed_tokens", "wte", "lm_head")) and vocab_size and shape[0] != vocab_size:
                 problems.append(f"{model_dir / shard}: {name} has {shape[0]} rows but config.json says vocab_size={vocab_size}")
+    # Parameters as the model has them (model.num_parameters()): a tied output matrix that the
+    # file also stores (DeepSpeed's 16-bit save does) counts once, as in training_report.json.
     return {"files": shards, "tensors": len(tensors), "sharded": index_path.exists(),
-            "parameters": sum(_product(shape) for shape, _ in tensors.values())}
+            "parameters": sum(_product(shape) for name, (shape, _) in tensors.items() if name not in tied),
+            "stored_parameters": sum(_product(shape) for shape, _ in tensors.values())}
 
 
 def _product(shape):
