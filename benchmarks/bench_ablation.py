@@ -26,6 +26,7 @@ from toolkit import assets
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import GreedyWriter, continuation_logprobs, read_task
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -76,6 +77,7 @@ def character_budget_cost(model, tokenizer, prompts, args):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     path = assets.resolve(args.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

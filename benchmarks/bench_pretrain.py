@@ -28,6 +28,7 @@ from toolkit.corpus import read_texts
 from toolkit.embeddings import INITS, extend_embeddings
 from toolkit.metrics import bits_per_character
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BenchArguments:
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     torch.set_grad_enabled(False)
     path = assets.resolve(args.model_name_or_path)

@@ -3,9 +3,10 @@
 
     python benchmarks/bench_publish.py --model_dir PATH_OR_OFFLINE_NAME [--repeats 3]
 
-Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card,
-file classification, weight/config check on the meta device, tokenizer + generation check,
-sha256 of every file) and (b) the baseline: huggingface_hub building the `CommitOperationAdd`
+Times, in one process, on the same folder: (a) each phase of `publish.py --dry_run` (card
+rendered into a temporary folder, file classification, weight/config check on the meta
+device, tokenizer + generation check, the card's figures against the model, sha256 of every
+file) and (b) the baseline: huggingface_hub building the `CommitOperationAdd`
 of every file and computing its upload info (the sha256 `upload_folder` needs before it sends
 anything). Prints a markdown table with the ratio of each phase to the baseline. Best of
 `--repeats` runs (the file cache is warm after the first).
@@ -24,6 +25,8 @@ from transformers import AutoConfig, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets, model_card, publishing
+from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -41,7 +44,13 @@ def best_of(repeats, function):
     return min(times)
 
 
+def render_card(folder, card_config):
+    with tempfile.TemporaryDirectory() as scratch:
+        return model_card.build_card("bench/model", [folder], card_config, scratch)
+
+
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     source = Path(assets.resolve(args.model_dir))
     with tempfile.TemporaryDirectory() as scratch:
@@ -52,8 +61,18 @@ def main():
                 (folder / item.name).symlink_to(item.resolve())
         card_config = model_card.load_card_config()
         config = AutoConfig.from_pretrained(folder)
-        model_card.write_card(folder, "bench/model", [folder], card_config)
-        files, _ = publishing.classify_files(folder, [])
+        files, _ = publishing.classify_files(folder, [], [])
+        # Reports of this very model, as pretrain.py and extend_tokenizer.py leave them, so the
+        # card has figures to check against the folder (vocabulary, parameters, base model).
+        weights = publishing.check_weights(folder, files, config, [])
+        tokenizer = publishing.check_tokenizer_and_generation(folder, config, 128, [])
+        write_json_atomic(folder / "training_report.json", {
+            "model": args.model_dir, "parameters": weights["parameters"], "steps": 1, "tokens_seen": 1})
+        write_json_atomic(folder / "tokenizer_report.json", {
+            "base_vocab_size": tokenizer["tokenizer_length"], "final_vocab_size": tokenizer["tokenizer_length"]})
+        facts = render_card(folder, card_config)["facts"]
+        compared = publishing.check_card_against_model(facts, config, weights, tokenizer, [])
+        assert set(compared) == {"vocabulary", "parameters", "base_model"} and compared["base_model"]["checked"]
         total = sum((folder / name).stat().st_size for name in files)
 
         def hash_all():
@@ -71,10 +90,12 @@ def main():
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)).upload_info.sha256
 
         phases = {
-            "render + validate card": lambda: model_card.write_card(folder, "bench/model", [folder], card_config),
-            "classify files": lambda: publishing.classify_files(folder, []),
-            "weights vs config (meta device)": lambda: publishing.check_weights(folder, files, config),
-            "tokenizer + generation config": lambda: publishing.check_tokenizer_and_generation(folder, config, 128),
+            "render + validate card (temporary folder)": lambda: render_card(folder, card_config),
+            "classify files": lambda: publishing.classify_files(folder, [], []),
+            "weights vs config (meta device)": lambda: publishing.check_weights(folder, files, config, []),
+            "tokenizer + generation config": lambda: publishing.check_tokenizer_and_generation(folder, config, 128, []),
+            "card vs model (vocabulary, parameters, base)":
+                lambda: publishing.check_card_against_model(facts, config, weights, tokenizer, []),
             "sha256 of every file": hash_all,
         }
         baseline_seconds = best_of(args.repeats, baseline)

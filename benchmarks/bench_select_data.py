@@ -34,6 +34,7 @@ import select_data  # noqa: E402
 from toolkit.corpus import iter_records, read_texts  # noqa: E402
 from toolkit.reports import write_json_atomic  # noqa: E402
 from toolkit.selection import Featurizer  # noqa: E402
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -191,6 +192,7 @@ def end_to_end(args, work):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
     work = tempfile.mkdtemp(dir=args.output_dir)

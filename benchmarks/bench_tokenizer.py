@@ -35,6 +35,7 @@ from toolkit.tokenizer_extension import (
     tokenizer_family,
     train_bpe,
 )
+from toolkit.quiet import quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "sample_data"
@@ -68,6 +69,7 @@ def throughput_ratio(base, extended, texts, repeats):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     output_dir = Path(args.output_dir)
     train_texts, _ = read_texts(args.train_files)

@@ -7,7 +7,11 @@
         --labels ja en --output_dir outputs/tokenizer_efficiency
 
 More characters per token means shorter sequences for the same text: cheaper training and
-inference and a longer effective context. Counts exclude special tokens (BOS/EOS).
+inference and a longer effective context. Counts exclude special tokens (BOS/EOS), and text
+that spells one ("<s>") counts as the characters it is. A Hub Llama/Mistral tokenizer
+(class LlamaTokenizer, which transformers 5 rebuilds with a pipeline that differs from
+SentencePiece) is loaded SentencePiece-exact from its tokenizer.model, as extend_tokenizer.py
+loads a base (toolkit.tokenizer_extension.load_base_tokenizer).
 Writes efficiency.md (markdown table), efficiency.png (bar chart) and
 efficiency_report.json under --output_dir, and prints the table.
 """
@@ -17,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 # The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from toolkit import assets
 from toolkit.corpus import expand_paths, iter_records
 from toolkit.reports import write_json_atomic
-from toolkit.tokenizer_extension import characters_per_token
+from toolkit.tokenizer_extension import characters_per_token, load_base_tokenizer
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -77,6 +81,7 @@ def bar_chart(rows, labels, path):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(EfficiencyArguments).parse_args_into_dataclasses()
     names = args.names or args.tokenizers
     paths = expand_paths(args.files)
@@ -92,10 +97,11 @@ def main():
 
     rows = []
     for name, name_or_path in zip(names, args.tokenizers):
-        tokenizer = AutoTokenizer.from_pretrained(assets.resolve(name_or_path))
+        loaded = load_base_tokenizer(name_or_path)
+        tokenizer = loaded.tokenizer
         figures = {label: characters_per_token(tokenizer, file_texts) for label, file_texts in texts.items()}
         rows.append({
-            "name": name, "tokenizer": name_or_path, "vocabulary": len(tokenizer),
+            "name": name, "tokenizer": name_or_path, "pipeline_from": loaded.source, "vocabulary": len(tokenizer),
             "characters_per_token": {label: figure["characters_per_token"] for label, figure in figures.items()},
             "tokens": {label: figure["tokens"] for label, figure in figures.items()},
         })

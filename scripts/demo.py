@@ -32,6 +32,7 @@ from transformers import HfArgumentParser
 from toolkit import assets
 from toolkit.model_card import collect_facts, find_reports, load_reports
 from toolkit.reports import read_json, write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "sample_data"
@@ -194,6 +195,7 @@ def run(stage):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses()
     out = Path(args.output_dir)
     if not out.is_absolute():

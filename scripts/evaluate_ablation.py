@@ -104,6 +104,7 @@ from toolkit.evaluation import (
 )
 from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -488,6 +489,7 @@ def contamination_report(tasks, patterns, n):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     args, settings = HfArgumentParser((AblationArguments, FinetuneSettings)).parse_args_into_dataclasses()
     names = args.model_names or [f"model{i}" for i in range(len(args.models))]
     if len(names) != len(args.models) or len(set(names)) != len(names):

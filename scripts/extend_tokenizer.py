@@ -16,37 +16,49 @@ only new tokens containing Japanese script are kept, so English segmentation can
 the embedding matrix needs no unused rows. If the text is too small to learn that many
 tokens, the result keeps what it could learn and says so in the report and on stderr.
 
-Writes OUT (loads with AutoTokenizer.from_pretrained(OUT)) and OUT/tokenizer_report.json.
+For a SentencePiece base (Llama 2, Mistral) it also writes tokenizer.model: the base's
+SentencePiece model with the new pieces appended (scores below every base score, in merge
+order), which llama.cpp's GGUF converter and `sentencepiece` read; it is checked to give
+the same ids as tokenizer.json. Text from data is tokenised with special-token parsing
+off: "<s>" in a document is three characters, never BOS.
+
+The tokenizer is written and checked in a staging folder under OUT and moved into OUT
+only when every check passes. Writes OUT (loads with AutoTokenizer.from_pretrained(OUT))
+and OUT/tokenizer_report.json.
 """
 
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
 from tokenizers import Tokenizer
-from huggingface_hub import hf_hub_download
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, HfArgumentParser
 
-from toolkit import assets
 from toolkit.corpus import ReadStats, expand_paths, iter_records
 from toolkit.reports import write_json_atomic
 from toolkit.text import japanese_char_ratio
 from toolkit.tokenizer_extension import (
     ADVERSARIAL_TEXTS,
+    SENTENCEPIECE,
     ExtensionError,
     base_size,
     characters_per_token,
     encoding_throughput,
+    extended_sentencepiece_model,
     is_japanese_text,
+    load_base_tokenizer,
     merge_into_base,
     round_trip_failures,
     tokenizer_family,
     train_bpe,
 )
+from toolkit.quiet import quiet_by_default
 
 # Files a slow (non-tokenizers) class would read instead of tokenizer.json; they describe
 # the base vocabulary only, so they are not copied to the extended tokenizer.
@@ -129,12 +141,15 @@ def learn_new_tokens(base_json, family, texts, wanted, args):
     return result, trained, attempts
 
 
-def save_tokenizer(base, tokenizer_json, output_dir: Path):
-    """The base's files (config, special tokens, chat template) with the new tokenizer.json."""
+def save_tokenizer(base, tokenizer_json, sentencepiece_model, output_dir: Path):
+    """The base's files (config, special tokens, chat template) with the new tokenizer.json,
+    and the new tokenizer.model (bytes, or None for a base that is not a SentencePiece model)."""
     base.save_pretrained(output_dir)
     for name in SLOW_TOKENIZER_FILES:
         (output_dir / name).unlink(missing_ok=True)
     Tokenizer.from_str(json.dumps(tokenizer_json)).save(str(output_dir / "tokenizer.json"))
+    if sentencepiece_model is not None:
+        (output_dir / "tokenizer.model").write_bytes(sentencepiece_model)
     config_path = output_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # A model-specific class (LlamaTokenizer, ...) rebuilds its pipeline from the vocabulary
@@ -145,41 +160,49 @@ def save_tokenizer(base, tokenizer_json, output_dir: Path):
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def load_base(name_or_path):
-    """The base as transformers loads it, and its tokenizers pipeline as JSON.
+def sentencepiece_model_for(base, family, tokenizer_json):
+    """(bytes of the extended tokenizer.model or None, why none) for llama.cpp and sentencepiece users."""
+    if family != SENTENCEPIECE:
+        return None, f"a {family} base: llama.cpp's converter reads tokenizer.json for byte-level BPE"
+    if base.sentencepiece_model is None:
+        return None, f"{base.name} ships no tokenizer.model to extend"
+    try:
+        return extended_sentencepiece_model(base.sentencepiece_model, tokenizer_json), None
+    except ExtensionError as error:
+        return None, str(error)
 
-    transformers 5 rebuilds Llama/Mistral tokenizers (class LlamaTokenizer on the Hub) with
-    a pipeline that does not segment as SentencePiece does (see README). When such a base
-    ships its SentencePiece tokenizer.model, the base is rebuilt from that file with
-    toolkit.assets.sentencepiece_bpe_to_tokenizers, which matches SentencePiece exactly.
-    """
-    resolved = assets.resolve(name_or_path)
-    base = AutoTokenizer.from_pretrained(resolved)
-    if type(base).__name__ not in ("LlamaTokenizer", "LlamaTokenizerFast"):
-        return resolved, base, json.loads(base.backend_tokenizer.to_str()), "tokenizer.json"
-    model_file = Path(resolved) / "tokenizer.model"
-    if not model_file.is_file():
-        try:
-            model_file = Path(hf_hub_download(resolved, "tokenizer.model"))
-        except Exception as error:  # no tokenizer.model on the Hub either: keep transformers' pipeline
-            print(f"note: {name_or_path}: no tokenizer.model ({error}); using transformers' tokenizer as loaded",
-                  file=sys.stderr)
-            return resolved, base, json.loads(base.backend_tokenizer.to_str()), "tokenizer.json"
-    exact = assets.sentencepiece_bpe_to_tokenizers(model_file)
-    rebuilt = PreTrainedTokenizerFast(tokenizer_object=exact, **base.special_tokens_map,
-                                      clean_up_tokenization_spaces=False, model_max_length=base.model_max_length)
-    if base.chat_template:
-        rebuilt.chat_template = base.chat_template
-    return resolved, rebuilt, json.loads(exact.to_str()), "tokenizer.model (SentencePiece-exact rebuild)"
+
+def sentencepiece_agreement(folder: Path, texts) -> dict:
+    """Texts whose ids from tokenizer.model (sentencepiece itself) differ from tokenizer.json's."""
+    import sentencepiece
+
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True  # sentencepiece never reads "<s>" in text as a control token
+    differ = [text for text in texts if tokenizer.encode(text, add_special_tokens=False).ids != reference.encode(text)]
+    return {"written": True, "pieces": reference.get_piece_size(), "texts_checked": len(texts),
+            "ids_differ": len(differ), "examples": [text[:80] for text in differ[:5]]}
+
+
+def move_into(staging: Path, output_dir: Path):
+    """The checked tokenizer files from `staging` into `output_dir`, each by an atomic rename."""
+    for name in SLOW_TOKENIZER_FILES:  # e.g. a tokenizer.model of an earlier run must not outlive it
+        if not (staging / name).exists():
+            (output_dir / name).unlink(missing_ok=True)
+    for item in staging.iterdir():
+        os.replace(item, output_dir / item.name)
+    staging.rmdir()
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(ExtensionArguments).parse_args_into_dataclasses()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
 
     # The base, and the size to reach.
-    resolved, base, base_json, base_source = load_base(args.base_tokenizer)
+    base_tokenizer = load_base_tokenizer(args.base_tokenizer)
+    base, base_json = base_tokenizer.tokenizer, base_tokenizer.tokenizer_json
     family = tokenizer_family(base_json, args.base_tokenizer)
     base_vocab_size = base_size(base_json)
     if args.vocab_size <= base_vocab_size:
@@ -190,26 +213,35 @@ def main():
     multiple = max(args.pad_to_multiple_of, 1)
     target_vocab_size = math.ceil(args.vocab_size / multiple) * multiple
     wanted = target_vocab_size - base_vocab_size
-
-    # Train and merge.
     read_stats = ReadStats()
     texts = read_training_text(args, read_stats)
+    evaluation = read_eval_files(args)  # before training: a bad eval file fails in seconds, not after it
+
+    # Train and merge, then save into a staging folder: nothing reaches --output_dir unchecked.
     print(f"training on {len(texts)} documents ({sum(map(len, texts)):,} characters) to add {wanted} tokens "
           f"to {args.base_tokenizer} ({family}, {base_vocab_size} tokens)", file=sys.stderr)
     training_started = time.perf_counter()
     result, trained, attempts = learn_new_tokens(base_json, family, texts, wanted, args)
     training_seconds = time.perf_counter() - training_started
-    save_tokenizer(base, result.tokenizer_json, output_dir)
+    sentencepiece_model, no_sentencepiece_model = sentencepiece_model_for(base_tokenizer, family, result.tokenizer_json)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=output_dir))
+    save_tokenizer(base, result.tokenizer_json, sentencepiece_model, staging)
 
     # Check and measure the saved tokenizer as users will load it.
-    extended = AutoTokenizer.from_pretrained(str(output_dir))
+    extended = AutoTokenizer.from_pretrained(str(staging))
     base_vocab, extended_vocab = base.get_vocab(), extended.get_vocab()
-    if any(extended_vocab.get(token) != index for token, index in base_vocab.items()):
-        raise AssertionError(f"{output_dir}: a base token changed its id; please report this as a bug")
-    evaluation = read_eval_files(args)
+    moved_ids = [token for token, index in base_vocab.items() if extended_vocab.get(token) != index]
     all_eval_texts = [text for texts_of_file in evaluation.values() for text in texts_of_file]
     round_trip_texts = ADVERSARIAL_TEXTS + all_eval_texts
     new_failures = round_trip_failures(extended, round_trip_texts)
+    if sentencepiece_model is not None:
+        sentencepiece_report = sentencepiece_agreement(staging, round_trip_texts)
+    else:
+        sentencepiece_report = {"written": False, "reason": no_sentencepiece_model}
+        if family == SENTENCEPIECE:
+            print(f"note: no tokenizer.model written ({no_sentencepiece_model}); llama.cpp users need one",
+                  file=sys.stderr)
     by_language = {"ja": {"base": [0, 0], "extended": [0, 0]}, "en": {"base": [0, 0], "extended": [0, 0]}}
     eval_report = {}
     for path, file_texts in evaluation.items():
@@ -239,10 +271,18 @@ def main():
         print(f"WARNING: learned only {len(result.added_tokens)} of the {wanted} new tokens requested: final "
               f"vocabulary {shortfall['reached_vocab_size']} instead of {target_vocab_size}. {shortfall['reason']}.",
               file=sys.stderr)
+    problems = []
+    if moved_ids:
+        problems.append(f"{len(moved_ids)} base token(s) changed id (e.g. {moved_ids[0]!r})")
+    if new_failures:
+        problems.append(f"decode(encode(x)) != x for {len(new_failures)} texts")
+    if sentencepiece_report.get("ids_differ"):
+        problems.append(f"tokenizer.model and tokenizer.json give different ids on "
+                        f"{sentencepiece_report['ids_differ']} texts")
     report = {
         "base_tokenizer": args.base_tokenizer,
-        "base_tokenizer_resolved": resolved,
-        "base_pipeline_from": base_source,
+        "base_tokenizer_resolved": base_tokenizer.resolved,
+        "base_pipeline_from": base_tokenizer.source,
         "family": family,
         "train_files": args.train_files,
         "train_documents": len(texts),
@@ -262,21 +302,26 @@ def main():
         "training_seconds": round(training_seconds, 2),
         "characters_per_token": characters_per_token_summary,
         "eval": eval_report,
+        "special_tokens_in_text": "text (split_special_tokens): '<s>' in a document is its characters, not BOS",
         "round_trip": {"texts_checked": len(round_trip_texts), "adversarial_texts": len(ADVERSARIAL_TEXTS),
                        "lossless": not new_failures, "failures": new_failures[:20]},
+        "sentencepiece_model": sentencepiece_report,
         "encoding_throughput_mb_per_s": {"base": round(base_speed, 3), "extended": round(extended_speed, 3),
                                          "extended_over_base": round(extended_speed / base_speed, 3)},
+        "problems": problems,
         "total_seconds": round(time.perf_counter() - started, 2),
     }
+    if problems:  # the tokenizer stays in the staging folder, out of the way of the next stage
+        write_json_atomic(staging / "tokenizer_report.json", report)
+        raise ExtensionError(
+            f"{staging}: the extended tokenizer failed its checks ({'; '.join(problems)}), so it was not moved to "
+            f"{output_dir}. This is a bug in the extension: please report it with {staging / 'tokenizer_report.json'}"
+        )
+    move_into(staging, output_dir)
     write_json_atomic(output_dir / "tokenizer_report.json", report)
     print(json.dumps({key: report[key] for key in ("base_vocab_size", "final_vocab_size", "tokens_added",
                                                     "characters_per_token", "encoding_throughput_mb_per_s")},
                      ensure_ascii=False))
-    if new_failures:
-        raise AssertionError(
-            f"{output_dir}: decode(encode(x)) != x for {len(new_failures)} texts (see tokenizer_report.json); "
-            "please report this as a bug"
-        )
 
 
 if __name__ == "__main__":

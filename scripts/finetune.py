@@ -36,6 +36,7 @@ from toolkit.training import (
     LoopArguments, data_signature, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics,
     resume, save_consolidated, train,
 )
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -74,6 +75,7 @@ def pad_collate(pad_id):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     script_args, loop_args = HfArgumentParser((FinetuneArguments, LoopArguments)).parse_args_into_dataclasses()
     if not loop_args.output_dir:
         raise ValueError("--output_dir is required")

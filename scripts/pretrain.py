@@ -40,6 +40,7 @@ from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
 from toolkit.metrics import BitsPerCharacter, count_windows, text_nll, token_ids_with_bos
 from toolkit.reports import write_json_atomic
 from toolkit.token_shards import TokenBlocks, TokenShardError, check_tokenizer_matches
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -258,6 +259,7 @@ def zero3_init(accelerator):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
         model_args, data_args, args = parser.parse_yaml_file(sys.argv[1]) if sys.argv[1].endswith(("yaml", "yml")) \

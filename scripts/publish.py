@@ -3,24 +3,33 @@
 
     python scripts/publish.py --model_dir OUT/pretrain --repo_id ORG/NAME --reports OUT [--dry_run]
 
-1. Renders README.md (Apache-2.0, English then Japanese) into the model folder from the
-   stages' JSON reports (see scripts/toolkit/model_card.py) and validates its metadata with
-   huggingface_hub's ModelCard / ModelCardData.
+1. Renders the card (Apache-2.0, English then Japanese) from the stages' JSON reports (see
+   scripts/toolkit/model_card.py) into a temporary folder and validates its metadata with
+   huggingface_hub's ModelCard / ModelCardData. The model folder is not touched.
 2. Checks the folder: config, safetensors weights (+ index when sharded) whose tensors match
    what the config builds (embedding rows = vocab_size), a tokenizer that loads and fits the
    vocabulary, a generation config whose EOS is the tokenizer's. Refuses optimizer states,
    checkpoints, pickles and any other stray file (leave them out with --ignore_patterns).
+   Checks the card against the model: its vocabulary, parameter count and base model
+   (architecture) must be this folder's, so reports from another run cannot describe it.
+   A README.md already in the folder is never replaced without --overwrite_card.
+   Every problem is collected and all of them are reported together.
 3. --dry_run: lists every file that would be uploaded, with size and sha256, in
-   publish_report.json. Otherwise creates the repo and uploads with `upload_folder` (in
-   huggingface_hub 2.4 it also replaces `upload_large_folder`: with hf_xet installed it streams
-   big folders in several resumable commits), prints the URL and checks what arrived.
+   publish_report.json, and leaves the rendered card next to it as README.preview.md.
+   Otherwise writes README.md into the folder (atomically), creates the repo and uploads
+   with `upload_folder` (in huggingface_hub 2.4 it also replaces `upload_large_folder`: with
+   hf_xet installed it streams big folders in several resumable commits), prints the URL
+   and checks what arrived.
 
 The token comes from HF_TOKEN or the login cache (`hf auth login`); it is never printed,
 logged, or written to the report or the card.
 """
 
 import glob
+import hashlib
+import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,15 +41,19 @@ from transformers import HfArgumentParser
 from toolkit import model_card
 from toolkit.publishing import (
     PublishError,
+    check_card_against_model,
+    check_existing_card,
     check_repo_id,
     check_tokenizer_and_generation,
     check_weights,
     classify_files,
     human_size,
+    raise_problems,
     sha256_of,
     verify_remote,
 )
 from toolkit.reports import write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -53,6 +66,7 @@ class PublishArguments:
     dry_run: bool = field(default=False, metadata={"help": "Render and check, list every file with size and sha256; upload nothing."})
     create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of committing to the branch."})
     overwrite: bool = field(default=False, metadata={"help": "Allow committing to a repo that already has files; remote files not in this upload are deleted."})
+    overwrite_card: bool = field(default=False, metadata={"help": "Replace a README.md already in the model folder with the rendered card."})
     card_config: str = field(default=None, metadata={"help": "YAML with card fields (see model_card/defaults.yaml)."})
     model_name: str = field(default=None, metadata={"help": "Card title (default: the repo name)."})
     authors: list[str] = field(default_factory=list, metadata={"help": "Authors named in the card."})
@@ -66,14 +80,20 @@ class PublishArguments:
 
 
 # ----------------------------------------------------------------------------- the card
-def write_card(args, model_dir: Path):
+def build_card(args, scratch_dir):
     if args.reports and not Path(args.reports).is_dir():
         raise PublishError(f"--reports {args.reports}: no such folder")
     overrides = {"model_name": args.model_name, "authors": args.authors, "sponsor": args.sponsor,
                  "hardware_description": args.hardware_description, "acknowledgements": args.acknowledgements,
                  "base_model": args.base_model}
     config = model_card.load_card_config(args.card_config, overrides)
-    return model_card.write_card(model_dir, args.repo_id, [args.reports, model_dir], config)
+    return model_card.build_card(args.repo_id, [args.reports, args.model_dir], config, scratch_dir)
+
+
+def write_text_atomic(path: Path, text: str):
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)  # never a half-written card
 
 
 # ----------------------------------------------------------------------------- upload
@@ -130,18 +150,49 @@ def publish(args):
     if not (model_dir / "config.json").exists():
         raise PublishError(f"{model_dir}: no config.json, so not a transformers model folder (did training finish?)")
     config = AutoConfig.from_pretrained(model_dir)
-    card = write_card(args, model_dir)  # README.md first: it is one of the files checked and uploaded
-    files, left_out = classify_files(model_dir, args.ignore_patterns)
-    weights = check_weights(model_dir, files, config)
-    tokenizer = check_tokenizer_and_generation(model_dir, config, args.max_vocab_padding)
-    print(f"card: {card['path']} (sections left out for lack of a report: {', '.join(card['sections_left_out']) or 'none'})")
+
+    # Render into a temporary folder and check everything, collecting every problem.
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="publish-card-") as scratch:
+        card = build_card(args, scratch)
+    card_text = card.pop("text")
+    card.pop("rendered_at")  # the temporary folder is gone
+    files, left_out = classify_files(model_dir, args.ignore_patterns, problems)
+    weights = check_weights(model_dir, files, config, problems)
+    tokenizer = check_tokenizer_and_generation(model_dir, config, args.max_vocab_padding, problems)
+    card["checked_against_model"] = check_card_against_model(
+        card.pop("facts"), config, weights, tokenizer, problems, base_model=card["metadata"].get("base_model"))
+    check_existing_card(model_dir, card_text, args.overwrite_card, problems)
+    report_dir = Path(args.output_dir or model_dir)
+    if problems:
+        write_json_atomic(report_dir / "publish_report.json",
+                          {"repo_id": args.repo_id, "model_dir": str(model_dir), "dry_run": args.dry_run,
+                           "problems": problems, "uploaded": False})
+        raise_problems(problems, model_dir)
+    print(f"card: rendered from {len(card['reports'])} report(s) (sections left out for lack of a report: "
+          f"{', '.join(card['sections_left_out']) or 'none'}); checked against the model: "
+          f"{', '.join(card['checked_against_model']) or 'nothing to compare'}")
     print(f"checked: {weights['tensors']} tensors, {weights['parameters']:,} parameters in {len(weights['files'])} "
           f"safetensors file(s); tokenizer {tokenizer['tokenizer_length']:,} tokens, vocab_size {tokenizer['vocab_size']:,}")
 
-    total = sum((model_dir / name).stat().st_size for name in files)
+    # The card goes into the folder only for a real upload; a dry run leaves a preview beside its report.
+    if args.dry_run:
+        card["path"] = str(report_dir / "README.preview.md")
+        report_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(card["path"]), card_text)
+    else:
+        card["path"] = str(model_dir / "README.md")
+        write_text_atomic(model_dir / "README.md", card_text)
+    card_bytes = card_text.encode("utf-8")
+    files = sorted(set(files) | {"README.md"})
+    total = sum((model_dir / name).stat().st_size for name in files if name != "README.md") + len(card_bytes)
     local = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", disable=None) as progress:
         for name in files:
+            if name == "README.md":  # the rendered card, whether or not it is in the folder yet
+                local[name] = {"size": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()}
+                progress.update(len(card_bytes))
+                continue
             path = model_dir / name
             local[name] = {"size": path.stat().st_size, "sha256": sha256_of(path, progress)}
     print(f"\n{'file':<40} {'size':>10}  sha256")
@@ -158,7 +209,7 @@ def publish(args):
         "repo_id": args.repo_id, "revision": args.revision, "private": args.private, "dry_run": args.dry_run,
         "create_pr": args.create_pr, "overwrite": args.overwrite, "model_dir": str(model_dir),
         "files": [{"path": name, **local[name]} for name in files], "total_bytes": total,
-        "left_out": left_out, "card": card, "weights": weights, "tokenizer": tokenizer,
+        "left_out": left_out, "card": card, "weights": weights, "tokenizer": tokenizer, "problems": [],
         "commit_message": commit_message, "uploaded": False,
     }
     if not args.dry_run:
@@ -169,14 +220,15 @@ def publish(args):
         print(f"\nuploaded and verified {len(files)} files: {info.repo_url}")
         print(f"commit: {info.commit_url}" + (f"\npull request: {info.pr_url}" if info.pr_url else ""))
     else:
-        print("\ndry run: nothing uploaded")
+        print(f"\ndry run: nothing uploaded; the card is in {card['path']}")
     report["seconds"] = round(time.time() - started, 2)
-    report_path = write_json_atomic(Path(args.output_dir or model_dir) / "publish_report.json", report)
+    report_path = write_json_atomic(report_dir / "publish_report.json", report)
     print(f"report: {report_path}")
     return report
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(PublishArguments).parse_args_into_dataclasses()
     from huggingface_hub import get_token
 

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 from toolkit import data_engine, selection
 from toolkit.corpus import CorpusError
 from toolkit.reports import read_json, write_json_atomic
+from toolkit.quiet import quiet_by_default
 
 
 @dataclass
@@ -72,6 +73,7 @@ class SelectionArguments:
 
 
 def main(argv=None):
+    quiet_by_default(argv)  # known third-party deprecation warnings hidden unless --verbose
     args, executor_args = HfArgumentParser((SelectionArguments, data_engine.ExecutorArguments)).parse_args_into_dataclasses(
         args=argv)
     # 1. Every argument checked before any heavy work.

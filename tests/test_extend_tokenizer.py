@@ -129,8 +129,16 @@ def test_report_and_requested_size_rounded_to_multiple_of_64(extended, name):
     assert len(tokenizer) % 64 == 0 and len(tokenizer) >= report["requested_vocab_size"] > len(tokenizer) - 64
     assert report["tokens_added"] == len(tokenizer) - base_size
     assert report["shortfall"] is None
-    assert report["round_trip"]["lossless"] is True
+    assert report["round_trip"]["lossless"] is True and report["problems"] == []
     assert report["encoding_throughput_mb_per_s"]["extended"] > 0
+    sentencepiece_model = report["sentencepiece_model"]
+    if name == "mistral":  # a SentencePiece base: tokenizer.model written and agreeing on every checked text
+        assert sentencepiece_model["written"] and sentencepiece_model["ids_differ"] == 0
+        assert sentencepiece_model["pieces"] == len(tokenizer) and (output / "tokenizer.model").is_file()
+    else:  # byte-level: llama.cpp converts tokenizer.json itself
+        assert not sentencepiece_model["written"] and "byte_level" in sentencepiece_model["reason"]
+        assert not (output / "tokenizer.model").exists()
+    assert not list(output.glob(".tokenizer-*"))  # the staging folder is gone
     assert report["training_seconds"] > 0
 
 
@@ -141,8 +149,8 @@ def test_round_trip_on_adversarial_text(extended, name, eval_texts, japanese_tra
     train_text = "".join(read_texts([japanese_train_file])[0])
     assert not any(character in train_text for character in "鬱齉龘𪚲𠀋𡈽😀🇯")  # really unseen in training
     texts = ADVERSARIAL_TEXTS + EXTRA_ROUND_TRIP + eval_texts[0][:20] + eval_texts[1][:20]
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
+    for text in texts:  # as data is tokenised: "<s>" in a text is text
+        ids = tokenizer(text, split_special_tokens=True)["input_ids"]
         assert tokenizer.decode(ids, skip_special_tokens=True) == text, repr(text[:60])
     assert round_trip_failures(tokenizer, texts) == []
 
@@ -312,10 +320,13 @@ def test_hub_layout_llama_tokenizer_is_rebuilt_sentencepiece_exact(monkeypatch, 
     run_extension(monkeypatch, "--base_tokenizer", hub, "--train_files", japanese_train_file,
                   "--vocab_size", 32512, "--output_dir", tmp_path / "out")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out" / "tokenizer.model").exists()  # it would describe the base vocabulary only
-    assert read_json(tmp_path / "out" / "tokenizer_report.json")["base_pipeline_from"].startswith("tokenizer.model")
+    report = read_json(tmp_path / "out" / "tokenizer_report.json")
+    assert report["base_pipeline_from"].startswith("tokenizer.model")
+    assert report["sentencepiece_model"]["written"] and report["sentencepiece_model"]["ids_differ"] == 0
+    extended_reference = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
     for text in texts:
         assert tokenizer(text)["input_ids"] == [1] + reference.encode(text), text[:60]
+        assert extended_reference.encode(text) == reference.encode(text), text[:60]  # English: same pieces
     assert len(tokenizer.tokenize("パッケージを編集してください")) < len(reference.encode("パッケージを編集してください"))
 
 
@@ -338,3 +349,101 @@ def test_max_train_characters_limits_the_training_text(monkeypatch, tmp_path, ja
     texts = read_texts([japanese_train_file])[0]
     assert 20000 <= report["train_characters"] < 20000 + max(map(len, texts))
     assert report["train_documents"] < len(texts)
+
+
+def bundled_texts(sample_data):
+    """Every text the repository bundles: eval, target, pool, SFT conversations and task items."""
+    texts = []
+    for path in sorted(sample_data.rglob("*.jsonl*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as stream:
+            for line in stream:
+                texts += [value for value in _strings(json.loads(line)) if value]
+    return texts
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_tokenizer_model_gives_the_ids_of_tokenizer_json_on_every_bundled_text(extended, sample_data):
+    """sentencepiece itself, reading the extended tokenizer.model, against our tokenizer.json."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    base_path, output, _ = extended["mistral"]
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString((output / "tokenizer.model").read_bytes())
+    base_model = sentencepiece_model_pb2.ModelProto()
+    base_model.ParseFromString((Path(base_path) / "tokenizer.model").read_bytes())
+    tokenizer = Tokenizer.from_file(str(output / "tokenizer.json"))
+    assert len(model.pieces) == tokenizer.get_vocab_size() == 33024
+    assert model.trainer_spec.byte_fallback and model.normalizer_spec == base_model.normalizer_spec
+    assert list(model.pieces)[:32000] == list(base_model.pieces)  # pieces, scores and types unchanged
+    new_scores = [piece.score for piece in model.pieces[32000:]]
+    assert max(new_scores) < min(piece.score for piece in base_model.pieces)
+    assert len(set(new_scores)) == len(new_scores)
+    assert all(model.pieces[index].piece == token for token, index in tokenizer.get_vocab().items())
+
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(output / "tokenizer.model"))
+    texts = bundled_texts(sample_data) + ADVERSARIAL_TEXTS + EXTRA_ROUND_TRIP
+    assert len(texts) > 3000
+    tokenizer.encode_special_tokens = True  # as data is tokenised; sentencepiece never parses "<s>" in text
+    differ = [text[:60] for text in texts if tokenizer.encode(text, add_special_tokens=False).ids != reference.encode(text)]
+    assert differ == []
+    japanese = "パッケージをインストールしてください。"
+    assert len(reference.encode(japanese)) < len(sentencepiece.SentencePieceProcessor(
+        model_file=str(Path(base_path) / "tokenizer.model")).encode(japanese))
+
+
+def test_gguf_conversion_tokenises_as_we_do_in_llama_cpp(extended, sample_data, tmp_path):
+    """llama.cpp's converter logic (gguf package) on the extended folder, then llama.cpp's own tokenizer."""
+    import llama_cpp
+
+    from toolkit.tokenizer_extension import write_gguf_vocabulary
+
+    _, output, _ = extended["mistral"]
+    gguf_file = write_gguf_vocabulary(output, tmp_path / "vocab.gguf")
+    llama = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+    assert (llama.n_vocab(), llama.token_bos(), llama.token_eos()) == (33024, 1, 2)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    texts = bundled_texts(sample_data)[::4] + ADVERSARIAL_TEXTS
+    differ = [text[:60] for text in texts
+              if llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+              != tokenizer(text, split_special_tokens=True)["input_ids"]]
+    assert differ == []
+
+
+def test_control_token_strings_in_eval_text_are_text(monkeypatch, tmp_path, japanese_train_file):
+    """An eval document that spells <s> and </s> is measured and round-tripped as text."""
+    special = ["文書の途中の</s>終端記号<s>と<unk>", "a page quoting <s>[INST] hi [/INST]</s>"]
+    eval_file = write_jsonl(tmp_path / "eval.jsonl.gz", special)
+    run_extension(monkeypatch, "--base_tokenizer", "offline:mistral-7b-tokenizer", "--train_files", japanese_train_file,
+                  "--eval_files", eval_file, "--vocab_size", 32064, "--output_dir", tmp_path / "out")
+    report = read_json(tmp_path / "out" / "tokenizer_report.json")
+    assert report["round_trip"]["lossless"] and report["problems"] == []
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in special:
+        ids = tokenizer(text, split_special_tokens=True, add_special_tokens=False)["input_ids"]
+        assert tokenizer.bos_token_id not in ids and tokenizer.eos_token_id not in ids
+        assert tokenizer.decode(ids) == text  # no space inserted after "<s>"
+    figures = report["eval"][str(eval_file)]["extended"]
+    assert figures["tokens"] == sum(len(tokenizer(text, split_special_tokens=True, add_special_tokens=False)
+                                        ["input_ids"]) for text in special)
+
+
+def test_a_failed_check_leaves_the_output_folder_without_a_tokenizer(monkeypatch, tmp_path, japanese_train_file):
+    monkeypatch.setattr(extend_tokenizer, "round_trip_failures", lambda tokenizer, texts: [{"text": "x", "decoded": "y"}])
+    with pytest.raises(ExtensionError, match="failed its checks .*decode.*not moved"):
+        run_extension(monkeypatch, "--base_tokenizer", "offline:mistral-7b-tokenizer", "--train_files",
+                      japanese_train_file, "--vocab_size", 32064, "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    (staging,) = (tmp_path / "out").glob(".tokenizer-*")
+    assert read_json(staging / "tokenizer_report.json")["problems"]

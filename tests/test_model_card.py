@@ -8,6 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from toolkit import model_card as mc
+from toolkit.embeddings import INITS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reports"
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -130,8 +131,13 @@ def test_ablation_with_several_models_compares_each_to_the_baseline():
     assert [c["outcome"] for c in facts["tasks"][0]["comparisons"]] == ["better", "noise"]
     config = mc.load_card_config()
     card = mc.render_card({"ablation": facts}, config, "o/m")
-    assert "| t | accuracy | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in card
+    english, japanese = mc.split_languages(card)
+    # an identifier the translation table lacks ("t") shows as code in both halves
+    assert "| `t` | accuracy | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in english
+    assert "| `t` | 正解率 | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | 改善 | -0.1000 |" in japanese
     assert "ext2 − raw" in card
+    assert "ext vs raw: better on 1 of 1 (`t`), worse on 0, within noise on the rest." in english
+    assert "ext2 と raw の比較: 1 項目中 0 項目で改善、0 項目で悪化、残りは誤差の範囲内でした。" in japanese
 
 
 def test_user_fields_from_yaml_and_cli(reports, tmp_path):
@@ -192,3 +198,74 @@ def test_training_claims_only_what_the_report_says(reports):
     path.write_text(json.dumps(report))
     english, japanese = mc.split_languages(render(reports))
     assert "and DeepSpeed." in english and "ZeRO" not in english and "DeepSpeed で" in japanese
+
+
+# ----------------------------------------------------------------------------- issue 13: the card's text
+ASCII_IDENTIFIER = re.compile(r"(?<!`)\b[a-z]+(?:_[a-z0-9]+)+\b(?!`)")  # heading_mc, ... (not `quoted` code)
+
+
+def test_japanese_half_translates_every_task_and_metric_and_the_verdict(reports):
+    english, japanese = mc.split_languages(render(reports))
+    for section in ("### アブレーション", "### 学習"):
+        block = japanese.split(section, 1)[1].split("\n### ", 1)[0]
+        assert ASCII_IDENTIFIER.findall(block) == [], section
+    assert "文章の続きの選択（多肢選択）" in japanese and "文字あたりのビット数（日本語）" in japanese
+    assert "結果の読み方: extended と base の比較: 3 項目中 2 項目で改善（文章の続きの選択（多肢選択）、日本語の評価用テキスト）" \
+        in japanese
+    assert "Reading: extended vs base: better on 2 of 3 (text continuation (multiple choice), held-out Japanese text)" \
+        in english
+    assert "原文は英語" not in japanese
+
+
+def test_every_task_and_metric_the_toolkit_produces_is_in_the_one_table():
+    """Task files bundled in sample_data/tasks, lm-eval YAMLs, the held-out sets and every metric name."""
+    tasks = {path.stem for path in (mc.REPO_ROOT / "sample_data" / "tasks").glob("*.jsonl")}
+    tasks |= {"lm_eval:" + line.split(":", 1)[1].strip()
+              for path in (mc.REPO_ROOT / "sample_data" / "tasks" / "lm_eval").glob("*.yaml")
+              for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("task:")}
+    metrics = {"bits_per_character", "bits_per_byte", "accuracy", "acc", "acc_norm", "exact_match", "char_f1",
+               "char_rouge_l", "loss", "characters_per_token"}
+    names = tasks | metrics | set(INITS) | {"heldout_ja", "heldout_en", "data", "tokenizer", "better", "worse", "within noise"}
+    assert len(tasks) >= 5
+    assert sorted(name for name in names if name not in mc.TERMS) == []
+    assert all(set(entry) == {"en", "ja"} and all(entry.values()) for entry in mc.TERMS.values())
+
+
+def test_table_called_comparable_holds_only_tokenizer_independent_figures(reports):
+    english, japanese = mc.split_languages(render(reports))
+    comparable = english.split("comparable across tokenizers (lower is better):", 1)[1].split("\n\n", 2)[1]
+    assert "bits per character (Japanese)" in comparable and "loss" not in comparable
+    per_token = english.split("**not** comparable", 1)[1].split("\n\n", 2)[1]
+    assert "| loss per token (Japanese) | 3.6110 | 3.4120 |" in per_token
+    assert "トークンあたりの損失（日本語）" not in japanese.split("比較できます", 1)[1].split("\n\n", 2)[1]
+
+
+def test_hardware_lines_make_sense_on_cpu(reports):
+    english, japanese = mc.split_languages(render(reports))  # the fixture run: 2 CPU processes, gpu_hours 0.0
+    assert "GPU-hours" not in english and "GPU 時間" not in japanese
+    assert "- Hardware: CPU only (2 processes, no GPU)" in english
+    assert "- ハードウェア: CPU のみ（2 プロセス、GPU なし）" in japanese
+    training = mc.read_json(reports / "pretrain" / "training_report.json")
+    training.update(device="cuda", processes=8, gpu_hours=12.5)
+    facts = mc.training_facts(training)
+    assert facts["gpu_hours"] == 12.5 and facts["hardware"] == "8 x cuda"
+
+
+@pytest.mark.parametrize("base, expected", [
+    ("offline:smollm2-135m", "instruct"), ("HuggingFaceTB/SmolLM2-135M-Instruct", "instruct"),
+    ("google/gemma-2b-it", "instruct"), ("mistralai/Mistral-7B-v0.1", "base"), ("offline:tiny-mistral", "base"),
+])
+def test_base_or_instruct_comes_from_the_base_models_name(base, expected):
+    assert mc.base_model_kind(base) == expected
+
+
+def test_base_or_instruct_wording_follows_the_base(reports, tmp_path):
+    english, japanese = mc.split_languages(render(reports))  # fixture base: offline:smollm2-135m (Instruct)
+    assert "It is a base model:" not in english and "is instruction-tuned, but this run trained it" in english
+    assert "指示チューニング済みのモデルですが" in japanese
+    folder = tmp_path / "my-base"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": "mistralai/Mistral-7B-v0.1"}))
+    assert mc.base_model_kind(str(folder)) == "base"
+    (folder / "config.json").write_text(json.dumps({}))
+    assert mc.base_model_kind(str(folder)) is None

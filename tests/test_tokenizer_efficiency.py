@@ -68,3 +68,30 @@ def test_labels_name_the_columns_and_must_match_the_files(monkeypatch, tmp_path,
     with pytest.raises(ValueError, match="--names has 2 entries for 1 --tokenizers"):
         run(monkeypatch, "--tokenizers", "offline:mistral-7b-tokenizer", "--names", "a", "b",
             "--files", ja_file, "--output_dir", tmp_path)
+
+
+def test_hub_mistral_is_loaded_sentencepiece_exact_and_special_strings_are_text(monkeypatch, tmp_path,
+                                                                              mistral_tokenizer_path):
+    """The Hub layout (tokenizer.model + a config naming LlamaTokenizer) is counted as SentencePiece
+    counts it, not through transformers' LlamaTokenizer rebuild; "<s>" in a text is 3 characters."""
+    import shutil
+
+    import sentencepiece
+
+    hub = tmp_path / "Mistral-7B-v0.1"
+    hub.mkdir()
+    shutil.copyfile(f"{mistral_tokenizer_path}/tokenizer.model", hub / "tokenizer.model")
+    (hub / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "legacy": True, "tokenizer_class": "LlamaTokenizer"}))
+    texts = [" leading space", "  two leading spaces", "a <s> inside </s> text", "日本語の<s>と</s>"]
+    data = write_jsonl(tmp_path / "texts.jsonl.gz", texts)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(hub / "tokenizer.model"))
+    transformers_tokens = sum(len(AutoTokenizer.from_pretrained(hub)(text, add_special_tokens=False)["input_ids"])
+                              for text in texts)
+    sentencepiece_tokens = sum(len(reference.encode(text)) for text in texts)
+    assert transformers_tokens != sentencepiece_tokens  # the path this benchmark must not take
+    run(monkeypatch, "--tokenizers", hub, "--files", data, "--labels", "x", "--output_dir", tmp_path / "out")
+    (row,) = read_json(tmp_path / "out" / "efficiency_report.json")["tokenizers"]
+    assert row["pipeline_from"].startswith("tokenizer.model")
+    assert row["tokens"]["x"] == sentencepiece_tokens

@@ -14,7 +14,6 @@ key, adapt the one function here.
 """
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,93 @@ OFFLINE_BASE_MODELS = {
     "offline:mistral-7b-tokenizer": "mistralai/Mistral-7B-v0.1",
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# The one table of words the card shows for identifiers in the reports (task, metric,
+# effect, outcome and language names), in each language of the card. The templates go
+# through the `tr` filter, so the Japanese half never shows an English identifier in place
+# of a word; an identifier missing here is shown as `code` in both halves, and
+# tests/test_model_card.py checks that every task and metric the toolkit produces is here.
+TERMS = {
+    # languages
+    "ja": {"en": "Japanese", "ja": "日本語"},
+    "en": {"en": "English", "ja": "英語"},
+    # evaluation tasks (evaluate_ablation.py, sample_data/tasks, lm-eval YAMLs)
+    "heldout_ja": {"en": "held-out Japanese text", "ja": "日本語の評価用テキスト"},
+    "heldout_en": {"en": "held-out English text", "ja": "英語の評価用テキスト"},
+    "continuation_mc": {"en": "text continuation (multiple choice)", "ja": "文章の続きの選択（多肢選択）"},
+    "heading_mc": {"en": "section heading (multiple choice)", "ja": "節見出しの選択（多肢選択）"},
+    "manpage_mc": {"en": "man page description (multiple choice)", "ja": "マニュアルページの説明の選択（多肢選択）"},
+    "heading_generation": {"en": "section heading generation", "ja": "節見出しの生成"},
+    "lm_eval:ja_debian_heading_mc": {"en": "section heading, lm-eval (multiple choice)",
+                                     "ja": "節見出しの選択、lm-eval（多肢選択）"},
+    "lm_eval:ja_jglue_jcommonsenseqa": {"en": "JCommonsenseQA (JGLUE)", "ja": "JCommonsenseQA（JGLUE、常識推論）"},
+    "lm_eval:ja_jglue_jnli": {"en": "JNLI (JGLUE)", "ja": "JNLI（JGLUE、自然言語推論）"},
+    "lm_eval:ja_jglue_marc_ja": {"en": "MARC-ja (JGLUE)", "ja": "MARC-ja（JGLUE、レビューの感情分類）"},
+    "lm_eval:ja_jglue_jsquad": {"en": "JSQuAD (JGLUE)", "ja": "JSQuAD（JGLUE、読解）"},
+    # metrics
+    "accuracy": {"en": "accuracy", "ja": "正解率"},
+    "acc": {"en": "accuracy", "ja": "正解率"},
+    "acc_norm": {"en": "accuracy (length-normalised)", "ja": "正解率（長さで正規化）"},
+    "exact_match": {"en": "exact match", "ja": "完全一致率"},
+    "char_f1": {"en": "character F1", "ja": "文字単位の F1"},
+    "char_rouge_l": {"en": "character ROUGE-L", "ja": "文字単位の ROUGE-L"},
+    "f1": {"en": "F1", "ja": "F1"},
+    "bits_per_character": {"en": "bits per character", "ja": "文字あたりのビット数"},
+    "bits_per_byte": {"en": "bits per byte", "ja": "バイトあたりのビット数"},
+    "loss": {"en": "loss per token", "ja": "トークンあたりの損失"},
+    "characters_per_token": {"en": "characters per token", "ja": "トークンあたりの文字数"},
+    "perplexity": {"en": "perplexity per token", "ja": "トークンあたりのパープレキシティ"},
+    "eos_rate": {"en": "answers ending with EOS", "ja": "EOS で終わる回答の割合"},
+    # initialisation of the new embedding rows (toolkit.embeddings.INITS)
+    "subword_mean": {"en": "the mean of the base embeddings of the pieces the base tokenizer splits the token into "
+                           "(`subword_mean`)",
+                     "ja": "ベースのトークナイザーで分割した各ピースの埋め込みの平均（`subword_mean`）"},
+    "hf_mean": {"en": "the mean of all base embeddings (`hf_mean`)", "ja": "ベースの全埋め込みの平均（`hf_mean`）"},
+    "random": {"en": "random (`random`)", "ja": "ランダム（`random`）"},
+    # ablation effects and readings
+    "data": {"en": "data effect", "ja": "データの効果"},
+    "tokenizer": {"en": "tokenizer effect", "ja": "トークナイザーの効果"},
+    "better": {"en": "better", "ja": "改善"},
+    "worse": {"en": "worse", "ja": "悪化"},
+    "within noise": {"en": "within noise", "ja": "誤差の範囲内"},
+    "noise": {"en": "within noise", "ja": "誤差の範囲内"},
+    "unknown": {"en": "no interval", "ja": "区間なし"},
+}
+# Metrics whose value does not depend on the tokenizer (comparable across vocabularies).
+TOKENIZER_INDEPENDENT = {"bits_per_character", "bits_per_byte", "accuracy", "acc", "acc_norm", "exact_match",
+                         "char_f1", "char_rouge_l", "f1", "eos_rate"}
+# Names of instruction-tuned checkpoints: "Instruct", "-it", "chat", "SFT", "DPO", "RLHF".
+INSTRUCTION_TUNED = re.compile(r"(instruct|(^|[-_/])it($|[-_])|chat|(^|[-_/])sft($|[-_])|dpo|rlhf)", re.IGNORECASE)
+
+
+def translate(term, language):
+    """The card's words for an identifier of the reports; the identifier as `code` if unknown."""
+    entry = TERMS.get(str(term))
+    if entry is None:
+        return f"`{term}`"
+    return entry[language]
+
+
+def base_model_kind(name):
+    """"instruct" or "base" for the base model of the run, from its name or its own config; None if unknown.
+
+    The name of a Hub checkpoint says it ("SmolLM2-135M-Instruct", "gemma-2b-it"); a local
+    folder is judged by its config.json's `_name_or_path` and its folder name.
+    """
+    if not name:
+        return None
+    candidates = [str(name), OFFLINE_BASE_MODELS.get(name, "")]
+    folder = Path(str(name))
+    if not str(name).startswith("offline:") and (folder / "config.json").is_file():
+        try:
+            candidates.append(str(read_json(folder / "config.json").get("_name_or_path") or ""))
+        except ValueError:
+            pass
+    if str(name).startswith("offline:") and not OFFLINE_BASE_MODELS.get(name):
+        return "base"  # our random miniatures (offline:tiny-mistral) were never instruction-tuned
+    if any(INSTRUCTION_TUNED.search(candidate.split("/")[-1]) for candidate in candidates if candidate):
+        return "instruct"
+    return "base" if any(HUB_ID.match(candidate) for candidate in candidates if candidate) else None
 
 
 # ----------------------------------------------------------------------------- finding reports
@@ -260,9 +346,16 @@ def training_facts(report):
     seconds = _first_number(report, ("train_wall_seconds",), ("wall_time_seconds",))
     if seconds is not None:
         facts["wall_time_hours"] = seconds / 3600
-    if facts["hardware"] is None and _get(report, "device") is not None:
-        processes = _number(_get(report, "processes"))
-        facts["hardware"] = f"{int(processes)} x {_get(report, 'device')}" if processes else str(_get(report, "device"))
+    device = str(_get(report, "device") or "")
+    processes = _number(_get(report, "processes"))
+    facts["on_cpu"] = device.lower() == "cpu"
+    if facts["on_cpu"]:  # no GPU was used: no GPU-hours line, a hardware line that says so
+        facts["gpu_hours"] = None
+        count = f"{int(processes)} " if processes else ""
+        facts["hardware"] = {"en": f"CPU only ({count}process{'es' if processes != 1 else ''}, no GPU)",
+                             "ja": f"CPU のみ（{count}プロセス、GPU なし）"}
+    elif facts["hardware"] is None and device:
+        facts["hardware"] = f"{int(processes)} x {device}" if processes else device
     elif isinstance(facts["hardware"], dict):
         hw = facts["hardware"]
         facts["hardware"] = " ".join(str(x) for x in (hw.get("num_devices") or hw.get("num_processes"),
@@ -273,12 +366,23 @@ def training_facts(report):
         facts["eos_appended"] = None
     final = _get(report, "final_eval") or _get(report, "eval") or {}
     start = dict(_flatten_numbers(_get(report, "eval_at_start") or {}))
-    facts["eval"] = [{"name": name, "value": value, "start": start.get(name)}
-                     for name, value in _flatten_numbers(final) if not name.endswith("documents")]
-    facts["eval_has_start"] = any(row["start"] is not None for row in facts["eval"])
+    rows = [eval_row(name, value, start.get(name)) for name, value in _flatten_numbers(final)
+            if not name.endswith("documents")]
+    # Only tokenizer-independent figures go in the table that calls them comparable; per-token
+    # loss changes with the vocabulary, so it is listed apart.
+    facts["eval"] = [row for row in rows if row["metric"] in TOKENIZER_INDEPENDENT]
+    facts["eval_per_token"] = [row for row in rows if row["metric"] not in TOKENIZER_INDEPENDENT]
+    facts["eval_has_start"] = any(row["start"] is not None for row in rows)
     if facts["tokens_seen"] is None and facts["steps"] is None:
         return None
     return facts
+
+
+def eval_row(name, value, start):
+    """A training-evaluation figure: "eval_ja_bits_per_character" -> language ja, metric bits_per_character."""
+    match = re.match(r"^(?:eval_)?(?:(ja|en)[._])?(.+)$", name)
+    language, metric = match.group(1), match.group(2)
+    return {"name": name, "language": language, "metric": metric, "value": value, "start": start}
 
 
 def _outcome(lo, hi, higher_is_better, verdict=None):
@@ -345,7 +449,7 @@ def ablation_facts(report):
         return None
     baseline = _get(report, "baseline") if _get(report, "baseline") in models else models[0]
     compared = [m for m in models if m != baseline]
-    rows, labels, holm = [], [f"{m} − {baseline}" for m in compared], False
+    rows, labels, holm, names = [], [f"{m} − {baseline}" for m in compared], False, []
     effects = _get(report, "effects")
     if isinstance(_get(report, "metrics"), list) and isinstance(effects, list) and effects:  # named effects
         names = [str(e.get("name")) for e in effects if isinstance(e, dict)]
@@ -396,8 +500,39 @@ def ablation_facts(report):
         return None
     verdict = _get(report, "verdict")
     return {"models": [baseline] + compared, "baseline": baseline, "compared": compared,
-            "comparisons": labels[: len(rows[0]["comparisons"])], "holm": holm, "tasks": rows, "verdict": verdict if isinstance(verdict, str) else None,
+            "comparisons": labels[: len(rows[0]["comparisons"])], "holm": holm, "effect_names": names, "tasks": rows, "verdict": verdict if isinstance(verdict, str) else None,
             **_ablation_extras(report)}
+
+
+def ablation_verdict(ablation, language):
+    """The ablation's reading in the card's language, composed from its rows (not the English
+    verdict string of the evaluation script), with task names from TERMS."""
+    if not ablation:
+        return None
+    sentences = []
+    # Named effects (data, tokenizer) compare arms with each other; older reports compare
+    # every model with the baseline.
+    effects = ablation.get("effect_names") or []
+    for index, model in enumerate(ablation["comparisons"] if effects else ablation["compared"]):
+        outcomes = {"better": [], "worse": []}
+        for task in ablation["tasks"]:
+            if index < len(task["comparisons"]) and task["comparisons"][index]["outcome"] in outcomes:
+                outcomes[task["comparisons"][index]["outcome"]].append(translate(task["name"], language))
+        total, better, worse = len(ablation["tasks"]), outcomes["better"], outcomes["worse"]
+        arms = model.split(": ", 1)[-1]  # a named effect's label is "name: minuend − subtrahend"
+        subject = (f"{translate(effects[index], language)}（{arms}）" if language == "ja" else
+                   f"{translate(effects[index], language)} ({arms})") if effects else None
+        if language == "ja":
+            sentences.append(
+                (f"{subject}: " if subject else f"{model} と {ablation['baseline']} の比較: ") + f"{total} 項目中 {len(better)} 項目で改善"
+                + (f"（{'、'.join(better)}）" if better else "") + f"、{len(worse)} 項目で悪化"
+                + (f"（{'、'.join(worse)}）" if worse else "") + "、残りは誤差の範囲内でした。")
+        else:
+            sentences.append(
+                (f"{subject}: " if subject else f"{model} vs {ablation['baseline']}: ") + f"better on {len(better)} of {total}"
+                + (f" ({', '.join(better)})" if better else "") + f", worse on {len(worse)}"
+                + (f" ({', '.join(worse)})" if worse else "") + ", within noise on the rest.")
+    return " ".join(sentences)
 
 
 def collect_facts(reports: dict) -> dict:
@@ -498,16 +633,20 @@ def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters.update(int=fmt_int, float=fmt_float, pct=fmt_pct, signed=fmt_signed, code=lambda text: f"`{text}`")
+    environment.globals.update(ablation_verdict=ablation_verdict)
+    environment.filters.update(int=fmt_int, float=fmt_float, pct=fmt_pct, signed=fmt_signed, code=lambda text: f"`{text}`",
+                               tr=translate)
     training = facts.get("training") or {}
     hardware = bilingual(config.hardware_description) or bilingual(training.get("hardware"))
+    base_model_name = data.base_model or training.get("base_model")
     context = {
         "card_data": data.to_yaml(),
         "meta": data,
         "repo_id": repo_id,
         "model_name": data.model_name or repo_id,
         "base_model": data.base_model,
-        "base_model_name": data.base_model or training.get("base_model"),
+        "base_model_name": base_model_name,
+        "base_kind": base_model_kind(base_model_name),
         "facts": facts,
         "config": config,
         "hardware": hardware,
@@ -519,15 +658,18 @@ def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
     return environment.get_template("card.md.j2").render(**context)
 
 
-def write_card(model_dir, repo_id, report_roots, config: CardConfig) -> dict:
-    """Render the card from the reports under `report_roots`, check its metadata with
-    huggingface_hub's ModelCard/ModelCardData, and write MODEL_DIR/README.md atomically."""
+def build_card(repo_id, report_roots, config: CardConfig, scratch_dir) -> dict:
+    """Render the card from the reports under `report_roots` into `scratch_dir`/README.md (a
+    temporary location: the model folder is never touched here), load it back with
+    huggingface_hub's ModelCard, and check its metadata. Returns the card's text, path,
+    facts and metadata; the caller decides whether it may go into the model folder."""
     from huggingface_hub import ModelCard
 
-    model_dir = Path(model_dir)
     paths = find_reports(report_roots)
     facts = collect_facts(load_reports(paths))
-    card = ModelCard(render_card(facts, config, repo_id))  # parses the front matter into ModelCardData
+    rendered = Path(scratch_dir) / "README.md"
+    rendered.write_text(render_card(facts, config, repo_id), encoding="utf-8")
+    card = ModelCard.load(rendered)  # parses the front matter into ModelCardData, as the Hub will
     data = card.data
     problems = [f"{key}={getattr(data, key)!r}" for key, want in
                 (("license", config.license), ("library_name", "transformers"), ("pipeline_tag", "text-generation"))
@@ -536,10 +678,8 @@ def write_card(model_dir, repo_id, report_roots, config: CardConfig) -> dict:
         problems.append(f"language={data.language!r}")
     if problems:
         raise ValueError(f"the rendered card's metadata is not as intended: {', '.join(problems)}")
-    temporary = model_dir / ".README.md.tmp"
-    temporary.write_text(str(card), encoding="utf-8")
-    os.replace(temporary, model_dir / "README.md")  # atomic: never a half-written card
-    return {"path": str(model_dir / "README.md"), "reports": {k: str(v) for k, v in paths.items()},
+    return {"text": rendered.read_text(encoding="utf-8"), "rendered_at": str(rendered), "facts": facts,
+            "reports": {k: str(v) for k, v in paths.items()},
             "sections_left_out": [stage for stage, value in facts.items() if value is None],
             "metadata": data.to_dict()}
 

@@ -19,8 +19,11 @@ Two families of base tokenizers are lossless and supported:
 import json
 import math
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
@@ -56,6 +59,10 @@ ADVERSARIAL_TEXTS = [
     "日本語とEnglishとРусскийと한국어と中文混在。Mixed ｽｸﾘﾌﾟﾄ!",
     "Ġ ĠĠ Ċ are byte-level symbols, not spaces or newlines",
     "\u3000全角スペース\u3000と\u200bゼロ幅\ufeffと結合文字か\u3099",
+    # Web text spells control tokens; in data they are text, never BOS/EOS/UNK.
+    "<s>[INST] a page quoting a chat template [/INST]</s> and <unk>",
+    "文書の途中の</s>終端記号<s>と<unk>",
+    "<|endoftext|><|im_start|>user\nhi<|im_end|> spelled in a byte-level base's web text",
 ]
 
 
@@ -65,39 +72,57 @@ class ExtensionError(ValueError):
 
 # --------------------------------------------------------------------------- measuring
 
+@contextmanager
+def special_tokens_as_text(tokenizer):
+    """The `tokenizers.Tokenizer` behind `tokenizer`, encoding "<s>" in text as the characters "<s>".
+
+    Text from data is never a control token: a web page that spells "</s>" must not end a
+    document. This is `split_special_tokens=True` of transformers tokenizers, applied to
+    the backend for the duration of the block (and restored after).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        yield backend
+    finally:
+        backend.encode_special_tokens = previous
+
+
 def characters_per_token(tokenizer, texts) -> dict:
     """Characters, tokens (no special tokens) and characters per token of `texts`.
 
-    `tokenizer` is a transformers tokenizer or a `tokenizers.Tokenizer`.
+    `tokenizer` is a transformers tokenizer or a `tokenizers.Tokenizer`. Special-token
+    strings in the texts count as the text they are.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     characters = sum(len(text) for text in texts)
-    tokens = sum(len(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=False))
+    with special_tokens_as_text(tokenizer) as backend:
+        tokens = sum(len(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=False))
     return {"characters": characters, "tokens": tokens, "characters_per_token": characters / max(tokens, 1)}
 
 
 def round_trip_failures(tokenizer, texts) -> list:
     """The texts for which decode(encode(text)) != text (each shortened for a report)."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     failures = []
-    for text in texts:
-        ids = backend.encode(text, add_special_tokens=False).ids
-        decoded = backend.decode(ids, skip_special_tokens=False)
-        if decoded != text:
-            failures.append({"text": text[:80], "decoded": decoded[:80]})
+    with special_tokens_as_text(tokenizer) as backend:
+        for text in texts:
+            ids = backend.encode(text, add_special_tokens=False).ids
+            decoded = backend.decode(ids, skip_special_tokens=False)
+            if decoded != text:
+                failures.append({"text": text[:80], "decoded": decoded[:80]})
     return failures
 
 
 def encoding_throughput(tokenizer, texts, repeats=3) -> float:
     """MB/s of UTF-8 text encoded one text at a time on one thread (best of `repeats`)."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     size = sum(len(text.encode("utf-8")) for text in texts)
     best = math.inf
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for text in texts:
-            backend.encode(text, add_special_tokens=False)
-        best = min(best, time.perf_counter() - started)
+    with special_tokens_as_text(tokenizer) as backend:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for text in texts:
+                backend.encode(text, add_special_tokens=False)
+            best = min(best, time.perf_counter() - started)
     return size / 1e6 / best
 
 
@@ -106,6 +131,67 @@ def is_japanese_text(texts, threshold=0.2) -> bool:
 
 
 # --------------------------------------------------------------------------- the base
+
+@dataclass
+class BaseTokenizer:
+    """A base tokenizer as the extension and the benchmarks load it."""
+    name: str                 # as given: Hub id, folder or offline:NAME
+    resolved: str             # Hub id or folder
+    tokenizer: object         # transformers tokenizer
+    tokenizer_json: dict      # its tokenizers pipeline
+    source: str               # where the pipeline came from
+    sentencepiece_model: object = None  # Path of the base's tokenizer.model, when it ships one
+
+
+def sentencepiece_model_file(resolved: str):
+    """The base's SentencePiece tokenizer.model (local folder or Hub), or None."""
+    from huggingface_hub import hf_hub_download
+
+    local = Path(resolved) / "tokenizer.model"
+    if local.is_file():
+        return local
+    if Path(resolved).is_dir():
+        return None
+    try:
+        return Path(hf_hub_download(resolved, "tokenizer.model"))
+    except Exception as error:  # offline, gated or absent: the caller says what it does without it
+        print(f"note: {resolved}: no tokenizer.model ({type(error).__name__})", file=sys.stderr)
+        return None
+
+
+def load_base_tokenizer(name_or_path: str) -> BaseTokenizer:
+    """The base as transformers loads it, rebuilt SentencePiece-exact where transformers is not.
+
+    transformers 5 rebuilds Llama/Mistral tokenizers (class LlamaTokenizer on the Hub) with
+    a pipeline that does not segment as SentencePiece does (benchmarks/bench_mistral_tokenizer.py:
+    192 of 425 documents differ). When such a base ships its SentencePiece tokenizer.model,
+    it is rebuilt from that file with toolkit.assets.sentencepiece_bpe_to_tokenizers, which
+    matches SentencePiece exactly.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from toolkit import assets
+
+    resolved = assets.resolve(name_or_path)
+    base = AutoTokenizer.from_pretrained(resolved)
+    as_loaded = json.loads(base.backend_tokenizer.to_str())
+    if type(base).__name__ not in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        model_file = sentencepiece_model_file(resolved) if Path(resolved).is_dir() else None
+        return BaseTokenizer(name_or_path, resolved, base, as_loaded, "tokenizer.json", model_file)
+    model_file = sentencepiece_model_file(resolved)
+    if model_file is None:
+        print(f"note: {name_or_path}: using transformers' {type(base).__name__} as loaded", file=sys.stderr)
+        return BaseTokenizer(name_or_path, resolved, base, as_loaded, "tokenizer.json")
+    from toolkit.assets import sentencepiece_bpe_to_tokenizers
+
+    exact = sentencepiece_bpe_to_tokenizers(model_file)
+    rebuilt = PreTrainedTokenizerFast(tokenizer_object=exact, **base.special_tokens_map,
+                                      clean_up_tokenization_spaces=False, model_max_length=base.model_max_length)
+    if base.chat_template:
+        rebuilt.chat_template = base.chat_template
+    return BaseTokenizer(name_or_path, resolved, rebuilt, json.loads(exact.to_str()),
+                         "tokenizer.model (SentencePiece-exact rebuild)", model_file)
+
 
 def tokenizer_family(tokenizer_json: dict, name: str) -> str:
     """SENTENCEPIECE or BYTE_LEVEL for a supported base, a clear error otherwise."""
@@ -364,3 +450,77 @@ def standalone_tokenizer(base_json: dict, family: str, trained: TrainedBpe) -> T
 def standalone_training_size(base_json: dict, family: str, total: int) -> int:
     """The BpeTrainer size that makes standalone_tokenizer() hold `total` tokens."""
     return total - len(base_json["added_tokens"]) - (256 if family == SENTENCEPIECE else 0)
+
+
+# --------------------------------------------------------------------------- tokenizer.model
+
+def extended_sentencepiece_model(base_model_file, tokenizer_json: dict) -> bytes:
+    """The base's SentencePiece model (tokenizer.model) with the extension's new pieces appended.
+
+    llama.cpp's converter and sentencepiece itself read this file, not tokenizer.json, for
+    Llama/Mistral-family models. SentencePiece BPE merges the adjacent pair whose result has
+    the highest score, so the new pieces get scores below every base score (base merges,
+    whitespace runs included, keep priority) and decreasing in the order of their merges in
+    tokenizer.json; a piece without a merge (a new single character) comes last. Base pieces,
+    scores, types, the normaliser and byte fallback are copied unchanged.
+    """
+    import numpy
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(base_model_file).read_bytes())
+    vocab = tokenizer_json["model"]["vocab"]
+    specials = {token["content"]: token["id"] for token in tokenizer_json["added_tokens"]}
+    moved = [piece.piece for index, piece in enumerate(proto.pieces)
+             if vocab.get(piece.piece, specials.get(piece.piece)) != index]
+    if moved:
+        raise ExtensionError(
+            f"{base_model_file}: {len(moved)} of its pieces (e.g. {moved[0]!r}) have another id in tokenizer.json, so "
+            "it is not the SentencePiece model of this base; pass a base whose tokenizer.model and tokenizer.json agree"
+        )
+    if not proto.trainer_spec.byte_fallback:
+        raise ExtensionError(f"{base_model_file}: byte_fallback is off; the extension needs a byte-fallback base")
+    new_tokens = sorted((index, token) for token, index in vocab.items() if index >= len(proto.pieces))
+    if [index for index, _ in new_tokens] != list(range(len(proto.pieces), len(proto.pieces) + len(new_tokens))):
+        raise ExtensionError("tokenizer.json: the new token ids are not contiguous after the base's; not an extension")
+    merge_rank = {}
+    for rank, pair in enumerate(tokenizer_json["model"]["merges"]):
+        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
+        merge_rank.setdefault(left + right, rank)
+    by_priority = sorted(new_tokens, key=lambda item: (merge_rank.get(item[1], math.inf), item[0]))
+    score = numpy.float32(min(piece.score for piece in proto.pieces))
+    scores = {}
+    for _, token in by_priority:  # float32 steps: -1e9 - 1 is -1e9 in float32, one ulp below is not
+        score = numpy.nextafter(score, numpy.float32(-numpy.inf))
+        scores[token] = float(score)
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    for _, token in new_tokens:
+        proto.pieces.add(piece=token, score=scores[token], type=normal)
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    return proto.SerializeToString()
+
+
+def write_gguf_vocabulary(tokenizer_dir, gguf_path, architecture="llama"):
+    """A vocabulary-only GGUF of a SentencePiece tokenizer folder, as llama.cpp's converter builds it.
+
+    Follows `convert_hf_to_gguf.py`'s `_set_vocab_sentencepiece` with the `gguf` package:
+    pieces, scores and types from tokenizer.model (`gguf.SentencePieceVocab`), then BOS/EOS/UNK
+    and add_bos from the folder's configs (`gguf.SpecialVocab`). llama.cpp loads it with
+    `vocab_only=True`, so its tokenisation can be compared with ours without model weights.
+    """
+    import gguf
+
+    vocabulary = gguf.SentencePieceVocab(Path(tokenizer_dir))
+    tokens, scores, types = zip(*vocabulary.all_tokens())
+    writer = gguf.GGUFWriter(str(gguf_path), architecture)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(types))
+    gguf.SpecialVocab(Path(tokenizer_dir), n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(gguf_path)

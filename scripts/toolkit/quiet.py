@@ -1,0 +1,68 @@
+"""Quiet by default: known third-party deprecation warnings stay out of a stage's output.
+
+Every entry point (the stages in scripts/, the benchmarks) calls `quiet_by_default()` first
+thing in `main()`. It hides deprecation warnings that the libraries we build on raise about
+each other (DeepSpeed and accelerate calling deprecated torch.distributed APIs, ...), which a
+user cannot act on, so a run shows its stages, progress bars and results. It is not global:
+
+- only DeprecationWarning / PendingDeprecationWarning / FutureWarning raised from inside the
+  listed third-party packages, plus a short list of known messages, are filtered; a
+  deprecation in *our* code (attributed to our module) still shows;
+- `--verbose` on any stage's command line (removed before the stage parses its arguments)
+  or LANGTOOLKIT_VERBOSE=1 shows everything; the flag is exported to child processes, so
+  `python scripts/demo.py --verbose` and `accelerate launch ... --verbose` reach every worker;
+- child processes of a quiet run get TORCH_CPP_LOG_LEVEL=ERROR (torch's C++ warnings, e.g.
+  gloo's, are printed before Python could filter them) unless the user set it.
+"""
+
+import logging
+import os
+import sys
+import warnings
+
+VERBOSE_FLAG = "--verbose"
+VERBOSE_ENV = "LANGTOOLKIT_VERBOSE"
+
+# Packages whose internal deprecation warnings are about each other, not about the user's code.
+THIRD_PARTY = (
+    "torch", "deepspeed", "accelerate", "transformers", "datasets", "huggingface_hub", "tokenizers",
+    "evaluate", "lm_eval", "datatrove", "ray", "safetensors", "sentencepiece", "gguf", "jieba",
+    "matplotlib", "tensorboard", "google.protobuf", "pkg_resources", "setuptools", "pydantic", "multiprocess",
+)
+DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+# Known messages that do not come with a deprecation category, or are attributed to the
+# caller's frame (regexes matched against the start of the message).
+KNOWN_MESSAGES = (
+    r".*torch\.distributed.*deprecated",
+    r".*`torch\.cuda\.amp\..*` is deprecated",
+    r".*TypedStorage is deprecated",
+    r"No device id is provided via `init_process_group` or `barrier `",
+    r".*barrier\(\): using the device under current context",
+    r"The given NumPy array is not writable",
+)
+# Loggers that repeat INFO lines per process on every step of a small CPU run.
+CHATTY_LOGGERS = {"DeepSpeed": logging.WARNING, "deepspeed": logging.WARNING}
+
+
+def quiet_by_default(argv=None) -> bool:
+    """Filter known third-party warnings unless --verbose / LANGTOOLKIT_VERBOSE=1; True when quiet.
+
+    Removes --verbose from `argv` (sys.argv by default, or the list a `main(argv)` parses) so
+    the stage's HfArgumentParser never sees it, and exports the choice to child processes.
+    """
+    argv = sys.argv if argv is None else argv
+    verbose = VERBOSE_FLAG in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    while VERBOSE_FLAG in argv:
+        argv.remove(VERBOSE_FLAG)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return False
+    modules = r"(" + "|".join(name.replace(".", r"\.") for name in THIRD_PARTY) + r")(\..*)?$"
+    for category in DEPRECATIONS:
+        warnings.filterwarnings("ignore", category=category, module=modules)
+    for message in KNOWN_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
+    for name, level in CHATTY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    return True
