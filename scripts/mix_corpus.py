@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from toolkit import assets, data_engine, mixing
+from toolkit import assets, data_engine, mixing, token_shards
 from toolkit.corpus import CorpusError
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import quiet_by_default
@@ -82,7 +82,7 @@ def main(argv=None):
     #    the scattered records are temporary under a key that adds seed, share and buckets.
     fingerprints = {"japanese_files": data_engine.file_fingerprint(japanese_paths),
                     "english_files": data_engine.file_fingerprint(english_paths)}
-    count_key = data_engine.stable_key({**fingerprints, "tokenizer": tokenizer_fingerprint(tokenizer_path),
+    count_key = data_engine.stable_key({**fingerprints, "tokenizer": token_shards.tokenizer_fingerprint(tokenizer_path),
                                         "text_field": args.text_field, "skip_bad_records": args.skip_bad_records,
                                         "tasks": executor_args.tasks})
     settings = {"english_token_share": args.english_token_share, "seed": args.seed,
@@ -119,8 +119,7 @@ def main(argv=None):
         return
     report = read_json(report_path)
     report["token_shards"] = {label or "training": os.path.join(args.output_dir, f"tokens-{label}" if label else "tokens")
-                              for label in ["", *extra_tokenizers]} if token_stages else \
-        "not written: toolkit.token_shards is not available in this checkout"
+                              for label in ["", *extra_tokenizers]}
     report["timing_s"] = {"total": round(time.time() - started, 3), "stages_s": stage_seconds}
     write_json_atomic(report_path, report)
     share = report["english_share"]
@@ -141,26 +140,10 @@ def parse_extra_tokenizers(entries) -> dict:
     return tokenizers
 
 
-def tokenizer_fingerprint(path) -> str:
-    """sha256 of tokenizer.json when there is one (what decides the token counts), else the name."""
-    import hashlib
-
-    candidate = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(candidate):
-        with open(candidate, "rb") as stream:
-            return hashlib.sha256(stream.read()).hexdigest()
-    return str(path)
-
-
 def token_shard_stages(plan, tokenizers, mix_key) -> list:
     """The mix's token shards: OUT/tokens/ (label "") and OUT/tokens-LABEL/, in datatrove's
     tokenized-file format with a token_shards.json manifest, written by `toolkit.token_shards`
-    (helper B's: `tokenize_steps` after a reader of OUT/text/, then `FinalizeTokenShards`).
-    Without that module in the checkout no token shards are written and the report says so."""
-    try:
-        from toolkit import token_shards
-    except ImportError:
-        return []
+    (`tokenize_steps` after a reader of OUT/text/, then `FinalizeTokenShards`)."""
     stages = []
     tasks = min(plan.tasks, plan.shuffle_buckets)  # one text shard per bucket: no more tasks than shards
     for label, tokenizer_path in tokenizers.items():

@@ -152,7 +152,6 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, mistral_tokenizer_p
 
 def test_token_shards_of_the_training_and_the_extra_tokenizers(tmp_path, mistral_tokenizer_path, smollm2_path,
                                                                small_inputs):
-    pytest.importorskip("toolkit.token_shards")  # helper B's module: runs once both branches are merged
     out_dir, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"],
                                    "--extra_tokenizers", f"base={smollm2_path}", tasks=2, workers=2)
     assert report["token_shards"] == {"training": str(out_dir / "tokens"), "base": str(out_dir / "tokens-base")}
