@@ -33,7 +33,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from toolkit.corpus import CorpusError
+from toolkit.corpus import CorpusError, expand_paths
 
 EXECUTORS = ("local", "slurm", "ray")
 SCRIPTS_DIR = str(Path(__file__).resolve().parents[1])  # what a Slurm job or a Ray worker must import from
@@ -278,6 +278,13 @@ def resolve_inputs(patterns, download=False, revision=None, cache_dir=None, form
         if pattern.startswith(HF_PREFIX) and revision and "@" not in pattern.split("/")[3]:
             org, name, rest = pattern[len(HF_PREFIX):].split("/", 2)
             pattern = f"{HF_PREFIX}{org}/{name}@{revision}/{rest}"
+        if "://" not in pattern:  # a local path keeps the form it was given in (relative stays relative)
+            matches = expand_paths([pattern])
+            for match in matches:
+                if formats and not match.endswith(formats):
+                    raise CorpusError(f"{match}: unknown format; expected one of {', '.join(FORMATS)}")
+            paths.extend(matches)
+            continue
         filesystem, plain = fsspec.core.url_to_fs(pattern)
         if glob_magic(pattern):
             matches = sorted(filesystem.glob(plain))
