@@ -24,12 +24,14 @@ Inits (`--embedding_init`):
 Padding rows (to a multiple of `pad_to_multiple_of`, for matmul efficiency) never occur in
 the data; they get the hf_mean init under every choice.
 
-ZeRO-3: call this on the model loaded normally (not under `zero.Init`), before
-`accelerator.prepare` partitions it; then each process briefly holds the full model in CPU
-memory (7B in bf16: ~15 GB per process, ~120 GB on an 8-GPU node). If the parameters are
-already partitioned (`zero3_init_flag: true`), the two matrices are gathered with
-`deepspeed.zero.GatheredParameters` (one embedding matrix at a time on every rank, e.g.
-128k x 4096 in bf16 = 1 GB) and written back from rank 0.
+ZeRO-3: call this before `accelerator.prepare`. The GPU configs load under `zero3_init_flag:
+true` (deepspeed.zero.Init: each process holds only its partition); then the two matrices are
+gathered with `deepspeed.zero.GatheredParameters` (one embedding matrix at a time on every rank,
+e.g. 128k x 4096 in bf16 = 1 GB) and written back from rank 0 (tested: the multi-node config on
+two local "machines"). With `zero3_init_flag: false` (the CPU test config) the model is a plain
+full model on every process until `accelerator.prepare` partitions it.
+
+    NewEmbeddingsOnlyStage(model, first_new_row, steps)   EEVE's first stage: only new rows learn
 """
 
 import contextlib
