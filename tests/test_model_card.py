@@ -136,8 +136,8 @@ def test_ablation_with_several_models_compares_each_to_the_baseline():
     assert "| `t` | accuracy | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in english
     assert "| `t` | 正解率 | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | 改善 | -0.1000 |" in japanese
     assert "ext2 − raw" in card
-    assert "ext vs raw: better on 1 of 1 (`t`), worse on 0, within noise on the rest." in english
-    assert "ext2 と raw の比較: 1 項目中 0 項目で改善、0 項目で悪化、残りは誤差の範囲内でした。" in japanese
+    assert "ext vs raw: better on 1 of 1 figures (`t`: accuracy), worse on 0, within noise on the rest." in english
+    assert "ext2 と raw の比較: 1 個の指標のうち 0 個で改善、0 個で悪化、残りは誤差の範囲内でした。" in japanese
 
 
 def test_user_fields_from_yaml_and_cli(reports, tmp_path):
@@ -210,10 +210,10 @@ def test_japanese_half_translates_every_task_and_metric_and_the_verdict(reports)
         block = japanese.split(section, 1)[1].split("\n### ", 1)[0]
         assert ASCII_IDENTIFIER.findall(block) == [], section
     assert "文章の続きの選択（多肢選択）" in japanese and "文字あたりのビット数（日本語）" in japanese
-    assert "結果の読み方: extended と base の比較: 3 項目中 2 項目で改善（文章の続きの選択（多肢選択）、日本語の評価用テキスト）" \
-        in japanese
-    assert "Reading: extended vs base: better on 2 of 3 (text continuation (multiple choice), held-out Japanese text)" \
-        in english
+    assert ("結果の読み方: extended と base の比較: 3 個の指標のうち 2 個で改善（文章の続きの選択（多肢選択）の正解率、"
+            "日本語の評価用テキストの文字あたりのビット数）") in japanese
+    assert ("Reading: extended vs base: better on 2 of 3 figures (text continuation (multiple choice): accuracy; "
+            "held-out Japanese text: bits per character)") in english
     assert "原文は英語" not in japanese
 
 
@@ -224,7 +224,7 @@ def test_every_task_and_metric_the_toolkit_produces_is_in_the_one_table():
               for path in (mc.REPO_ROOT / "sample_data" / "tasks" / "lm_eval").glob("*.yaml")
               for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("task:")}
     metrics = {"bits_per_character", "bits_per_byte", "accuracy", "acc", "acc_norm", "exact_match", "char_f1",
-               "char_rouge_l", "loss", "characters_per_token"}
+               "char_rouge_l", "loss", "characters_per_token", "stops_with_eos"}
     names = tasks | metrics | set(INITS) | {"heldout_ja", "heldout_en", "data", "tokenizer", "better", "worse", "within noise"}
     assert len(tasks) >= 5
     assert sorted(name for name in names if name not in mc.TERMS) == []

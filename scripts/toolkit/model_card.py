@@ -85,6 +85,7 @@ TERMS = {
     "characters_per_token": {"en": "characters per token", "ja": "トークンあたりの文字数"},
     "perplexity": {"en": "perplexity per token", "ja": "トークンあたりのパープレキシティ"},
     "eos_rate": {"en": "answers ending with EOS", "ja": "EOS で終わる回答の割合"},
+    "stops_with_eos": {"en": "answers ending with EOS", "ja": "EOS で終わる回答の割合"},
     # initialisation of the new embedding rows (toolkit.embeddings.INITS)
     "subword_mean": {"en": "the mean of the base embeddings of the pieces the base tokenizer splits the token into "
                            "(`subword_mean`)",
@@ -102,7 +103,7 @@ TERMS = {
 }
 # Metrics whose value does not depend on the tokenizer (comparable across vocabularies).
 TOKENIZER_INDEPENDENT = {"bits_per_character", "bits_per_byte", "accuracy", "acc", "acc_norm", "exact_match",
-                         "char_f1", "char_rouge_l", "f1", "eos_rate"}
+                         "char_f1", "char_rouge_l", "f1", "eos_rate", "stops_with_eos"}
 # Names of instruction-tuned checkpoints: "Instruct", "-it", "chat", "SFT", "DPO", "RLHF".
 INSTRUCTION_TUNED = re.compile(r"(instruct|(^|[-_/])it($|[-_])|chat|(^|[-_/])sft($|[-_])|dpo|rlhf)", re.IGNORECASE)
 
@@ -506,32 +507,38 @@ def ablation_facts(report):
 
 def ablation_verdict(ablation, language):
     """The ablation's reading in the card's language, composed from its rows (not the English
-    verdict string of the evaluation script), with task names from TERMS."""
+    verdict string of the evaluation script), with task and metric names from TERMS. Rows are
+    (task, metric) figures; where rows say which metric is a task's primary one, only those count."""
     if not ablation:
         return None
+    rows = [task for task in ablation["tasks"] if task.get("primary", True)]
     sentences = []
     # Named effects (data, tokenizer) compare arms with each other; older reports compare
     # every model with the baseline.
     effects = ablation.get("effect_names") or []
     for index, model in enumerate(ablation["comparisons"] if effects else ablation["compared"]):
         outcomes = {"better": [], "worse": []}
-        for task in ablation["tasks"]:
+        for task in rows:
             if index < len(task["comparisons"]) and task["comparisons"][index]["outcome"] in outcomes:
-                outcomes[task["comparisons"][index]["outcome"]].append(translate(task["name"], language))
-        total, better, worse = len(ablation["tasks"]), outcomes["better"], outcomes["worse"]
+                name, metric = translate(task["name"], language), translate(task["metric"], language)
+                outcomes[task["comparisons"][index]["outcome"]].append(
+                    f"{name}の{metric}" if language == "ja" else f"{name}: {metric}")
+        total, better, worse = len(rows), outcomes["better"], outcomes["worse"]
         arms = model.split(": ", 1)[-1]  # a named effect's label is "name: minuend − subtrahend"
         subject = (f"{translate(effects[index], language)}（{arms}）" if language == "ja" else
                    f"{translate(effects[index], language)} ({arms})") if effects else None
         if language == "ja":
             sentences.append(
-                (f"{subject}: " if subject else f"{model} と {ablation['baseline']} の比較: ") + f"{total} 項目中 {len(better)} 項目で改善"
-                + (f"（{'、'.join(better)}）" if better else "") + f"、{len(worse)} 項目で悪化"
+                (f"{subject}: " if subject else f"{model} と {ablation['baseline']} の比較: ")
+                + f"{total} 個の指標のうち {len(better)} 個で改善"
+                + (f"（{'、'.join(better)}）" if better else "") + f"、{len(worse)} 個で悪化"
                 + (f"（{'、'.join(worse)}）" if worse else "") + "、残りは誤差の範囲内でした。")
         else:
             sentences.append(
-                (f"{subject}: " if subject else f"{model} vs {ablation['baseline']}: ") + f"better on {len(better)} of {total}"
-                + (f" ({', '.join(better)})" if better else "") + f", worse on {len(worse)}"
-                + (f" ({', '.join(worse)})" if worse else "") + ", within noise on the rest.")
+                (f"{subject}: " if subject else f"{model} vs {ablation['baseline']}: ")
+                + f"better on {len(better)} of {total} figures"
+                + (f" ({'; '.join(better)})" if better else "") + f", worse on {len(worse)}"
+                + (f" ({'; '.join(worse)})" if worse else "") + ", within noise on the rest.")
     return " ".join(sentences)
 
 
