@@ -43,6 +43,7 @@ from toolkit import assets  # noqa: E402
 from toolkit.losses import use_fused_loss  # noqa: E402
 from toolkit.reports import write_json_atomic  # noqa: E402
 from toolkit.token_shards import TokenBlocks, tokenize_locally  # noqa: E402
+from toolkit.quiet import quiet_by_default  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [REPO / "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz", REPO / "sample_data/pool/data/en/en_clean_0000.jsonl.gz"]
@@ -222,6 +223,7 @@ def bench_loss(args, output_dir):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit.reports import write_json_atomic  # noqa: E402
+from toolkit.quiet import quiet_by_default  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +147,7 @@ def documents_in(paths):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(RehearsalArguments).parse_args_into_dataclasses()
     os.makedirs(args.output_dir, exist_ok=True)
     results = {"machine": f"{len(os.sched_getaffinity(0))} cores", "workers": args.workers, "scales": [],

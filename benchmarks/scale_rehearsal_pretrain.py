@@ -2,7 +2,7 @@
 """Scale rehearsal: tokenise 1x, 10x, 100x the bundled corpus into token shards, then start pretrain.py
 on each; peak memory and time to the first step must not grow with the corpus.
 
-    python benchmarks/scale_rehearsal.py --scales 1,10,100 --output_dir outputs/scale_rehearsal
+    python benchmarks/scale_rehearsal_pretrain.py --scales 1,10,100 --output_dir outputs/scale_rehearsal
 
 For each scale N: N copies of a demo-size mix (the first 600 Japanese and 60 English documents of
 sample_data/pool, ~1.2 M characters; the demo's mix is 600 selected JA documents + ~10% EN) as N
@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from toolkit.reports import write_json_atomic  # noqa: E402
+from toolkit.quiet import quiet_by_default  # noqa: E402
 
 POOL = [REPO / "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz", REPO / "sample_data/pool/data/en/en_clean_0000.jsonl.gz"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
@@ -57,6 +58,7 @@ def run_child(command) -> dict:
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(RehearsalArguments).parse_args_into_dataclasses()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
