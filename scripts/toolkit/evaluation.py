@@ -224,7 +224,8 @@ def generate_answers(model, tokenizer, template, prompts, max_new_characters, ba
             text = tokenizer.decode(new, skip_special_tokens=True)
             # a row stopped by the budget is padded (pad may be EOS): EOS counts only before the budget
             stopped = eos in row and len(text) < max_new_characters
-            answers.append((text[:max_new_characters].strip(), stopped, len(new)))
+            # a budget reached inside a multi-byte character leaves its incomplete bytes as U+FFFD
+            answers.append((text[:max_new_characters].rstrip("\ufffd").strip(), stopped, len(new)))
     return answers
 
 
