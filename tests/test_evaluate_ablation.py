@@ -226,6 +226,9 @@ def test_the_answer_budget_is_in_characters_whatever_the_tokenizer(tiny, tiny_mi
     row = torch.tensor([[1] + ids])
     done_at = [CharacterBudget(tokenizer, 1, budget)(row, None).item() for budget in (3, 8, 9)]
     assert done_at == [True, True, False]
+    from toolkit.evaluation import GreedyWriter
+
+    assert set(tokenizer.all_special_ids) <= set(GreedyWriter(model, tokenizer, prompts, 12, 2).suppressed)
     speeds = generation_speeds(arms, prompts, new_characters=12, batch_size=2, repeats=2)
     for figures in speeds.values():
         assert figures["characters"] >= 2 * 12 and len(figures["rounds_seconds"]) == 2

@@ -224,7 +224,8 @@ def generate_answers(model, tokenizer, template, prompts, max_new_characters, ba
             text = tokenizer.decode(new, skip_special_tokens=True)
             # a row stopped by the budget is padded (pad may be EOS): EOS counts only before the budget
             stopped = eos in row and len(text) < max_new_characters
-            answers.append((text[:max_new_characters].strip(), stopped, len(new)))
+            # a budget reached inside a multi-byte character leaves its incomplete bytes as U+FFFD
+            answers.append((text[:max_new_characters].rstrip("\ufffd").strip(), stopped, len(new)))
     return answers
 
 
@@ -236,7 +237,9 @@ class GreedyWriter:
         self.model, self.tokenizer, self.new_characters = model, tokenizer, new_characters
         eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        self.suppressed = sorted({eos, self.pad})  # pad then only marks a row that already reached the budget
+        # no special token is ever written (EOS would end the text, a chat marker writes no characters and
+        # would run a row to the token cap); pad then only marks a row that already reached the budget
+        self.suppressed = sorted({eos, self.pad, *tokenizer.all_special_ids})
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.device = next(model.parameters()).device
         self.batches = [left_padded([[start] + tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
