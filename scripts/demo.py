@@ -70,7 +70,9 @@ def stages(out, base_model):
             ["python", "scripts/select_data.py",
              "--raw_datasets", f"{SAMPLE}/pool/data/ja/ja_clean_0000.jsonl.gz",
              "--target_datasets", f"{SAMPLE}/target/ja_target.jsonl.gz",
-             "--num_to_sample", "600", "--output_dir", f"{out}/selection", "--workers", "2"],
+             "--num_to_sample", "600", "--output_dir", f"{out}/selection", "--workers", "2",
+             # no raw document that shares a 13-character span with an ablation task item
+             "--decontaminate_against", f"{SAMPLE}/tasks/*.jsonl"],
             "selection/selection_report.json",
         ),
         Stage(
