@@ -140,6 +140,26 @@ def test_ablation_with_several_models_compares_each_to_the_baseline():
     assert "ext2 と raw の比較: 1 個の指標のうち 0 個で改善、0 個で悪化、残りは誤差の範囲内でした。" in japanese
 
 
+def test_three_arm_reading_names_each_effect_and_the_arms_it_compares():
+    """Named effects compare arms with each other (tokenizer = extended - continued), so the
+    reading must not say "extended vs base"."""
+    facts = mc.ablation_facts({
+        "models": [{"name": "base"}, {"name": "continued"}, {"name": "extended"}], "baseline": "base",
+        "effects": [{"name": "data", "minuend": "continued", "subtrahend": "base"},
+                    {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}],
+        "metrics": [{"task": "heading_mc", "metric": "accuracy", "primary": True, "higher_is_better": True,
+                     "values": {"base": 0.5, "continued": 0.6, "extended": 0.4},
+                     "effects": {"data": {"difference": 0.1, "ci95": [0.02, 0.2], "p_holm": 0.01, "verdict": "better"},
+                                 "tokenizer": {"difference": -0.2, "ci95": [-0.3, -0.1], "p_holm": 0.02,
+                                               "verdict": "worse"}}}]})
+    english, japanese = mc.ablation_verdict(facts, "en"), mc.ablation_verdict(facts, "ja")
+    assert english.startswith("data effect (continued − base): better on 1 of 1 figures")
+    assert "tokenizer effect (extended − continued): better on 0 of 1 figures, worse on 1" in english
+    assert "extended vs base" not in english
+    assert japanese.startswith("データの効果（continued − base）: 1 個の指標のうち 1 個で改善")
+    assert "トークナイザーの効果（extended − continued）: 1 個の指標のうち 0 個で改善、1 個で悪化" in japanese
+
+
 def test_user_fields_from_yaml_and_cli(reports, tmp_path):
     config_file = tmp_path / "card.yaml"
     config_file.write_text(
