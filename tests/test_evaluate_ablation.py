@@ -450,8 +450,13 @@ def test_the_model_card_shows_both_effects_speed_and_contamination():
     assert facts["comparisons"] == ["data: continued − base", "tokenizer: extended − continued"]
     card = mc.render_card({"ablation": facts}, mc.load_card_config(), "o/m")
     english, japanese = mc.split_languages(card)
-    assert "| heading_mc | accuracy | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] | 0.020 | better |" in english
-    assert "| extended | 22.5 | 10.0 | 2.25 |" in english and "tokenizer: 2.50x the characters per second" in english
-    assert "| heading_mc | 81 | 2 |" in english and "13-character n-gram" in english
-    assert "| extended | 22.5 | 10.0 | 2.25 |" in japanese and "2.50 倍" in japanese and "| heading_mc | 81 | 2 |" in japanese
+    assert ("| section heading (multiple choice) | accuracy | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] "
+            "| 0.020 | better |") in english
+    assert "| 節見出しの選択（多肢選択） | 正解率 | 0.3000 | 0.5000 | 0.5000 | +0.2000 |" in japanese
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in english and "tokenizer effect: 2.50x the characters per second" in english
+    assert "| section heading (multiple choice) | 81 | 2 |" in english and "13-character n-gram" in english
+    assert "| extended | 22.5 | 10.0 | 2.25 |" in japanese and "2.50 倍" in japanese and "| 節見出しの選択（多肢選択） | 81 | 2 |" in japanese
     assert "改善" in japanese and "Holm" in japanese
+    # a label named "items" must not resolve to the dict method in Jinja
+    assert "| Task | Items | Overlapping |" in english and "| タスク | 設問数 | 重複あり |" in japanese
+    assert "built-in method" not in card
