@@ -25,7 +25,7 @@ from transformers import AutoConfig, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets, model_card, publishing
-from toolkit.reports import write_json_atomic
+from toolkit.reports import sha256_of, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
 
@@ -81,7 +81,7 @@ def main():
                     pass
 
             for name in files:
-                publishing.sha256_of(folder / name, Null())
+                sha256_of(folder / name, Null())
 
         def baseline():
             from huggingface_hub import CommitOperationAdd

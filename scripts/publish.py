@@ -49,10 +49,9 @@ from toolkit.publishing import (
     classify_files,
     human_size,
     raise_problems,
-    sha256_of,
     verify_remote,
 )
-from toolkit.reports import write_json_atomic
+from toolkit.reports import sha256_of, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
 

@@ -13,7 +13,6 @@ so one run reports all of them; `raise_problems` turns the list into one `Publis
 """
 
 import fnmatch
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -269,15 +268,6 @@ def check_repo_id(repo_id):
         raise PublishError(f"--repo_id {repo_id!r} is not a valid Hub repo id: {error}") from error
     if repo_id.count("/") != 1:
         raise PublishError(f"--repo_id {repo_id!r}: give it as ORG/NAME (your user name or organisation, a slash, the model name)")
-
-
-def sha256_of(path: Path, progress) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-            progress.update(len(block))
-    return digest.hexdigest()
 
 
 def human_size(size):

@@ -1,5 +1,6 @@
 """JSON reports: every stage writes one next to its output; later stages read them."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,3 +26,14 @@ def read_json(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+
+
+def sha256_of(path, progress=None) -> str:
+    """sha256 of a file, read in 1 MiB blocks (a tqdm `progress` advances by the bytes read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+            if progress is not None:
+                progress.update(len(block))
+    return digest.hexdigest()

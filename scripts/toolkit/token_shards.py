@@ -25,7 +25,6 @@ previous document); transformers then keeps attention inside each document (its 
 detection from position ids: flash-attention varlen, flex_attention block masks, or an SDPA mask).
 """
 
-import hashlib
 import json
 import os
 from functools import cached_property
@@ -36,6 +35,8 @@ import torch
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer
 from datatrove.utils.tokenization import load_tokenizer
+
+from toolkit.reports import sha256_of
 
 MANIFEST = "token_shards.json"
 COUNTS_FOLDER = "counts"
@@ -67,11 +68,7 @@ def tokenizer_json(tokenizer) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's tokenizer.json: what a shard folder and a checkpoint are tied to."""
-    digest = hashlib.sha256()
-    with open(tokenizer_json(tokenizer), "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(tokenizer_json(tokenizer))
 
 
 def tokenizer_facts(tokenizer) -> dict:
