@@ -49,8 +49,12 @@ class MixArguments:
     skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed lines (reported)."})
     overwrite_lang: bool = field(default=False, metadata={
         "help": "Set \"lang\" to ja/en on every record (default: a record's own \"lang\" is kept)."})
-    shuffle_buckets: int = field(default=16, metadata={
-        "help": "Output shards of the shuffle; one of them must fit in a task's memory (corpus size / this)."})
+    shuffle_bucket_mb: float = field(default=256, metadata={
+        "help": "Megabytes of records per shuffle bucket (one text shard and one token shard each): the bucket "
+                "count is the mix's size / this, at least 16. A shuffle task holds an index of 40 bytes per record "
+                "of one bucket, not the records."})
+    shuffle_buckets: int = field(default=None, metadata={
+        "help": "Set the bucket count instead of deriving it from --shuffle_bucket_mb."})
 
 
 def main(argv=None):
@@ -64,42 +68,53 @@ def main(argv=None):
         raise SystemExit(f"--english_token_share must be in [0, 1), got {args.english_token_share}")
     if args.english_token_share > 0 and not args.english_files:
         raise SystemExit("--english_token_share > 0 needs --english_files")
-    if args.shuffle_buckets < 1:
+    if args.shuffle_buckets is not None and args.shuffle_buckets < 1:
         raise SystemExit(f"--shuffle_buckets must be at least 1, got {args.shuffle_buckets}")
+    if args.shuffle_bucket_mb <= 0:
+        raise SystemExit(f"--shuffle_bucket_mb must be positive, got {args.shuffle_bucket_mb}")
     extra_tokenizers = parse_extra_tokenizers(args.extra_tokenizers)
     executor_args.validate()
     started = time.time()
-    japanese_paths = data_engine.resolve_inputs(args.japanese_files)
-    english_paths = data_engine.resolve_inputs(args.english_files) if args.english_files else []
-    overlap = set(japanese_paths) & set(english_paths)
-    if overlap:
-        raise SystemExit(f"{sorted(overlap)[0]} is both a Japanese and an English input")
-    tokenizer_path = assets.resolve(args.tokenizer)
-    tokenizer = mixing.load_tokenizer(tokenizer_path)  # a wrong name fails here, not in a task
+    japanese_paths, japanese_repeats = data_engine.dedupe_inputs(data_engine.resolve_inputs(args.japanese_files))
+    english_paths, english_repeats = data_engine.dedupe_inputs(
+        data_engine.resolve_inputs(args.english_files) if args.english_files else [])
+    duplicates = {"japanese_files": data_engine.warn_duplicates(japanese_repeats, "Japanese files"),
+                  "english_files": data_engine.warn_duplicates(english_repeats, "English files")}
+    japanese_identity = {data_engine.input_identity(path): path for path in japanese_paths}
+    for path in english_paths:  # however each is spelled
+        if data_engine.input_identity(path) in japanese_identity:
+            raise SystemExit(f"{path} is both a Japanese (as {japanese_identity[data_engine.input_identity(path)]}) "
+                             f"and an English input")
+    data_engine.check_output_dir(args.output_dir, japanese_paths + english_paths)
+    tokenizer_path, tokenizer = load_tokenizer_or_exit(args.tokenizer, "--tokenizer")  # not in a task
     executor_args = executor_args.resolved(len(japanese_paths) + len(english_paths))
 
     # 2. The plan: token counts are cached under a key of the inputs, tokenizer and task split;
     #    the scattered records are temporary under a key that adds seed, share and buckets.
     fingerprints = {"japanese_files": data_engine.file_fingerprint(japanese_paths),
                     "english_files": data_engine.file_fingerprint(english_paths)}
+    # The counts are cached per file and part (any --tasks reuses them); the mix key adds the settings
+    # and the task count (the temporary scatter files are per task).
     count_key = data_engine.stable_key({**fingerprints, "tokenizer": token_shards.tokenizer_fingerprint(tokenizer_path),
-                                        "text_field": args.text_field, "skip_bad_records": args.skip_bad_records,
-                                        "tasks": executor_args.tasks})
+                                        "text_field": args.text_field, "skip_bad_records": args.skip_bad_records})
     settings = {"english_token_share": args.english_token_share, "seed": args.seed,
-                "shuffle_buckets": args.shuffle_buckets, "allow_lower_english_share": args.allow_lower_english_share,
+                "shuffle_buckets": args.shuffle_buckets, "shuffle_bucket_mb": args.shuffle_bucket_mb,
+                "allow_lower_english_share": args.allow_lower_english_share,
                 "overwrite_lang": args.overwrite_lang, "skip_bad_records": args.skip_bad_records}
-    mix_key = data_engine.stable_key({"count": count_key, **settings})
+    mix_key = data_engine.stable_key({"count": count_key, **settings, "tasks": executor_args.tasks})
     cache_dir = os.path.join(args.output_dir, "cache", count_key)
     plan = mixing.MixPlan(
         japanese_paths=japanese_paths, english_paths=english_paths,
-        units=data_engine.plan_units(japanese_paths + english_paths, executor_args.tasks), tasks=executor_args.tasks,
+        units=mixing.plan_units(japanese_paths, english_paths, executor_args.tasks), tasks=executor_args.tasks,
         tokenizer_path=tokenizer_path, english_token_share=args.english_token_share,
         allow_lower_english_share=args.allow_lower_english_share, seed=args.seed,
         shuffle_buckets=args.shuffle_buckets, text_field=args.text_field, skip_bad_records=args.skip_bad_records,
         overwrite_lang=args.overwrite_lang, cache_dir=cache_dir,
         tmp_dir=os.path.join(args.output_dir, ".tmp", mix_key), output_dir=args.output_dir,
+        names=[data_engine.canonical_name(path) for path in japanese_paths + english_paths],
+        shuffle_bucket_mb=args.shuffle_bucket_mb,
         report={"inputs": {**fingerprints, "tokenizer": args.tokenizer, "tokenizer_path": tokenizer_path,
-                           "vocab_size": len(tokenizer)},
+                           "vocab_size": len(tokenizer), "duplicates_ignored": duplicates},
                 "settings": {**settings, "executor": executor_args.executor, "tasks": executor_args.tasks,
                              "workers": executor_args.workers},
                 "keys": {"count": count_key, "mix": mix_key}})
@@ -128,6 +143,16 @@ def main(argv=None):
           f"-> {plan.text_dir}")
 
 
+def load_tokenizer_or_exit(name, flag):
+    """(resolved path, tokenizer), or a one-line error naming the flag: before any work."""
+    try:
+        path = assets.resolve(name)
+        return path, mixing.load_tokenizer(path)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"{flag} {name}: cannot load a tokenizer ({first})") from None
+
+
 def parse_extra_tokenizers(entries) -> dict:
     tokenizers = {}
     for entry in entries:
@@ -136,42 +161,47 @@ def parse_extra_tokenizers(entries) -> dict:
             raise SystemExit(f"--extra_tokenizers {entry!r}: expected LABEL=TOKENIZER, e.g. base=offline:smollm2-135m")
         if label in tokenizers:
             raise SystemExit(f"--extra_tokenizers: the label {label!r} is given twice")
-        tokenizers[label] = assets.resolve(name)
+        tokenizers[label], _ = load_tokenizer_or_exit(name, "--extra_tokenizers")
     return tokenizers
 
 
 def token_shard_stages(plan, tokenizers, mix_key) -> list:
     """The mix's token shards: OUT/tokens/ (label "") and OUT/tokens-LABEL/, in datatrove's
-    tokenized-file format with a token_shards.json manifest, written by `toolkit.token_shards`
-    (`tokenize_steps` after a reader of OUT/text/, then `FinalizeTokenShards`)."""
+    tokenized-file format with a token_shards.json manifest (`toolkit.token_shards`): text shard b
+    becomes token shard b, whatever the task count. Their completion markers live in the folder
+    they describe (FOLDER/.logs/), so both are claimed and removed together."""
     stages = []
-    tasks = min(plan.tasks, plan.shuffle_buckets)  # one text shard per bucket: no more tasks than shards
     for label, tokenizer_path in tokenizers.items():
         name = f"tokens-{label}" if label else "tokens"
         folder = os.path.join(plan.output_dir, name)
-        logs = os.path.join(plan.cache_dir, "mixes", mix_key, "logs")
-        reader = mixing.MixTextReader(plan.text_dir, plan.text_field)
-        stages.append(data_engine.Stage(name, [reader, *token_shards.tokenize_steps(tokenizer_path, folder)], tasks,
-                                        os.path.join(logs, name)))
-        stages.append(data_engine.Stage(f"{name}-manifest", [token_shards.FinalizeTokenShards(folder, tasks)], 1,
-                                        os.path.join(logs, f"{name}-manifest")))
+        logs = os.path.join(folder, ".logs")
+        (writer,) = token_shards.tokenize_steps(tokenizer_path, folder)
+        stages.append(data_engine.Stage(name, [mixing.TokenizeMixShards(plan, writer)], plan.tasks,
+                                        os.path.join(logs, "tokens")))
+        stages.append(data_engine.Stage(f"{name}-manifest", [mixing.FinalizeMixTokens(plan, folder)], 1,
+                                        os.path.join(logs, "manifest")))
     return stages
 
 
 def claim_output(plan, mix_key):
-    """OUT/text/ and OUT/tokens*/ hold one mix. A different mix than the one that last wrote there
-    starts from empty folders and a fresh report; temporary folders of other mixes are removed."""
+    """OUT/text/ and OUT/tokens*/ (with the completion markers inside them) hold one mix. A different
+    mix than the one that last wrote there starts from empty folders and a fresh report; temporary
+    files a killed run left (.tmp.*) and temporary folders of other mixes are removed."""
     marker = os.path.join(plan.output_dir, ".mix")
     previous = open(marker).read().strip() if os.path.exists(marker) else None
+    token_folders = [os.path.join(plan.output_dir, name) for name in
+                     (os.listdir(plan.output_dir) if os.path.isdir(plan.output_dir) else [])
+                     if name == "tokens" or name.startswith("tokens-")]
     if previous != mix_key:
         shutil.rmtree(plan.text_dir, ignore_errors=True)
-        for name in os.listdir(plan.output_dir) if os.path.isdir(plan.output_dir) else []:
-            if name == "tokens" or name.startswith("tokens-"):  # token shards of another mix
-                shutil.rmtree(os.path.join(plan.output_dir, name), ignore_errors=True)
+        for folder in token_folders:  # token shards of another mix, and their completion markers
+            shutil.rmtree(folder, ignore_errors=True)
         if os.path.exists(os.path.join(plan.output_dir, "mix_report.json")):
             os.remove(os.path.join(plan.output_dir, "mix_report.json"))
         with data_engine.atomic_output(marker, "w") as stream:
             stream.write(mix_key + "\n")
+    for folder in [plan.text_dir, *token_folders]:
+        data_engine.remove_temporaries(folder)
     temporary_root = os.path.dirname(plan.tmp_dir)
     if os.path.isdir(temporary_root):
         for name in os.listdir(temporary_root):

@@ -96,8 +96,11 @@ def main(argv=None):
 
     # 2. Inputs: local files, globs, hf:// streamed (or downloaded with --download).
     inputs = dict(download=args.download, revision=args.hub_revision, cache_dir=args.hub_cache_dir)
-    raw_paths = data_engine.resolve_inputs(args.raw_datasets, **inputs)
-    target_paths = data_engine.resolve_inputs(args.target_datasets, **inputs)
+    raw_paths, raw_repeats = data_engine.dedupe_inputs(data_engine.resolve_inputs(args.raw_datasets, **inputs))
+    target_paths, target_repeats = data_engine.dedupe_inputs(data_engine.resolve_inputs(args.target_datasets, **inputs))
+    duplicates = {"raw_datasets": data_engine.warn_duplicates(raw_repeats, "raw files"),
+                  "target_datasets": data_engine.warn_duplicates(target_repeats, "target files")}
+    data_engine.check_output_dir(args.output_dir, raw_paths + target_paths)
     decontaminate_against = data_engine.resolve_inputs(args.decontaminate_against, **inputs, formats=None) \
         if args.decontaminate_against else []
     if decontaminate_against:  # read now: a bad evaluation file is an error before any heavy work
@@ -107,7 +110,9 @@ def main(argv=None):
     executor_args = executor_args.resolved(len(raw_paths))
 
     # 3. The plan: the fit folder is keyed by everything that changes counts or scores (inputs,
-    #    features, filters, bad-record policy, decontamination, task split); the draw folder adds seed and K.
+    #    features, filters, bad-record policy, decontamination), never by the task split: the cached
+    #    results are per file and part, the completion markers per task count; the draw folder adds
+    #    seed, K and the task count (its per-task files).
     settings = {**selection.selection_settings(args.featurizer, args.ngrams, args.num_buckets, args.min_example_chars,
                                                args.min_example_length, args.smoothing_alpha, args.text_field,
                                                not args.no_latin_words),
@@ -116,10 +121,9 @@ def main(argv=None):
     fingerprints = {"raw_datasets": data_engine.file_fingerprint(raw_paths),
                     "target_datasets": data_engine.file_fingerprint(target_paths),
                     "decontaminate_against": data_engine.file_fingerprint(decontaminate_against)}
-    fit_key = data_engine.stable_key({**fingerprints, **settings, "tasks": executor_args.tasks,
-                                      "decontamination_ngram": args.decontamination_ngram})
+    fit_key = data_engine.stable_key({**fingerprints, **settings, "decontamination_ngram": args.decontamination_ngram})
     draw = {"num_to_sample": args.num_to_sample, "seed": args.seed, "top_k": args.top_k}
-    draw_key = data_engine.stable_key({"fit": fit_key, **draw})
+    draw_key = data_engine.stable_key({"fit": fit_key, **draw, "tasks": executor_args.tasks})
     fit_dir = os.path.join(args.output_dir, "cache", fit_key)
     plan = selection.SelectionPlan(
         raw_paths=raw_paths, target_paths=target_paths, units=data_engine.plan_units(raw_paths, executor_args.tasks),
@@ -132,7 +136,8 @@ def main(argv=None):
         decontamination_ngram=args.decontamination_ngram, num_to_sample=args.num_to_sample, seed=args.seed,
         top_k=args.top_k, fit_dir=fit_dir, draw_dir=os.path.join(fit_dir, "draws", draw_key),
         output_dir=args.output_dir,
-        report={"inputs": fingerprints,
+        raw_names=[data_engine.canonical_name(path) for path in raw_paths],
+        report={"inputs": {**fingerprints, "duplicates_ignored": duplicates},
                 "settings": {**settings, **draw, "decontamination_ngram": args.decontamination_ngram,
                              "executor": executor_args.executor, "tasks": executor_args.tasks,
                              "workers": executor_args.workers},
@@ -160,6 +165,7 @@ def claim_output(plan, draw_key):
     cannot keep another draw's shards."""
     marker = os.path.join(plan.output_dir, ".draw")
     previous = open(marker).read().strip() if os.path.exists(marker) else None
+    data_engine.remove_temporaries(plan.selected_dir)  # a killed writer's .tmp.* files
     if previous != draw_key:
         for stage in ("merge", "write", "report"):
             shutil.rmtree(os.path.join(plan.draw_dir, "logs", stage, "completions"), ignore_errors=True)

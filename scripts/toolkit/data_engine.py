@@ -140,6 +140,7 @@ def run_stages(stages, args: ExecutorArguments) -> dict | None:
     under each stage's `completions/`) are skipped, which is what makes a rerun resume.
     """
     _install_quiet_logs(args.show_task_logs, local_files_are_shared=not args.ray_address)
+    die_with_this_process()
     if args.executor == "slurm":
         _submit_slurm(stages, args)
         return None
@@ -157,6 +158,32 @@ def run_stages(stages, args: ExecutorArguments) -> dict | None:
                               f"{': ' + reason if reason else ''} (logs: {os.path.join(stage.logging_dir, 'logs')})")
         timings[stage.name] = round(time.perf_counter() - started, 3)
     return timings
+
+
+_PARENT = {}
+
+
+def _die_with_parent():
+    # Linux: the kernel sends SIGKILL to this child when the process that forked it dies, however
+    # it dies (SIGKILL included), so no pool worker or Manager outlives the command.
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != _PARENT.get("pid"):  # the parent died before the line above
+        os._exit(1)
+
+
+def die_with_this_process():
+    """Every process forked from here on (datatrove's pool workers, its multiprocessing Manager) is
+    killed when this one dies (`os.register_at_fork`, a public hook: no library is patched)."""
+    if not sys.platform.startswith("linux") or _PARENT.get("pid") == os.getpid():
+        return
+    if "pid" not in _PARENT:
+        os.register_at_fork(before=lambda: _PARENT.__setitem__("pid", os.getpid()),
+                            after_in_child=_die_with_parent)
+    _PARENT["pid"] = os.getpid()
 
 
 def task_error(logging_dir, ranks):
@@ -287,7 +314,8 @@ def resolve_inputs(patterns, download=False, revision=None, cache_dir=None, form
             continue
         filesystem, plain = fsspec.core.url_to_fs(pattern)
         if glob_magic(pattern):
-            matches = sorted(filesystem.glob(plain))
+            # like a shell glob, a pattern never matches hidden names (our temporaries are .tmp.*)
+            matches = sorted(m for m in filesystem.glob(plain) if not is_temporary(m))
             if not matches:
                 raise CorpusError(f"{pattern}: no file matches this pattern")
             protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
@@ -301,6 +329,98 @@ def resolve_inputs(patterns, download=False, revision=None, cache_dir=None, form
                 raise CorpusError(f"{match}: unknown format; expected one of {', '.join(FORMATS)}")
         paths.extend(matches)
     return paths
+
+
+def is_temporary(path) -> bool:
+    """A hidden name: `atomic_output`'s `.tmp.PID.NAME` and every other dot-file. Never an input,
+    never listed as output."""
+    return os.path.basename(str(path).rstrip("/")).startswith(".")
+
+
+def final_files(folder, pattern=r"\d{5}\.jsonl\.gz") -> list:
+    """The final output files of one of our folders (names matching `pattern`, sorted): what a
+    reader of our own outputs lists, so that a killed writer's temporary is never read."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if re.fullmatch(pattern, name))
+
+
+def remove_temporaries(folder) -> int:
+    """Remove the temporaries (`.tmp.*`) a killed writer left in `folder` and below; how many."""
+    removed = 0
+    for root, folders, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".tmp.") or name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+    return removed
+
+
+def input_identity(path) -> str:
+    """What makes two spellings of an input the same file: its real path (symlinks, "..", "./"
+    resolved), or for a URL the URL with its size."""
+    text = str(path)
+    if "://" not in text or text.startswith("file://"):
+        return os.path.realpath(text.removeprefix("file://"))
+    filesystem, plain = fsspec.core.url_to_fs(text)
+    return f"{filesystem.protocol if isinstance(filesystem.protocol, str) else filesystem.protocol[0]}://{plain}" \
+           f"#{filesystem.info(plain).get('size')}"
+
+
+def dedupe_inputs(paths) -> tuple:
+    """(paths without repeats, the repeats): a file named twice, however spelled (overlapping globs,
+    "./x" and "/abs/x", a symlink), is read once. The caller warns and reports the count."""
+    seen, kept, repeats = set(), [], []
+    for path in paths:
+        identity = input_identity(path)
+        if identity in seen:
+            repeats.append(path)
+        else:
+            seen.add(identity)
+            kept.append(path)
+    return kept, repeats
+
+
+def check_output_dir(output_dir, inputs, flag="--output_dir"):
+    """One-line refusals before any work: an output folder that is a file, that cannot be created or
+    written, or that holds (or is held by) an input: a rerun would delete or read its own output."""
+    if "://" in str(output_dir):
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SystemExit(f"{flag} {output_dir} is a file, not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".tmp.{os.getpid()}.write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"{flag} {output_dir} cannot be written ({error.strerror or error}); choose another folder "
+                         f"or fix its permissions") from None
+    folder = os.path.realpath(output_dir)
+    for path in inputs:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            continue
+        real = input_identity(path)
+        if real == folder or real.startswith(folder + os.sep):
+            raise SystemExit(f"{path} is inside {flag} {output_dir}: the output of a run would become the input of "
+                             f"the next; write the output elsewhere")
+
+
+def warn_duplicates(repeats, what) -> int:
+    """A one-line warning for inputs given more than once (read once); the count for the report."""
+    if repeats:
+        print(f"warning: {len(repeats)} {what} given more than once (read once): {repeats[0]}"
+              f"{' and others' if len(repeats) > 1 else ''}", file=sys.stderr)
+    return len(repeats)
+
+
+def canonical_name(path) -> str:
+    """A file's identity for per-line random draws, independent of how its path is spelled or
+    where its dataset is mounted: its file name and its size in bytes."""
+    filesystem, plain = fsspec.core.url_to_fs(str(path))
+    return f"{os.path.basename(plain)}:{int(filesystem.info(plain).get('size') or 0)}"
 
 
 def glob_magic(pattern) -> bool:
@@ -326,17 +446,18 @@ def stable_key(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def iter_raw_lines(path, part=0, parts=1):
+def iter_raw_lines(path, part=0, parts=1, text_field="text"):
     """(line_number, raw bytes) of the lines of one input that belong to `part` of `parts`.
 
-    JSONL (.jsonl, .gz, .zst) gives each line as it is in the file; a parquet row gives the
-    JSON object of its columns (line_number = row, from 1). `CorpusError` if the file cannot
-    be read or holds no line at all.
+    JSONL (.jsonl, .gz, .zst) gives each line as it is in the file (CR LF kept); a parquet row
+    gives the JSON object of its columns (line_number = row, from 1; `parquet_record`). A
+    compressed stream that ends early is a `CorpusError` naming the file and the byte offset,
+    never a short read. `CorpusError` if the file cannot be read or holds no line at all.
     """
     count = 0
     try:
         if str(path).endswith(".parquet"):
-            rows = _parquet_rows(path)
+            rows = _parquet_rows(path, text_field)
         else:
             rows = _jsonl_rows(path)
         for count, raw in rows:
@@ -350,29 +471,167 @@ def iter_raw_lines(path, part=0, parts=1):
         raise CorpusError(f"{path}: the file is empty")
 
 
+class _CountingReader:
+    """A binary stream that counts the bytes read from it (the offset a truncation is reported at)."""
+
+    def __init__(self, stream):
+        self.stream, self.offset = stream, 0
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.offset += len(data)
+        return data
+
+    def readable(self):
+        return True
+
+
+def _truncated(path, compressed_offset, line_number, what):
+    return CorpusError(f"{path}: the {what} stream ends early at byte {compressed_offset:,} of the file, inside or "
+                       f"after line {line_number + 1} (lines 1-{line_number} were complete): the file is truncated; "
+                       f"download it again")
+
+
+def _split_lines(chunks):
+    """Lines (with their end of line) of a stream of byte chunks; the last one may lack its newline."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        if b"\n" not in chunk:
+            continue
+        lines = pending.split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def _zstd_chunks(path, counter, state):
+    """Decompressed chunks of every frame; raises when the data ends inside a frame (zstandard's
+    stream_reader returns a short read there, silently)."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor()
+    frame, fed = decompressor.decompressobj(), False
+    while True:
+        data = counter.read(1 << 20)
+        if not data:
+            break
+        while data:
+            output = frame.decompress(data)
+            fed = True
+            if output:
+                yield output
+            if frame.eof:
+                data, frame, fed = frame.unused_data, decompressor.decompressobj(), False
+            else:
+                data = b""
+    if fed and not frame.eof:
+        state["truncated"] = True
+
+
+def _gzip_chunks(path, counter, state):
+    import zlib
+
+    member, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+    while True:
+        data = counter.read(1 << 20)
+        if not data:
+            break
+        while data:
+            output = member.decompress(data)
+            fed = True
+            if output:
+                yield output
+            if member.eof:  # a gzip file may hold several members; trailing zero padding is no member
+                data, member, fed = member.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS), False
+                if not data.strip(b"\0"):
+                    data = b""
+            else:
+                data = b""
+    if fed and not member.eof:
+        state["truncated"] = True
+
+
 def _jsonl_rows(path):
-    if str(path).endswith((".zst", ".zstd")):  # fsspec's zstd reader has no readline: buffer it
-        import io
+    name = str(path)
+    kind = "zstd" if name.endswith((".zst", ".zstd")) else "gzip" if name.endswith(".gz") else None
+    with fsspec.open(path, "rb") as raw:
+        if kind is None:
+            yield from enumerate(raw, start=1)
+            return
+        counter, state = _CountingReader(raw), {"truncated": False}
+        chunks = (_zstd_chunks if kind == "zstd" else _gzip_chunks)(path, counter, state)
+        number, held = 0, None
+        # one line is held back: a stream that turns out truncated never yields its partial last line
+        for line in _split_lines(chunks):
+            if held is not None:
+                number += 1
+                yield number, held
+            held = line
+        if state["truncated"]:
+            raise _truncated(path, counter.offset, number, kind)
+        if held is not None:
+            yield number + 1, held
 
-        import zstandard
 
-        with fsspec.open(path, "rb") as compressed:
-            reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
-            yield from enumerate(io.BufferedReader(reader, buffer_size=1 << 20), start=1)
-        return
-    with fsspec.open(path, "rb", compression="infer") as stream:
-        yield from enumerate(stream, start=1)
+STRING_TYPES = ("string", "large_string", "string_view")
+BINARY_TYPES = ("binary", "large_binary", "binary_view")
 
 
-def _parquet_rows(path):
+def json_native(value):
+    """A parquet value as JSON: nested lists and structs kept, timestamps/dates/times as ISO-8601,
+    bytes as base64 (standard alphabet), decimals as strings, everything else as it is."""
+    import base64
+    import datetime
+    import decimal
+
+    if isinstance(value, dict):
+        return {key: json_native(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_native(inner) for inner in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    return value
+
+
+def _parquet_rows(path, text_field="text"):
+    """Each row as a JSON line. The text column must be a string column, or a binary one holding
+    UTF-8 (decoded; a row whose bytes are not UTF-8 comes out as those bytes, which the record
+    parser reports as invalid_utf8 at that row). Other columns: `json_native`."""
     import pyarrow.parquet as pq
 
     number = 0
     with fsspec.open(path, "rb") as stream:
-        for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024):
+        parquet = pq.ParquetFile(stream)
+        schema = parquet.schema_arrow
+        if text_field in schema.names:
+            kind = str(schema.field(text_field).type)
+            if kind not in STRING_TYPES + BINARY_TYPES:
+                raise CorpusError(f"{path}: the text column {text_field!r} is of type {kind}, not a string "
+                                  f"(or UTF-8 binary) column; name the right one with --text_field")
+            binary = kind in BINARY_TYPES
+        else:
+            binary = False
+        for batch in parquet.iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 number += 1
-                yield number, json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+                text = row.get(text_field)
+                if binary and text is not None:
+                    try:
+                        row[text_field] = bytes(text).decode("utf-8")
+                    except UnicodeDecodeError:
+                        yield number, bytes(text)  # parse_line: invalid_utf8, named by file and row
+                        continue
+                yield number, json.dumps({key: (value if key == text_field else json_native(value))
+                                          for key, value in row.items()}, ensure_ascii=False).encode("utf-8")
 
 
 # ----- outputs -------------------------------------------------------------------------------
@@ -397,6 +656,39 @@ def atomic_output(path, mode="wb"):
 def save_arrays(path, **arrays):
     with atomic_output(path) as stream:
         np.savez(stream, **arrays)
+
+
+def unit_cache_path(folder, unit) -> str:
+    """Where the per-line results of a work unit are cached: named by the file and the part, never by
+    the task, so that another --tasks/--workers finds them."""
+    return os.path.join(folder, f"file_{unit.file_index:05d}.part_{unit.part:04d}_of_{unit.parts:04d}.npz")
+
+
+def reuse_unit_cache(folder, unit) -> bool:
+    """True if `unit`'s per-line results are cached: under its own name, or derived (and saved under
+    its name) from another split of the same file whose parts are all cached. Every array of such a
+    cache is per line, with a "lines" array, so any split can be cut from any other."""
+    own = unit_cache_path(folder, unit)
+    if os.path.exists(own):
+        return True
+    prefix = f"file_{unit.file_index:05d}.part_0000_of_"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.startswith(prefix) or not name.endswith(".npz"):
+            continue
+        parts = int(name[len(prefix):-len(".npz")])
+        paths = [unit_cache_path(folder, WorkUnit(0, unit.file_index, unit.path, part, parts)) for part in range(parts)]
+        if not all(os.path.exists(path) for path in paths):
+            continue
+        try:
+            loaded = [load_arrays(path) for path in paths]
+        except DamagedCache:
+            continue
+        merged = {key: np.concatenate([arrays[key] for arrays in loaded]) for key in loaded[0]}
+        order = np.argsort(merged["lines"], kind="stable")
+        keep = order[(merged["lines"][order] - 1) % unit.parts == unit.part]
+        save_arrays(own, **{key: values[keep] for key, values in merged.items()})
+        return True
+    return False
 
 
 class DamagedCache(CorpusError):
@@ -464,5 +756,7 @@ def hash_to_uniform(file_key: int, lines) -> np.ndarray:
     return ((line_hashes(file_key, lines) >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
-def file_key(seed, path) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8).digest(), "little")
+def file_key(seed, identity) -> int:
+    """The per-file key of `line_hashes`: `identity` is `canonical_name(path)`, so the draws do not
+    depend on how the path is spelled or where the data is mounted."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{identity}".encode(), digest_size=8).digest(), "little")

@@ -1,28 +1,43 @@
 """The JA/EN mix as datatrove stages (the engine is `toolkit.data_engine`).
 
-    count (map) -> plan (1 task) -> scatter (map) -> shuffle (map over buckets) -> report (1 task)
+    count-ja (map) -> need (1 task) -> count-en (map) -> plan (1 task) -> scatter (map)
+        -> shuffle (map over buckets) -> report (1 task) -> tokens (map over buckets) -> manifest (1 task)
 
-- count: every document of each input unit is counted in tokens of the training tokenizer
+- count-ja: every Japanese document is counted in tokens of the training tokenizer
   (special-token parsing off: a document that spells "<s>" is those characters), with the
-  toolkit's bad-record accounting.
+  toolkit's bad-record accounting. Cached per file and part (any task count reuses it).
+- need: the English tokens the share needs.
+- count-en: English files in order, each counted only as far as the share can still need it:
+  a file stops once its tokens plus those of the finished files before it reach the need, and
+  a file after a finished file that reached it is not read. What is tokenised beyond the
+  English used is bounded by the files counted at once (the task count), never by the corpus.
 - plan: all Japanese is used; English is taken in file and line order until its tokens are
-  the requested share of all tokens (the first document that reaches it included).
-- scatter: each kept record (plus "lang", unless it has one) goes to shuffle bucket
-  hash(seed, file, line) mod B, with a 64-bit sort key from the same hash.
-- shuffle: bucket b gathers its records from every unit, orders them by key and writes
-  OUT/text/NNNNN.jsonl.gz. Memory is one bucket; the output depends on the seed and the
+  the requested share of all tokens (the first document that reaches it included). The shuffle
+  bucket count is the kept bytes / --shuffle_bucket_mb (at least MIN_BUCKETS), unless given.
+- scatter: each kept record (plus "lang", unless it has one) is streamed to the unit's record
+  file; a small index (bucket = hash(seed, file, line) mod B, the 64-bit sort key from the same
+  hash, line, byte offset, length) is saved in bucket order.
+- shuffle: bucket b gathers the index entries of its records from every unit, orders them by
+  key and copies the records, one by one, into OUT/text/NNNNN.jsonl.gz. Memory is the index of
+  one bucket (40 bytes a record), never the records; the output depends on the seed and the
   bucket count, never on the number of tasks.
 - report: mix_report.json.
+- tokens: text shard b becomes token shard b (`toolkit.token_shards`), so the token shards are
+  the same files for any task count and executor; manifest: token_shards.json.
 
-Token counts, the plan and the stage markers are a cache under OUT/cache/<key>/; the
-scattered records are temporary (OUT/.tmp/<key>/), removed when the run ends, however it
-ends, except by SIGKILL, after which the same command resumes and then removes them.
+Token counts and the plan are a cache under OUT/cache/<key>/; the scattered records are
+temporary (OUT/.tmp/<key>/), removed when the run ends, however it ends, except by SIGKILL,
+after which the same command resumes and then removes them. The token stages keep their
+completion markers inside their output folder (OUT/tokens/.logs/), so the folder and the
+markers that describe it are claimed and removed together.
 """
 
 import contextlib
 import gzip
 import json
+import math
 import os
+import resource
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -31,11 +46,15 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
-from toolkit.data_engine import (Stage, atomic_output, file_key, iter_raw_lines, line_hashes, load_arrays, load_cached,
-                                 read_json, save_arrays, units_of_rank, write_json)
+from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, final_files, iter_raw_lines, line_hashes,
+                                 load_arrays, load_cached, read_json, reuse_unit_cache, save_arrays, unit_cache_path,
+                                 units_of_rank, write_json)
 
 SIDES = ("ja", "en")
 BATCH = 256
+MIN_BUCKETS = 16  # small mixes still get several shards (training draws blocks across files)
+BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string",
+               "lone_surrogate")  # per-line reason codes of the count cache: 0 = a record, i + 1 = BAD_REASONS[i]
 
 
 @dataclass
@@ -50,7 +69,7 @@ class MixPlan:
     english_token_share: float
     allow_lower_english_share: bool
     seed: int
-    shuffle_buckets: int
+    shuffle_buckets: int | None  # None: from the corpus size and shuffle_bucket_mb
     text_field: str
     skip_bad_records: bool
     overwrite_lang: bool
@@ -58,6 +77,8 @@ class MixPlan:
     tmp_dir: str
     output_dir: str
     report: dict
+    names: list = None  # data_engine.canonical_name of each file: the key of its shuffle hash
+    shuffle_bucket_mb: float = 256
 
     @property
     def paths(self):
@@ -66,19 +87,57 @@ class MixPlan:
     def side(self, file_index):
         return "ja" if file_index < len(self.japanese_paths) else "en"
 
+    def name(self, file_index):
+        return self.names[file_index] if self.names else self.paths[file_index]
+
     @property
     def text_dir(self):
         return os.path.join(self.output_dir, "text")
 
+    @property
+    def japanese_units(self):
+        return [unit for unit in self.units if self.side(unit.file_index) == "ja"]
+
+    @property
+    def english_units(self):
+        return [unit for unit in self.units if self.side(unit.file_index) == "en"]
+
+    def logs(self, stage):
+        """Completion markers of a cached stage: per task count (the cached results are per file and part)."""
+        return os.path.join(self.cache_dir, "logs", f"tasks_{self.tasks}", stage)
+
+    def buckets(self):
+        return read_json(os.path.join(self.cache_dir, "mixes", self.mix_key, "plan.json"))["shuffle_buckets"]
+
+    @property
+    def mix_key(self):
+        return self.report["keys"]["mix"]
+
+    @property
+    def plan_path(self):
+        return os.path.join(self.cache_dir, "mixes", self.mix_key, "plan.json")
+
+
+def plan_units(japanese_paths, english_paths, tasks) -> list:
+    """Japanese: one unit per file, or line-interleaved parts when there are fewer files than tasks.
+    English: one unit per file, always whole (it is read in line order and stops at the share)."""
+    from toolkit.data_engine import plan_units as split
+
+    units = split(japanese_paths, tasks)
+    for offset, path in enumerate(english_paths):
+        units.append(WorkUnit(len(units), len(japanese_paths) + offset, str(path)))
+    return units
+
 
 def mix_stages(plan: MixPlan) -> list:
-    cached = os.path.join(plan.cache_dir, "logs")
     temporary = os.path.join(plan.tmp_dir, "logs")
     return [
-        Stage("count", [CountTokens(plan)], plan.tasks, os.path.join(cached, "count")),
-        Stage("plan", [PlanMix(plan)], 1, os.path.join(cached, "plan")),
+        Stage("count-ja", [CountJapanese(plan)], plan.tasks, plan.logs("count-ja")),
+        Stage("need", [EnglishNeed(plan)], 1, plan.logs(f"need-{plan.mix_key}")),
+        Stage("count-en", [CountEnglish(plan)], plan.tasks, plan.logs(f"count-en-{plan.mix_key}")),
+        Stage("plan", [PlanMix(plan)], 1, plan.logs(f"plan-{plan.mix_key}")),
         Stage("scatter", [ScatterRecords(plan)], plan.tasks, os.path.join(temporary, "scatter")),
-        Stage("shuffle", [ShuffleBuckets(plan)], min(plan.tasks, plan.shuffle_buckets), os.path.join(temporary, "shuffle")),
+        Stage("shuffle", [ShuffleBuckets(plan)], plan.tasks, os.path.join(temporary, "shuffle")),
         Stage("report", [WriteMixReport(plan)], 1, os.path.join(temporary, "report")),
     ]
 
@@ -106,93 +165,194 @@ def count_tokens(tokenizer, texts):
 
 
 def _records(plan, unit):
-    """(line, record or None, reason) of one unit; a bad line raises unless skip_bad_records."""
-    for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts):
+    """(line, record or None, reason, bytes) of one unit; a bad line raises unless skip_bad_records."""
+    for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts, plan.text_field):
         try:
-            yield line_number, parse_line(raw, plan.text_field), None
+            yield line_number, parse_line(raw, plan.text_field), None, len(raw)
         except BadRecord as bad:
             if not plan.skip_bad_records:
                 raise bad_record_error(unit.path, line_number, bad) from None
-            yield line_number, None, bad.reason
+            yield line_number, None, bad.reason, len(raw)
 
 
-class CountTokens(_Step):
-    """Map: tokens and characters of every document of each unit."""
+def _count_batches(plan, unit, tokenizer):
+    """Per-line arrays of one unit, a batch at a time: lines, tokens, chars, bytes, reason (0: a record)."""
+    batch = []
 
-    name = "count tokens"
+    def flush():
+        texts = [record[plan.text_field] for _, record, _, _ in batch if record is not None]
+        tokens = iter(count_tokens(tokenizer, texts))
+        rows = {"lines": [], "tokens": [], "chars": [], "bytes": [], "reason": []}
+        for line, record, reason, size in batch:
+            rows["lines"].append(line)
+            rows["tokens"].append(next(tokens) if record is not None else 0)
+            rows["chars"].append(len(record[plan.text_field]) if record is not None else 0)
+            rows["bytes"].append(size)
+            rows["reason"].append(0 if record is not None else BAD_REASONS.index(reason) + 1)
+        batch.clear()
+        return {name: np.asarray(values, dtype=np.int8 if name == "reason" else np.int64)
+                for name, values in rows.items()}
+
+    for row in _records(plan, unit):
+        batch.append(row)
+        if len(batch) >= BATCH:
+            yield flush()
+    if batch:
+        yield flush()
+
+
+def _concatenate(parts):
+    names = ("lines", "tokens", "chars", "bytes", "reason")
+    return {name: np.concatenate([p[name] for p in parts]) if parts else
+            np.zeros(0, dtype=np.int8 if name == "reason" else np.int64) for name in names}
+
+
+class CountJapanese(_Step):
+    """Map: tokens, characters and bytes of every Japanese document of each unit."""
+
+    name = "count japanese"
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        tokenizer = load_tokenizer(plan.tokenizer_path)
-        for unit in units_of_rank(plan.units, rank, world_size):
-            lines, tokens, chars, skipped = [], [], [], Counter()
-            batch_lines, batch_texts = [], []
+        folder = os.path.join(plan.cache_dir, "counts")
+        tokenizer = None
+        for unit in units_of_rank(plan.japanese_units, rank, world_size):
+            if reuse_unit_cache(folder, unit):  # counted by a run with any task count
+                self.stat_update("units_reused")
+                continue
+            tokenizer = tokenizer or load_tokenizer(plan.tokenizer_path)
+            arrays = _concatenate(list(_count_batches(plan, unit, tokenizer)))
+            self.stat_update("documents_counted", value=int((arrays["reason"] == 0).sum()))
+            save_arrays(unit_cache_path(folder, unit), **arrays)
 
-            def flush():
-                lines.extend(batch_lines)
-                tokens.extend(count_tokens(tokenizer, batch_texts))
-                chars.extend(map(len, batch_texts))
-                batch_lines.clear()
-                batch_texts.clear()
 
-            for line_number, record, reason in _records(plan, unit):
-                if record is None:
-                    skipped[reason] += 1
-                    continue
-                batch_lines.append(line_number)
-                batch_texts.append(record[plan.text_field])
-                if len(batch_texts) >= BATCH:
-                    flush()
-            flush()
-            self.stat_update("documents_counted", value=len(lines))
-            save_arrays(os.path.join(plan.cache_dir, "counts", f"unit_{unit.index:05d}.npz"),
-                        lines=np.asarray(lines, dtype=np.int64), tokens=np.asarray(tokens, dtype=np.int64),
-                        chars=np.asarray(chars, dtype=np.int64), skipped=np.asarray(json.dumps(dict(skipped))))
+def _japanese_counts(plan, unit):
+    return load_cached(unit_cache_path(os.path.join(plan.cache_dir, "counts"), unit), plan.logs("count-ja"),
+                       plan.japanese_units.index(unit) % plan.tasks)
+
+
+class EnglishNeed(_Step):
+    """One task: the Japanese totals and the English tokens the share needs."""
+
+    name = "english need"
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        totals, skipped = {"documents": 0, "tokens": 0, "characters": 0, "bytes": 0}, Counter()
+        for unit in plan.japanese_units:
+            counts = _japanese_counts(plan, unit)
+            good = counts["reason"] == 0
+            totals["documents"] += int(good.sum())
+            totals["tokens"] += int(counts["tokens"].sum())
+            totals["characters"] += int(counts["chars"].sum())
+            totals["bytes"] += int(counts["bytes"][good].sum())
+            skipped.update(BAD_REASONS[code - 1] for code in counts["reason"][~good].tolist())
+        if totals["tokens"] == 0:
+            raise CorpusError(f"no Japanese text in {plan.japanese_paths}")
+        needed = plan.english_token_share / (1 - plan.english_token_share) * totals["tokens"]
+        write_json(os.path.join(os.path.dirname(plan.plan_path), "need.json"),
+                   {"ja": totals, "skipped": dict(skipped), "english_tokens_needed": needed})
+
+
+def _english_cache(plan, unit):
+    return os.path.join(plan.cache_dir, "counts-en", f"file_{unit.file_index:05d}.npz")
+
+
+def _english_state(plan, unit):
+    """(tokens counted, complete) of an English file's cache, or None if it has none yet."""
+    path = _english_cache(plan, unit)
+    if not os.path.exists(path):
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return int(saved["tokens"].sum()), bool(saved["complete"])
+
+
+class CountEnglish(_Step):
+    """Map over English files (in file order): each counted only as far as the share can need it."""
+
+    name = "count english"
+
+    def _remaining(self, before, needed):
+        """Tokens this file may still have to supply: None if a file before it already reached the
+        need (incomplete: it stopped there), else the need less the finished files before it."""
+        known = 0
+        for unit in before:
+            state = _english_state(self.plan, unit)
+            if state is None:
+                continue
+            tokens, complete = state
+            if not complete:
+                return None
+            known += tokens
+        return needed - known
+
+    def run(self, data=None, rank=0, world_size=1):
+        plan = self.plan
+        needed = read_json(os.path.join(os.path.dirname(plan.plan_path), "need.json"))["english_tokens_needed"]
+        units = plan.english_units
+        tokenizer = None
+        for position in range(rank, len(units), world_size):
+            unit, before = units[position], units[:position]
+            remaining = self._remaining(before, needed) if needed > 0 else None
+            state = _english_state(plan, unit)
+            if state is not None and (state[1] or remaining is None or state[0] >= remaining):
+                self.stat_update("files_reused")  # complete, or enough for this share
+                continue
+            parts, counted, complete = [], 0, True
+            if remaining is not None and remaining > 0:
+                tokenizer = tokenizer or load_tokenizer(plan.tokenizer_path)
+                for batch_number, arrays in enumerate(_count_batches(plan, unit, tokenizer)):
+                    parts.append(arrays)
+                    counted += int(arrays["tokens"].sum())
+                    if batch_number % 4 == 3:  # files before this one may have finished meanwhile
+                        remaining = self._remaining(before, needed)
+                    if remaining is None or counted >= remaining:
+                        complete = False
+                        break
+            else:
+                complete = False  # not needed: files before it reach the share (or the share is 0)
+            arrays = _concatenate(parts)
+            self.stat_update("english_tokens_counted", value=int(arrays["tokens"].sum()))
+            save_arrays(_english_cache(plan, unit), **arrays, complete=np.asarray(complete))
 
 
 class PlanMix(_Step):
-    """One task: Japanese totals, and the last English (file, line) that reaches the share."""
+    """One task: the last English (file, line) that reaches the share, and the bucket count."""
 
     name = "plan mix"
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        totals = {side: {"documents": 0, "tokens": 0, "characters": 0} for side in SIDES}
-        skipped = {side: Counter() for side in SIDES}
-        english_files = {}
-        for unit in plan.units:
-            counts = load_cached(os.path.join(plan.cache_dir, "counts", f"unit_{unit.index:05d}.npz"),
-                                 os.path.join(plan.cache_dir, "logs", "count"), unit.index % plan.tasks)
-            side = plan.side(unit.file_index)
-            skipped[side].update(json.loads(str(counts["skipped"])))
-            if side == "ja":
-                totals["ja"]["documents"] += len(counts["lines"])
-                totals["ja"]["tokens"] += int(counts["tokens"].sum())
-                totals["ja"]["characters"] += int(counts["chars"].sum())
-            else:
-                english_files.setdefault(unit.file_index, []).append(counts)
-        if totals["ja"]["tokens"] == 0:
-            raise CorpusError(f"no Japanese text in {plan.japanese_paths}")
-        needed = plan.english_token_share / (1 - plan.english_token_share) * totals["ja"]["tokens"]
-        cutoff = None  # (file_index, line) of the last English document used
+        need = read_json(os.path.join(os.path.dirname(plan.plan_path), "need.json"))
+        needed = need["english_tokens_needed"]
+        totals = {"ja": need["ja"], "en": {"documents": 0, "tokens": 0, "characters": 0, "bytes": 0}}
+        skipped = {"ja": need["skipped"], "en": Counter()}
         en = totals["en"]
-        for file_index in sorted(english_files):
+        cutoff = None  # (file_index, line) of the last English document used
+        for unit in plan.english_units:
             if needed == 0 or en["tokens"] >= needed:
                 break
-            parts = english_files[file_index]
-            lines = np.concatenate([p["lines"] for p in parts])
-            order = np.argsort(lines, kind="stable")  # the file's line order, whatever the parts
-            lines = lines[order]
-            tokens = np.concatenate([p["tokens"] for p in parts])[order]
-            chars = np.concatenate([p["chars"] for p in parts])[order]
+            path = _english_cache(plan, unit)
+            if not os.path.exists(path):
+                raise CorpusError(f"{path}: missing; an earlier stage did not finish. Run the same command again")
+            counts = load_arrays(path)
+            good = counts["reason"] == 0
+            lines, tokens = counts["lines"][good], counts["tokens"][good]
             running = en["tokens"] + np.cumsum(tokens)
             reach = int(np.searchsorted(running, needed, side="left"))  # first document at or past the need
             take = min(reach + 1, len(lines))
             en["documents"] += take
             en["tokens"] += int(tokens[:take].sum())
-            en["characters"] += int(chars[:take].sum())
+            en["characters"] += int(counts["chars"][good][:take].sum())
+            en["bytes"] += int(counts["bytes"][good][:take].sum())
+            used = counts["lines"] <= lines[take - 1] if take < len(lines) else np.ones(len(good), dtype=bool)
+            skipped["en"].update(BAD_REASONS[code - 1] for code in counts["reason"][~good & used].tolist())
             if take:
-                cutoff = [file_index, int(lines[take - 1])]
+                cutoff = [unit.file_index, int(lines[take - 1])]
+            if en["tokens"] < needed and not bool(counts["complete"]):
+                raise CorpusError(f"{path}: the English count stopped before the share was reached; delete "
+                                  f"{os.path.dirname(path)} and run again")
+        counted = sum(state[0] for state in map(lambda unit: _english_state(plan, unit), plan.english_units) if state)
         achieved = en["tokens"] / (totals["ja"]["tokens"] + en["tokens"])
         short = en["tokens"] < needed
         if short and not plan.allow_lower_english_share:
@@ -200,9 +360,12 @@ class PlanMix(_Step):
                 f"the English files {plan.english_paths} hold {en['tokens']:,} tokens, fewer than the {needed:,.0f} "
                 f"needed for an English share of {plan.english_token_share} (reached {achieved:.4f}); add English "
                 f"files, lower --english_token_share, or pass --allow_lower_english_share to accept {achieved:.4f}")
-        write_json(os.path.join(plan.cache_dir, "plan.json"), {
+        kept_bytes = totals["ja"]["bytes"] + en["bytes"]
+        buckets = plan.shuffle_buckets or max(MIN_BUCKETS, math.ceil(kept_bytes / (plan.shuffle_bucket_mb * 2**20)))
+        write_json(plan.plan_path, {
             "totals": totals, "skipped_bad_records": {side: dict(skipped[side]) for side in SIDES},
-            "english_cutoff": cutoff, "english_tokens_needed": needed, "achieved": achieved, "reached": not short})
+            "english_cutoff": cutoff, "english_tokens_needed": needed, "achieved": achieved, "reached": not short,
+            "english_tokens_counted": counted, "kept_bytes": kept_bytes, "shuffle_buckets": buckets})
 
 
 def _keep_mask(plan, unit, lines, cutoff):
@@ -215,52 +378,69 @@ def _keep_mask(plan, unit, lines, cutoff):
     return lines <= cutoff[1]
 
 
+def _scatter_base(plan, unit):
+    return os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}")
+
+
 class ScatterRecords(_Step):
-    """Map: each kept record of a unit, with "lang", into its shuffle bucket (one file per unit,
-    sorted by bucket, with the byte offsets of each bucket)."""
+    """Map: each kept record of a unit, with "lang", streamed to the unit's record file in read
+    order; its index (key, line, offset, length), sorted by bucket then key, saved beside it."""
 
     name = "scatter"
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        cutoff = read_json(os.path.join(plan.cache_dir, "plan.json"))["english_cutoff"]
+        planned = read_json(plan.plan_path)
+        cutoff, buckets = planned["english_cutoff"], planned["shuffle_buckets"]
         for unit in units_of_rank(plan.units, rank, world_size):
             side = plan.side(unit.file_index)
-            kept_lines, payloads, kept_lang = [], [], 0
-            for line_number, record, _ in _records(plan, unit):
-                if record is None:
-                    continue
-                if not _keep_mask(plan, unit, np.asarray([line_number]), cutoff)[0]:
-                    if side == "en" and cutoff and line_number > cutoff[1] and unit.parts == 1:
-                        break  # English past the cutoff: nothing more to read in this file
-                    continue
-                if "lang" in record and not plan.overwrite_lang:
-                    kept_lang += 1
-                else:
-                    record["lang"] = side
-                kept_lines.append(line_number)
-                payloads.append((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-            lines = np.asarray(kept_lines, dtype=np.int64)
-            hashes = _line_hashes(plan.seed, unit.path, lines)
-            buckets = (hashes % np.uint64(plan.shuffle_buckets)).astype(np.int64)
-            order = np.lexsort((lines, hashes, buckets))
-            offsets = np.zeros(plan.shuffle_buckets + 1, dtype=np.int64)
-            with atomic_output(os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}.jsonl")) as stream:
-                for index in order:
-                    stream.write(payloads[index])
-                    offsets[buckets[index] + 1] += len(payloads[index])
-            base = os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}")
-            for name, values in (("keys", hashes[order]), ("lines", lines[order])):  # memory-mapped by the shuffle
+            base = _scatter_base(plan, unit)
+            if side == "en" and (cutoff is None or unit.file_index > cutoff[0]):
+                lines = offsets = lengths = np.zeros(0, dtype=np.int64)
+                kept_lang = 0
+                with atomic_output(f"{base}.jsonl"):
+                    pass
+            else:
+                kept_lines, offsets, lengths, kept_lang, position = [], [], [], 0, 0
+                with atomic_output(f"{base}.jsonl") as stream:
+                    for line_number, record, _, _ in _records(plan, unit):
+                        if side == "en" and line_number > cutoff[1] and unit.file_index == cutoff[0]:
+                            break  # English past the cutoff: nothing more to read in this file
+                        if record is None:
+                            continue
+                        if "lang" in record and not plan.overwrite_lang:
+                            kept_lang += 1
+                        else:
+                            record["lang"] = side
+                        payload = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+                        stream.write(payload)
+                        kept_lines.append(line_number)
+                        offsets.append(position)
+                        lengths.append(len(payload))
+                        position += len(payload)
+                lines, offsets, lengths = (np.asarray(v, dtype=np.int64) for v in (kept_lines, offsets, lengths))
+            hashes = _line_hashes(plan.seed, plan.name(unit.file_index), lines)
+            bucket_of = (hashes % np.uint64(buckets)).astype(np.int64)
+            order = np.lexsort((lines, hashes, bucket_of))
+            for name, values in (("keys", hashes[order]), ("lines", lines[order]), ("offsets", offsets[order]),
+                                 ("lengths", lengths[order])):  # memory-mapped by the shuffle
                 with atomic_output(f"{base}.{name}.npy") as stream:
                     np.save(stream, values)
-            save_arrays(f"{base}.npz", offsets=np.cumsum(offsets),
-                        counts=np.bincount(buckets, minlength=plan.shuffle_buckets), kept_lang=np.asarray(kept_lang))
+            save_arrays(f"{base}.npz", counts=np.bincount(bucket_of, minlength=buckets), kept_lang=np.asarray(kept_lang))
             self.stat_update("documents_scattered", value=len(lines))
 
 
-def _line_hashes(seed, path, lines):
+def _line_hashes(seed, name, lines):
     # another stream than the selection's noise for the same seed: the key is salted with "mix"
-    return line_hashes(file_key(f"mix-{seed}", path), lines)
+    return line_hashes(file_key(f"mix-{seed}", name), lines)
+
+
+def _raise_open_files_limit():
+    """The shuffle keeps one record file open per unit: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class ShuffleBuckets(_Step):
@@ -270,37 +450,52 @@ class ShuffleBuckets(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        # Per unit: bucket offsets (small, all kept); keys and lines memory-mapped, one bucket's slice read.
-        indexes = [load_arrays(os.path.join(plan.tmp_dir, "scatter", f"unit_{u.index:05d}.npz")) for u in plan.units]
-        for bucket in range(rank, plan.shuffle_buckets, world_size):
-            keys, files, lines, payloads = [], [], [], []
-            for unit, index in zip(plan.units, indexes):
-                start, end = int(index["offsets"][bucket]), int(index["offsets"][bucket + 1])
-                if end == start:
+        buckets = read_json(plan.plan_path)["shuffle_buckets"]
+        mine = range(rank, buckets, world_size)
+        if not len(mine):
+            return
+        _raise_open_files_limit()
+        # Per unit: the bucket counts (small, all kept); the index memory-mapped, one bucket's slice read.
+        counts = [load_arrays(f"{_scatter_base(plan, u)}.npz")["counts"] for u in plan.units]
+        firsts = [np.concatenate([[0], np.cumsum(c)]) for c in counts]
+        files = {}
+        try:
+            for bucket in mine:
+                keys, file_indices, lines, where = [], [], [], []
+                for number, unit in enumerate(plan.units):
+                    first, count = int(firsts[number][bucket]), int(counts[number][bucket])
+                    if not count:
+                        continue
+                    base = _scatter_base(plan, unit)
+                    index = {name: np.load(f"{base}.{name}.npy", mmap_mode="r") for name in
+                             ("keys", "lines", "offsets", "lengths")}
+                    keys.append(np.array(index["keys"][first:first + count]))
+                    lines.append(np.array(index["lines"][first:first + count]))
+                    file_indices.append(np.full(count, unit.file_index, dtype=np.int64))
+                    where.append(np.stack([np.full(count, number, dtype=np.int64),
+                                           np.array(index["offsets"][first:first + count]),
+                                           np.array(index["lengths"][first:first + count])], axis=1))
+                shard = os.path.join(plan.text_dir, f"{bucket:05d}.jsonl.gz")
+                if not keys:
+                    if os.path.exists(shard):
+                        os.remove(shard)
                     continue
-                first = int(index["counts"][:bucket].sum())
-                count = int(index["counts"][bucket])
-                base = os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}")
-                with open(f"{base}.jsonl", "rb") as stream:
-                    stream.seek(start)
-                    chunk = stream.read(end - start).splitlines(keepends=True)
-                if len(chunk) != count:
-                    raise CorpusError(f"{base}.jsonl: {len(chunk)} records where {count} were written; delete "
-                                      f"{plan.tmp_dir} and run again")
-                payloads.extend(chunk)
-                keys.append(np.array(np.load(f"{base}.keys.npy", mmap_mode="r")[first:first + count]))
-                lines.append(np.array(np.load(f"{base}.lines.npy", mmap_mode="r")[first:first + count]))
-                files.append(np.full(count, unit.file_index, dtype=np.int64))
-            shard = os.path.join(plan.text_dir, f"{bucket:05d}.jsonl.gz")
-            if not payloads:
-                if os.path.exists(shard):
-                    os.remove(shard)
-                continue
-            order = np.lexsort((np.concatenate(lines), np.concatenate(files), np.concatenate(keys)))
-            with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as out:
-                for index in order:
-                    out.write(payloads[index])
-            self.stat_update("documents_written", value=len(payloads))
+                where = np.concatenate(where)
+                order = np.lexsort((np.concatenate(lines), np.concatenate(file_indices), np.concatenate(keys)))
+                with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0,
+                                                                   filename="") as out:
+                    for number, offset, length in where[order].tolist():
+                        if number not in files:
+                            files[number] = os.open(f"{_scatter_base(plan, plan.units[number])}.jsonl", os.O_RDONLY)
+                        payload = os.pread(files[number], length, offset)
+                        if len(payload) != length or not payload.endswith(b"\n"):
+                            raise CorpusError(f"{_scatter_base(plan, plan.units[number])}.jsonl: a record at byte "
+                                              f"{offset} is cut short; delete {plan.tmp_dir} and run again")
+                        out.write(payload)
+                self.stat_update("documents_written", value=len(where))
+        finally:
+            for descriptor in files.values():
+                os.close(descriptor)
 
 
 class WriteMixReport(_Step):
@@ -308,18 +503,18 @@ class WriteMixReport(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
-        planned = read_json(os.path.join(plan.cache_dir, "plan.json"))
+        planned = read_json(plan.plan_path)
         totals = planned["totals"]
         written = kept_lang = 0
         for unit in plan.units:
-            index = load_arrays(os.path.join(plan.tmp_dir, "scatter", f"unit_{unit.index:05d}.npz"))
+            index = load_arrays(f"{_scatter_base(plan, unit)}.npz")
             written += int(index["counts"].sum())
             kept_lang += int(index["kept_lang"])
         expected = totals["ja"]["documents"] + totals["en"]["documents"]
         if written != expected:
             raise AssertionError(f"{written} documents written to the mix, {expected} planned")
         ja, en = totals["ja"]["tokens"], totals["en"]["tokens"]
-        shards = sorted(name for name in os.listdir(plan.text_dir) if name.endswith(".jsonl.gz"))
+        shards = final_files(plan.text_dir)
         write_json(os.path.join(plan.output_dir, "mix_report.json"), {
             "stage": "mix",
             **plan.report,
@@ -332,31 +527,64 @@ class WriteMixReport(_Step):
                                      if totals[side]["tokens"] else None for side in SIDES},
             "english_share": {"target": plan.english_token_share, "achieved": round(planned["achieved"], 5),
                               "reached": planned["reached"],
-                              "english_tokens_needed": round(planned["english_tokens_needed"])},
+                              "english_tokens_needed": round(planned["english_tokens_needed"]),
+                              "english_tokens_counted": planned["english_tokens_counted"]},
+            "shuffle": {"buckets": planned["shuffle_buckets"], "kept_bytes": planned["kept_bytes"],
+                        "bucket_mb": plan.shuffle_bucket_mb, "given": plan.shuffle_buckets is not None},
             "lang_field": {"existing_kept": kept_lang, "overwrite_lang": plan.overwrite_lang},
             "skipped_bad_records": planned["skipped_bad_records"],
         })
 
 
-class MixTextReader(_Step):
-    """The mix's text shards as datatrove Documents, shard i to task i mod tasks (what the token
-    shard steps read; listed when the task runs, after the shuffle wrote them)."""
+class TokenizeMixShards(_Step):
+    """Map over buckets: text shard b -> token shard b of one tokenizer (`toolkit.token_shards`), so
+    the files do not depend on the task count. A shard whose counts file exists is done (resume)."""
 
-    name = "mix text"
+    name = "tokenize mix shards"
 
-    def __init__(self, text_dir, text_field="text"):
-        PipelineStep.__init__(self)
-        self.text_dir, self.text_field = text_dir, text_field
+    def __init__(self, plan, tokenizer_step):
+        super().__init__(plan)
+        self.tokenizer_step = tokenizer_step
 
     def run(self, data=None, rank=0, world_size=1):
         from datatrove.data import Document
 
-        shards = sorted(name for name in os.listdir(self.text_dir) if name.endswith(".jsonl.gz"))
-        for name in shards[rank::world_size]:
-            with gzip.open(os.path.join(self.text_dir, name), "rb") as stream:
-                for line_number, raw in enumerate(stream, start=1):
-                    self.stat_update("documents")
-                    yield Document(text=json.loads(raw)[self.text_field], id=f"{name}:{line_number}")
+        from toolkit.token_shards import COUNTS_FOLDER
+
+        plan, step = self.plan, self.tokenizer_step
+        for bucket in range(rank, plan.buckets(), world_size):
+            if step.output_folder.exists(f"{COUNTS_FOLDER}/{bucket:05d}.json"):
+                continue
+            shard = os.path.join(plan.text_dir, f"{bucket:05d}.jsonl.gz")
+
+            def documents(shard=shard):
+                if not os.path.exists(shard):  # an empty bucket
+                    return
+                with gzip.open(shard, "rb") as stream:
+                    for line_number, raw in enumerate(stream, start=1):
+                        yield Document(text=json.loads(raw)[plan.text_field], id=f"{shard}:{line_number}")
+
+            step.write_shard(documents(), bucket)
+            self.stat_update("shards_tokenized")
+        return
+        yield
+
+
+class FinalizeMixTokens(_Step):
+    """One task: the token shards' manifest, once every bucket's shard is counted."""
+
+    name = "token shard manifest"
+
+    def __init__(self, plan, folder):
+        super().__init__(plan)
+        self.folder = folder
+
+    def run(self, data=None, rank=0, world_size=1):
+        from toolkit.token_shards import finalize_token_shards
+
+        finalize_token_shards(self.folder, self.plan.buckets())
+        return
+        yield
 
 
 def remove_temporary(plan):

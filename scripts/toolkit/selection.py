@@ -44,7 +44,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
 from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, hash_to_uniform, iter_raw_lines, load_cached,
-                                 read_json, save_arrays, units_of_rank, write_json)
+                                 read_json, reuse_unit_cache, save_arrays, unit_cache_path, units_of_rank, write_json)
 
 FEATURIZERS = ("japanese_char_ngrams", "dsir_default")
 # 2**16 buckets for character n-grams (Japanese alone has thousands of distinct characters);
@@ -292,6 +292,7 @@ class SelectionPlan:
     draw_dir: str  # this seed and K
     output_dir: str
     report: dict = field(default_factory=dict)  # inputs and settings for the report
+    raw_names: list = None  # data_engine.canonical_name of each raw file: the key of its Gumbel noise
 
     @property
     def selected_dir(self):
@@ -306,8 +307,20 @@ class SelectionPlan:
         return [WorkUnit(index, index, path) for index, path in enumerate(self.raw_paths)]
 
     def stage_logs(self, stage):
-        """The logging folder (with the completion markers) of a stage."""
-        return os.path.join(self.fit_dir if stage in FIT_STAGES else self.draw_dir, "logs", stage)
+        """The logging folder (with the completion markers) of a stage. The markers are per task, so
+        they are per task count; the cached results they stand for are per file and part."""
+        if stage in FIT_STAGES:
+            return os.path.join(self.fit_dir, "logs", f"tasks_{self.tasks}", stage)
+        return os.path.join(self.draw_dir, "logs", stage)
+
+    def noise_name(self, file_index):
+        return self.raw_names[file_index] if self.raw_names else self.raw_paths[file_index]
+
+    @property
+    def fitted(self):
+        """The estimator is saved (by any task count): counting and fitting are done."""
+        return os.path.exists(os.path.join(self.fit_dir, "fit.json")) and \
+            os.path.exists(os.path.join(self.fit_dir, "estimator.npz"))
 
     def make_featurizer(self):
         return Featurizer(**self.featurizer)
@@ -367,7 +380,7 @@ def _documents(plan, unit, featurizer, decontamination, apply_filter=True):
         kept = [f for f, k in zip(features, keep) if k]
         return np.asarray(lines, dtype=np.int64), status, chars, kept, overlaps
 
-    for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts):
+    for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts, plan.text_field):
         lines.append(line_number)
         raws.append(raw)
         if len(raws) >= BATCH:
@@ -399,8 +412,12 @@ class CountNgrams(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
+        if plan.fitted:  # fitted by an earlier run with another task count
+            return
         featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
         for unit in units_of_rank(plan.count_units, rank, world_size):
+            if os.path.exists(unit_cache_path(os.path.join(plan.fit_dir, "counts"), unit)):
+                continue
             budget = _unit_budget(plan, unit)
             counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
             documents = ngrams = 0
@@ -420,7 +437,7 @@ class CountNgrams(_Step):
                 self.stat_update("documents_fitted", value=len(features))
                 if stopped:
                     break
-            save_arrays(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"), counts=counts,
+            save_arrays(unit_cache_path(os.path.join(plan.fit_dir, "counts"), unit), counts=counts,
                         stats=np.asarray([documents, ngrams, int(stopped)]))
 
 
@@ -431,12 +448,14 @@ class FitEstimator(_Step):
 
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
+        if plan.fitted:
+            return
         featurizer = plan.make_featurizer()
         raw_counts = np.zeros(featurizer.num_buckets, dtype=np.int64)
         per_file = [{"path": path, "documents_fitted": 0, "ngrams_fitted": 0, "stopped_at_budget": False}
                     for path in plan.raw_paths]
         for unit in plan.count_units:
-            saved = load_cached(os.path.join(plan.fit_dir, "counts", f"unit_{unit.index:05d}.npz"),
+            saved = load_cached(unit_cache_path(os.path.join(plan.fit_dir, "counts"), unit),
                                 plan.stage_logs("count"), unit.index % plan.tasks)
             raw_counts += saved["counts"]
             documents, ngrams, stopped = (int(v) for v in saved["stats"])
@@ -473,21 +492,27 @@ class ScoreDocuments(_Step):
     def run(self, data=None, rank=0, world_size=1):
         plan = self.plan
         featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
-        log_diff = load_cached(os.path.join(plan.fit_dir, "estimator.npz"), plan.stage_logs("fit"), 0)["log_diff"]
+        log_diff = None
         for unit in units_of_rank(plan.units, rank, world_size):
-            parts = {"lines": [], "status": [], "chars": [], "weights": []}
-            contaminated = Counter()
+            if log_diff is None and not os.path.exists(unit_cache_path(os.path.join(plan.fit_dir, "scores"), unit)):
+                log_diff = load_cached(os.path.join(plan.fit_dir, "estimator.npz"), plan.stage_logs("fit"), 0)["log_diff"]
+        for unit in units_of_rank(plan.units, rank, world_size):
+            if reuse_unit_cache(os.path.join(plan.fit_dir, "scores"), unit):  # scored by any task count
+                self.stat_update("units_reused")
+                continue
+            parts = {"lines": [], "status": [], "chars": [], "weights": [], "overlaps": []}
             for lines, status, chars, features, overlaps in _documents(plan, unit, featurizer, decontamination):
                 weights = np.full(len(lines), np.nan)
                 weights[status == CANDIDATE] = featurizer.scores(features, log_diff)
-                for name, values in zip(parts, (lines, status, chars, weights)):
+                tasks = np.full(len(lines), "", dtype=object)
+                tasks[status == CONTAMINATED] = ["\n".join(sorted(found)) for found in overlaps]
+                for name, values in zip(parts, (lines, status, chars, weights, tasks)):
                     parts[name].append(values)
-                for tasks in overlaps:
-                    contaminated.update(tasks)
                 self.stat_update("documents_scored", value=len(lines))
             arrays = {name: np.concatenate(values) for name, values in parts.items()}
-            save_arrays(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"), **arrays,
-                        contaminated=np.asarray(json.dumps(dict(contaminated))))
+            # per line, so that another split can be cut from it: the evaluation tasks a document overlaps
+            arrays["overlaps"] = arrays["overlaps"].astype(str) if len(arrays["overlaps"]) else np.zeros(0, dtype="<U1")
+            save_arrays(unit_cache_path(os.path.join(plan.fit_dir, "scores"), unit), **arrays)
 
 
 def _sort_keys(keys, file_indices, lines):
@@ -500,11 +525,11 @@ def _draw_keys(plan, unit, weights, lines):
     The draw and the write stage both call this: the same float64 operations, the same bits."""
     if plan.top_k:
         return weights.copy()
-    return weights + -np.log(-np.log(hash_to_uniform(file_key(plan.seed, unit.path), lines)))
+    return weights + -np.log(-np.log(hash_to_uniform(file_key(plan.seed, plan.noise_name(unit.file_index)), lines)))
 
 
 def _candidates(plan, unit):
-    scores = load_cached(os.path.join(plan.fit_dir, "scores", f"unit_{unit.index:05d}.npz"), plan.stage_logs("score"),
+    scores = load_cached(unit_cache_path(os.path.join(plan.fit_dir, "scores"), unit), plan.stage_logs("score"),
                          unit.index % plan.tasks)
     candidate = scores["status"] == CANDIDATE
     return scores, candidate, scores["weights"][candidate], scores["lines"][candidate]
@@ -585,7 +610,8 @@ class MergeDraw(_Step):
             candidates += int(candidate.sum())
             characters_read += int(scores["chars"].sum())
             characters_candidates += int(scores["chars"][candidate].sum())
-            contaminated.update(json.loads(str(scores["contaminated"])))
+            contaminated.update(task for found in scores["overlaps"][status == CONTAMINATED].tolist()
+                                for task in found.split("\n") if task)
             if len(weights):
                 low, high = min(low, weights.min()), max(high, weights.max())
         if plan.num_to_sample > candidates:
@@ -664,9 +690,9 @@ class WriteSelected(_Step):
             if wanted:
                 shard = os.path.join(plan.selected_dir, shard_name(file_index))
                 with atomic_output(shard) as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0, filename="") as out:
-                    for line_number, raw in iter_raw_lines(plan.raw_paths[file_index]):
-                        if line_number in wanted:
-                            out.write(raw.rstrip(b"\r\n") + b"\n")
+                    for line_number, raw in iter_raw_lines(plan.raw_paths[file_index], text_field=plan.text_field):
+                        if line_number in wanted:  # byte for byte (CR LF kept); a last line gets its newline
+                            out.write(raw if raw.endswith(b"\n") else raw + b"\n")
                             count += 1
             if count != len(wanted):
                 raise CorpusError(f"{plan.raw_paths[file_index]}: {count} lines written but {len(wanted)} selected; "

@@ -133,6 +133,14 @@ class ShardTokenizer(DocumentTokenizer):
         return written
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        self.write_shard(data, rank)
+        return
+        yield  # a pipeline step is a generator; this one ends the pipeline
+
+    def write_shard(self, documents, shard: int):
+        """Tokenise `documents` into shard `shard` (`NNNNN_unshuffled.ds`, its `.index` and
+        `counts/NNNNN.json`, written last: a shard whose counts exist is complete). The shard's name
+        is the caller's, so the same documents give the same files whatever task writes them."""
         counts = {"documents": 0, "characters": 0, "skipped": {}}
 
         def counted(documents):
@@ -146,19 +154,17 @@ class ShardTokenizer(DocumentTokenizer):
                 yield document
 
         self._task_tokens, self._task_file = 0, None
-        super().run(counted(data), rank, world_size)
+        DocumentTokenizer.run(self, counted(documents), shard, 1)
         files = [self._task_file] if self._task_tokens else []
-        if self._task_file and not self._task_tokens:  # a task that got no document leaves no shard
+        if self._task_file and not self._task_tokens:  # a shard that got no document leaves no file
             for name in (self._task_file, f"{self._task_file}.index"):
                 if self.output_folder.exists(name):
                     self.output_folder.rm_file(name)
-        record = {**counts, "task": rank, "tokens": self._task_tokens, "files": files, **self.facts}
-        temporary = f"{COUNTS_FOLDER}/.{rank:05d}.json.tmp"
+        record = {**counts, "task": shard, "tokens": self._task_tokens, "files": files, **self.facts}
+        temporary = f"{COUNTS_FOLDER}/.tmp.{shard:05d}.json"
         with self.output_folder.open(temporary, "wt") as stream:
             json.dump(record, stream)
-        self.output_folder.mv(temporary, f"{COUNTS_FOLDER}/{rank:05d}.json")
-        return
-        yield  # a pipeline step is a generator; this one ends the pipeline
+        self.output_folder.mv(temporary, f"{COUNTS_FOLDER}/{shard:05d}.json")
 
 
 def tokenize_steps(tokenizer, output_folder, batch_size: int = 256) -> list:
