@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dill
@@ -13,7 +14,7 @@ import pytest
 
 import select_data
 from toolkit import data_engine, mixing, selection
-from toolkit.corpus import CorpusError
+from toolkit.corpus import BadRecord, CorpusError, parse_line
 
 POOL_JA = "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz"
 POOL_EN = "sample_data/pool/data/en/en_clean_0000.jsonl.gz"
@@ -42,7 +43,7 @@ def test_readers_keep_the_bytes_of_each_line_and_name_unreadable_files(tmp_path)
         assert [raw for _, raw in data_engine.iter_raw_lines(str(path))] == lines
     truncated = tmp_path / "t.jsonl.gz"
     truncated.write_bytes(gzip.compress(b"".join(lines) * 100)[:60])
-    with pytest.raises(CorpusError, match="t.jsonl.gz: cannot be read"):
+    with pytest.raises(CorpusError, match="t.jsonl.gz: the gzip stream ends early"):
         list(data_engine.iter_raw_lines(str(truncated)))
     with pytest.raises(CorpusError, match="unknown format"):
         data_engine.resolve_inputs([str(tmp_path / "*.jsonl*"), str(_touch(tmp_path / "notes.txt"))])
@@ -139,3 +140,120 @@ def test_a_failed_task_s_error_is_read_back_from_its_log(tmp_path):
     assert data_engine.task_error(tmp_path, [1, 3]) == \
         "pool.jsonl:7: 'text' is int, not a string (pass --skip_bad_records ...)"
     assert data_engine.task_error(tmp_path, [1]) is None
+
+
+# ----- issue 20: inputs at MADLAD scale -------------------------------------------------------
+def _jsonl_lines(count):
+    return [json.dumps({"text": f"文書 {i} " + "あいうえお" * (i % 7 + 1)}, ensure_ascii=False).encode() + b"\n"
+            for i in range(count)]
+
+
+def _zstd_frames(lines, per_frame):
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor()
+    return b"".join(compressor.compress(b"".join(lines[i:i + per_frame])) for i in range(0, len(lines), per_frame))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_a_truncated_stream_is_an_error_naming_the_file_and_byte_offset(tmp_path, suffix):
+    lines = _jsonl_lines(1510)
+    whole = _zstd_frames(lines, 200) if suffix.endswith(".zst") else gzip.compress(b"".join(lines))
+    path = tmp_path / f"whole{suffix}"
+    path.write_bytes(whole)
+    assert [raw for _, raw in data_engine.iter_raw_lines(str(path))] == lines  # several frames / members read whole
+    # a cut inside a frame (mid-file) and a cut a few bytes before the end (mid-line of the last frame)
+    for cut in (len(whole) // 2, len(whole) - 7):
+        cut_path = tmp_path / f"cut_{cut}{suffix}"
+        cut_path.write_bytes(whole[:cut])
+        read = []
+        with pytest.raises(CorpusError, match=rf"cut_{cut}{suffix}: the .* stream ends early at byte {cut:,}"):
+            for _, raw in data_engine.iter_raw_lines(str(cut_path)):
+                read.append(raw)
+        assert read == lines[:len(read)] and len(read) < len(lines)  # never a partial line passed on
+
+
+def test_parquet_values_keep_json_types(tmp_path):
+    import base64
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    moment = datetime.datetime(2024, 5, 1, 12, 30, 5)
+    table = pa.table({"text": pa.array(["日本語の文書".encode(), b"\xff\xfe broken", "二つ目".encode()], pa.binary()),
+                      "when": pa.array([moment] * 3, pa.timestamp("s")),
+                      "blob": pa.array([b"\x00\x01", b"", b"abc"], pa.binary()),
+                      "score": pa.array([0.5, 1.0, None])})
+    path = tmp_path / "typed.parquet"
+    pq.write_table(table, path)
+    rows = list(data_engine.iter_raw_lines(str(path)))
+    first = parse_line(rows[0][1])
+    assert first == {"text": "日本語の文書", "when": "2024-05-01T12:30:05", "blob": base64.b64encode(b"\x00\x01").decode(),
+                     "score": 0.5}
+    with pytest.raises(BadRecord) as bad:  # not UTF-8: the row's own error (file:row, or a counted skip)
+        parse_line(rows[1][1])
+    assert bad.value.reason == "invalid_utf8" and rows[1][0] == 2
+    assert parse_line(rows[2][1])["text"] == "二つ目"
+    pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), tmp_path / "numbers.parquet")
+    with pytest.raises(CorpusError, match="numbers.parquet: the text column 'text' is of type int64, not a string"):
+        list(data_engine.iter_raw_lines(str(tmp_path / "numbers.parquet")))
+
+
+def test_temporaries_never_match_and_duplicates_are_one_file(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "00000.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    (folder / ".tmp.123.00001.jsonl.gz").write_bytes(b"\x1f\x8b partial")  # a killed writer's file
+    for pattern in (f"{folder}/*.jsonl.gz", f"file://{folder}/*.jsonl.gz"):
+        assert [os.path.basename(p) for p in data_engine.resolve_inputs([pattern])] == ["00000.jsonl.gz"]
+    assert data_engine.final_files(folder) == ["00000.jsonl.gz"]
+    assert data_engine.remove_temporaries(folder) == 1 and os.listdir(folder) == ["00000.jsonl.gz"]
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    spellings = ["data/00000.jsonl.gz", "./data/00000.jsonl.gz", f"{folder}/../data/00000.jsonl.gz",
+                 "link/00000.jsonl.gz", f"file://{folder}/00000.jsonl.gz"]
+    kept, repeats = data_engine.dedupe_inputs(spellings)
+    assert kept == spellings[:1] and repeats == spellings[1:]
+    assert len({data_engine.canonical_name(path) for path in spellings}) == 1  # the noise key of every spelling
+
+
+def test_output_folders_that_cannot_work_are_refused_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--output_dir .*file is a file, not a folder"):
+        data_engine.check_output_dir(str(tmp_path / "file"), [])
+    with pytest.raises(SystemExit, match="cannot be written"):
+        data_engine.check_output_dir("/proc/1/no/such/folder", [])
+    (tmp_path / "out" / "selected").mkdir(parents=True)
+    (tmp_path / "out" / "selected" / "00000.jsonl.gz").write_text("x")
+    with pytest.raises(SystemExit, match="00000.jsonl.gz is inside --output_dir"):
+        data_engine.check_output_dir(str(tmp_path / "out"), [str(tmp_path / "out" / "selected" / "00000.jsonl.gz")])
+    data_engine.check_output_dir(str(tmp_path / "elsewhere"), [str(tmp_path / "out" / "selected" / "00000.jsonl.gz")])
+
+
+def test_forked_workers_die_with_their_parent_whatever_kills_it(tmp_path):
+    # The parent forks a pool worker and a multiprocessing Manager (what datatrove's local executor
+    # starts), prints their pids and waits; SIGKILL of the parent alone must take them down.
+    script = ("import os, sys, time, multiprocess as mp; sys.path.insert(0, 'scripts')\n"
+              "from toolkit.data_engine import die_with_this_process\n"
+              "die_with_this_process()\n"
+              "ctx = mp.get_context('fork'); manager = ctx.Manager(); pool = ctx.Pool(2)\n"
+              "print(*pool.map(lambda _: (time.sleep(0.2), os.getpid())[1], range(4)), manager._process.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    children = {int(pid) for pid in process.stdout.readline().split()}
+    assert len(children) >= 2
+    os.kill(process.pid, 9)
+    process.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

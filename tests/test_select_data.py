@@ -19,6 +19,7 @@ from toolkit.corpus import CorpusError, read_texts
 POOL_JA = "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz"
 POOL_EN = "sample_data/pool/data/en/en_clean_0000.jsonl.gz"
 TARGET = "sample_data/target/ja_target.jsonl.gz"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_fit_and_score_use_the_same_features_and_smoothing(tmp_path):
     unseen = target_counts == 0
     p_raw = selection.smoothed_probs(estimator["raw_counts"], 1.0)
     np.testing.assert_allclose(log_diff[unseen], np.log(1 / (target_counts.sum() + 65536)) - np.log(p_raw[unseen]))
-    scores = np.load(out / "cache" / report["keys"]["fit"] / "scores" / "unit_00000.npz")
+    scores = np.load(out / "cache" / report["keys"]["fit"] / "scores" / "file_00000.part_0000_of_0001.npz")
     assert scores["status"].tolist() == [selection.CANDIDATE, selection.CANDIDATE, selection.TOO_SHORT]
     np.testing.assert_allclose(scores["weights"][:2], [log_diff @ featurizer.featurize(t) for t in kept], rtol=1e-9)
 
@@ -369,9 +370,9 @@ def test_asking_for_more_than_the_candidates_is_a_clear_error(tmp_path):
 def test_a_damaged_cache_file_is_rebuilt_by_the_next_run(tmp_path):
     out, report = run(tmp_path, k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])
     first = selected_bytes(out)
-    scores = out / "cache" / report["keys"]["fit"] / "scores" / "unit_00001.npz"
+    scores = out / "cache" / report["keys"]["fit"] / "scores" / "file_00001.part_0000_of_0001.npz"
     scores.write_bytes(scores.read_bytes()[:100])  # cut short by a disk problem
-    with pytest.raises(CorpusError, match="unit_00001.npz: damaged cache file .*run the same command again"):
+    with pytest.raises(CorpusError, match="file_00001.part_0000_of_0001.npz: damaged cache file .*run the same command again"):
         run(tmp_path, "--seed", "5", k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])
     _, again = run(tmp_path, "--seed", "5", k=10, tasks=2, workers=2, raw=[POOL_JA, POOL_EN])  # rebuilds task 1's scores
     assert again["documents"]["read"] == 3381 and np.load(scores)["status"].shape == (1871,)
@@ -397,3 +398,72 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert f"{raw}:1: 'text' is int, not a string" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----- issue 20: inputs and caches at MADLAD scale ----------------------------------------------
+def test_the_selection_does_not_depend_on_how_a_path_is_spelled(tmp_path, monkeypatch, ja_texts):
+    # Short documents: small weights, so the Gumbel noise (keyed by the file) decides many draws.
+    (tmp_path / "data").mkdir()
+    raw = write_jsonl(tmp_path / "data" / "raw.jsonl", [{"text": t[:12], "id": i} for i, t in enumerate(ja_texts[:600])])
+    (tmp_path / "mount").symlink_to(tmp_path / "data")  # the same dataset mounted elsewhere
+    common = ["--min_example_chars", "1", "--num_tokens_to_fit", "all"]
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for name, spelling in (("plain", raw), ("dotted", "./data/raw.jsonl"), ("mounted", "mount/../mount/raw.jsonl")):
+        out, report = run(tmp_path, *common, raw=[spelling], target=[os.path.abspath(os.path.join(ROOT, TARGET))], k=200,
+                          out=name, tasks=2, workers=2)
+        outputs.append(selected_bytes(out))
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_a_file_given_twice_is_read_once_with_a_warning_and_a_count(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.getcwd())
+    once, report_once = run(tmp_path, raw=[POOL_JA], k=100, out="once")
+    twice, report = run(tmp_path, raw=[POOL_JA, f"./{POOL_JA}", os.path.abspath(POOL_JA)], k=100, out="twice")
+    assert "warning: 2 raw files given more than once (read once)" in capsys.readouterr().err
+    assert report["inputs"]["duplicates_ignored"] == {"raw_datasets": 2, "target_datasets": 0}
+    assert report["documents"] == report_once["documents"] and selected_bytes(twice) == selected_bytes(once)
+    assert len(set(selected_lines(twice))) == 100
+
+
+def test_a_rerun_with_fewer_workers_recomputes_nothing(tmp_path, monkeypatch):
+    common = ["--num_tokens_to_fit", "all"]
+    two, report = run(tmp_path, *common, raw=[POOL_JA], k=100, out="out", tasks=2, workers=2)
+    first = selected_bytes(two)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("counted or scored again")
+
+    monkeypatch.setattr(selection.Featurizer, "counts", recomputed)
+    monkeypatch.setattr(selection.Featurizer, "scores", recomputed)
+    one, again = run(tmp_path, *common, raw=[POOL_JA], k=100, out="out", tasks=1, workers=1)  # e.g. after an OOM
+    assert selected_bytes(one) == first and again["keys"]["fit"] == report["keys"]["fit"]
+    assert again["documents"] == report["documents"]
+
+
+def test_crlf_lines_are_kept_byte_for_byte(tmp_path, ja_texts):
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() + (b"\r\n" if i % 2 else b"\n")
+             for i, t in enumerate(ja_texts[:50])]
+    raw = tmp_path / "crlf.jsonl"
+    raw.write_bytes(b"".join(lines))
+    out, _ = run(tmp_path, raw=[raw], k=50)
+    with gzip.open(out / "selected" / "00000.jsonl.gz", "rb") as stream:
+        assert stream.read() == b"".join(lines)
+
+
+def test_a_killed_writer_s_temporary_is_removed_and_never_read(tmp_path):
+    out, _ = run(tmp_path, raw=[POOL_JA], k=40)
+    leftover = out / "selected" / ".tmp.4242.00000.jsonl.gz"
+    leftover.write_bytes(b"\x1f\x8b\x08 cut short by SIGKILL")
+    run(tmp_path, "--seed", "1", raw=[POOL_JA], k=40)
+    assert not leftover.exists()
+    # the next stage's glob over the selection sees final shards only
+    assert data_engine.resolve_inputs([f"file://{out}/selected/*.jsonl.gz"]) == [f"file://{out}/selected/00000.jsonl.gz"]
+
+
+def test_an_output_inside_the_inputs_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").mkdir()
+    inside = write_jsonl(tmp_path / "out" / "raw.jsonl", [{"text": "x" * 200}])
+    with pytest.raises(SystemExit, match="raw.jsonl is inside --output_dir"):
+        run(tmp_path, raw=[inside], k=1)
+    assert os.listdir(tmp_path / "out") == ["raw.jsonl"]
