@@ -87,9 +87,15 @@ def test_the_stages_pickle_for_slurm_and_ray(tmp_path):
     for stage in selection.selection_stages(plan):
         restored = dill.loads(dill.dumps(stage.pipeline))
         assert type(restored[0]) is type(stage.pipeline[0]) and restored[0].plan == plan
-    assert {stage.name for stage in mixing.mix_stages(mixing.MixPlan(
-        [POOL_JA], [POOL_EN], data_engine.plan_units([POOL_JA, POOL_EN], 2), 2, "tok", 0.1, False, 0, 4, "text",
-        False, False, str(tmp_path / "c"), str(tmp_path / "t"), str(tmp_path), {}))} >= {"count", "shuffle"}
+    stages = mixing.mix_stages(mixing.MixPlan(
+        [POOL_JA], [POOL_EN], mixing.plan_units([POOL_JA], [POOL_EN], 40), 40, "tok", 0.1, False, 0, None, "text",
+        False, False, str(tmp_path / "c"), str(tmp_path / "t"), str(tmp_path), {"keys": {"mix": "k"}}))
+    for stage in stages:
+        restored = dill.loads(dill.dumps(stage.pipeline))
+        assert type(restored[0]) is type(stage.pipeline[0])
+    # no cap on the map stages: the bucket count comes from the corpus size at run time
+    assert {stage.name: stage.tasks for stage in stages if stage.tasks > 1} == \
+        {"count-ja": 40, "count-en": 40, "scatter": 40, "shuffle": 40}
 
 
 def test_executor_arguments_are_checked():

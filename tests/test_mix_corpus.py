@@ -2,12 +2,18 @@
 
 import gzip
 import json
+import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from transformers import AutoTokenizer
 
 import mix_corpus
+from toolkit import mixing
 from toolkit.corpus import CorpusError
 
 
@@ -26,7 +32,7 @@ def small_inputs(tmp_path_factory, sample_data):
 
 
 def read_mix(out_dir):
-    records = []
+    records = []  # the text shards' records, shard by shard
     for name in sorted(os.listdir(out_dir / "text")):
         with gzip.open(out_dir / "text" / name, "rt", encoding="utf-8") as stream:
             records.extend(json.loads(line) for line in stream)
@@ -162,3 +168,167 @@ def test_token_shards_of_the_training_and_the_extra_tokenizers(tmp_path, mistral
     assert training["tokens"] == report["tokens"]["total"] + per_document * len(records)
     assert training["characters"] == base["characters"] == sum(len(r["text"]) for r in records)
     assert base["vocab_size"] == len(AutoTokenizer.from_pretrained(smollm2_path)) != training["vocab_size"]
+
+
+# ----- issue 20: the mix at MADLAD scale ---------------------------------------------------------
+POOL_JA = "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz"
+POOL_EN = "sample_data/pool/data/en/en_clean_0000.jsonl.gz"
+
+
+def token_files(folder):
+    """Every token shard file (and index) by name, and the manifest."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".ds", ".ds.index")))
+    return {n: (folder / n).read_bytes() for n in names}, json.loads((folder / "token_shards.json").read_text())
+
+
+def text_files(out_dir):
+    return {n: (out_dir / "text" / n).read_bytes() for n in sorted(os.listdir(out_dir / "text"))}
+
+
+def mix_command(out_dir, tokenizer, tasks=2, workers=2):
+    return [sys.executable, "scripts/mix_corpus.py", "--japanese_files", POOL_JA, "--english_files", POOL_EN,
+            "--tokenizer", str(tokenizer), "--output_dir", str(out_dir), "--tasks", str(tasks),
+            "--workers", str(workers)]
+
+
+@pytest.fixture(scope="module")
+def reference_mix(tmp_path_factory, mistral_tokenizer_path):
+    out_dir = tmp_path_factory.mktemp("reference") / "out"
+    mix_corpus.main(mix_command(out_dir, mistral_tokenizer_path, tasks=1, workers=1)[2:])
+    return out_dir
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stream:
+                    if int(stream.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stage, evidence", [("scatter", ".tmp/*/logs/scatter"), ("shuffle", ".tmp/*/logs/shuffle"),
+                                             ("tokens", "tokens/.logs/tokens"),
+                                             ("manifest", "tokens/.logs/manifest")])
+def test_sigkill_during_each_mix_stage_then_the_same_command(tmp_path, mistral_tokenizer_path, reference_mix, stage,
+                                                             evidence):
+    out_dir = tmp_path / "killed"
+    command = mix_command(out_dir, mistral_tokenizer_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = set()
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        workers.update(_children(process.pid))
+        if list(out_dir.glob(evidence)):
+            os.kill(process.pid, signal.SIGKILL)  # the main process only: its workers must follow it
+            break
+        time.sleep(0.005)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, f"the run finished before {stage} could be killed"
+    until = time.time() + 15
+    while time.time() < until and any(map(_alive, workers)):
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), "a worker outlived the killed mix"
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    assert text_files(out_dir) == text_files(reference_mix)
+    shards, manifest = token_files(out_dir / "tokens")
+    assert shards == token_files(reference_mix / "tokens")[0]
+    report = json.loads((out_dir / "mix_report.json").read_text())
+    assert manifest["documents"] == report["documents"]["total"] == sum(1 for _ in read_mix(out_dir))
+    assert manifest["tokens"] == report["tokens"]["total"] + 2 * report["documents"]["total"]  # <s> text </s>
+    assert not (out_dir / ".tmp").exists() and not list(out_dir.glob("**/.tmp.*"))
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_token_shards_are_the_same_files_for_any_task_count_and_executor(tmp_path, mistral_tokenizer_path,
+                                                                         reference_mix, executor):
+    expected = token_files(reference_mix / "tokens")[0]
+    splits = [(3, 2), (7, 2)] if executor == "local" else [(3, 2)]  # one Ray start: it is slow on 2 cores
+    for tasks, workers in splits:
+        out_dir = tmp_path / f"{executor}_{tasks}"
+        mix_corpus.main([*mix_command(out_dir, mistral_tokenizer_path, tasks, workers)[2:], "--executor", executor])
+        assert text_files(out_dir) == text_files(reference_mix)
+        shards, manifest = token_files(out_dir / "tokens")
+        assert shards == expected and len(shards) > 2, (executor, tasks)
+
+
+def test_a_rerun_with_fewer_workers_recounts_nothing(tmp_path, mistral_tokenizer_path, reference_mix, monkeypatch):
+    out_dir = tmp_path / "out"
+    mix_corpus.main(mix_command(out_dir, mistral_tokenizer_path, tasks=3, workers=2)[2:])
+
+    def recounted(*args, **kwargs):
+        raise AssertionError("tokens counted again")
+
+    monkeypatch.setattr(mixing, "count_tokens", recounted)
+    mix_corpus.main(mix_command(out_dir, mistral_tokenizer_path, tasks=1, workers=1)[2:])  # e.g. after an OOM
+    assert text_files(out_dir) == text_files(reference_mix)
+    assert token_files(out_dir / "tokens")[0] == token_files(reference_mix / "tokens")[0]
+
+
+def test_back_to_an_earlier_mix_rebuilds_its_token_shards(tmp_path, mistral_tokenizer_path, small_inputs):
+    first, _, _ = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], "--seed", "0")
+    before = token_files(first / "tokens")
+    run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], "--seed", "1")
+    _, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], "--seed", "0")
+    assert token_files(first / "tokens") == before and before[1]["documents"] == report["documents"]["total"]
+
+
+def test_english_is_tokenised_only_as_far_as_the_share_needs(tmp_path, mistral_tokenizer_path, small_inputs):
+    english = []
+    for copy in range(10):  # ten English files, distinct documents
+        path = tmp_path / f"en_{copy}.jsonl"
+        path.write_text("".join(json.dumps({"text": json.loads(line)["text"] + f" (copy {copy})"}) + "\n"
+                                for line in open(small_inputs["en"], encoding="utf-8")), encoding="utf-8")
+        english.append(str(path))
+    out_dir = tmp_path / "out"
+    mix_corpus.main(["--japanese_files", small_inputs["ja"], "--english_files", *english, "--tokenizer",
+                     str(mistral_tokenizer_path), "--output_dir", str(out_dir), "--tasks", "1", "--workers", "1",
+                     "--english_token_share", "0.3"])
+    report = json.loads((out_dir / "mix_report.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_path)
+    per_file = [sum(len(ids) for ids in tokenizer([json.loads(line)["text"] for line in open(path, encoding="utf-8")],
+                                                  add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                for path in english]
+    used_files = next(i for i in range(10) if sum(per_file[:i + 1]) >= report["english_share"]["english_tokens_needed"])
+    counted = report["english_share"]["english_tokens_counted"]
+    assert report["english_share"]["reached"] and used_files < 9
+    assert report["tokens"]["en"] <= counted <= sum(per_file[:used_files + 1]) < sum(per_file)
+
+
+def test_the_bucket_count_follows_the_size_without_a_task_cap(tmp_path, mistral_tokenizer_path, small_inputs):
+    out_dir, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"],
+                                   "--shuffle_bucket_mb", "0.004", tasks=2, workers=2)
+    buckets = report["shuffle"]["buckets"]
+    assert buckets == math.ceil(report["shuffle"]["kept_bytes"] / (0.004 * 2**20)) > 16
+    assert len(os.listdir(out_dir / "text")) > 16
+    manifest = json.loads((out_dir / "tokens" / "token_shards.json").read_text())
+    assert manifest["tasks"] == buckets and manifest["documents"] == len(records) == report["documents"]["total"]
+
+
+def test_inputs_that_cannot_work_are_refused_in_one_line(tmp_path, mistral_tokenizer_path, small_inputs):
+    ja_dir = os.path.dirname(small_inputs["ja"])
+    respelled = os.path.join(ja_dir, "..", os.path.basename(ja_dir), "ja.jsonl")
+    with pytest.raises(SystemExit, match="is both a Japanese .* and an English input"):
+        run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], respelled)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], out="a_file")
+    with pytest.raises(SystemExit, match="--tokenizer .*no_such_tokenizer: cannot load a tokenizer"):
+        run(tmp_path, str(tmp_path / "no_such_tokenizer"), small_inputs["ja"], small_inputs["en"])
+    out_dir, _, _ = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], out="mix")
+    with pytest.raises(SystemExit, match="is inside --output_dir"):  # a mix of its own output
+        run(tmp_path, mistral_tokenizer_path, str(out_dir / "text" / "*.jsonl.gz"), small_inputs["en"], out="mix")
+    assert (out_dir / "mix_report.json").exists() and (out_dir / "tokens" / "token_shards.json").exists()

@@ -231,7 +231,7 @@ def test_sigkill_then_the_same_command_gives_the_same_output(tmp_path, kill_afte
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        markers = list((tmp_path / "killed").glob(f"cache/*/**/logs/{kill_after}/completions/*"))
+        markers = list((tmp_path / "killed").glob(f"cache/*/**/logs/**/{kill_after}/completions/*"))
         if markers:
             os.killpg(process.pid, signal.SIGKILL)  # the whole run: the main process and its workers
             break
