@@ -7,10 +7,11 @@
   (special-token parsing off: a document that spells "<s>" is those characters), with the
   toolkit's bad-record accounting. Cached per file and part (any task count reuses it).
 - need: the English tokens the share needs.
-- count-en: English files in order, each counted only as far as the share can still need it:
-  a file stops once its tokens plus those of the finished files before it reach the need, and
-  a file after a finished file that reached it is not read. What is tokenised beyond the
-  English used is bounded by the files counted at once (the task count), never by the corpus.
+- count-en (1 task): English files in file and line order, counted only until the share is
+  reached; its batches shrink as the need comes near (the documents still needed at the mean
+  tokens per document so far, at least 16), so what is tokenised beyond the English used is at
+  most one small batch, never the rest of the files. Only as much English is tokenised as the
+  mix uses, so one task does it (at 10% English, a tenth of the Japanese count's work).
 - plan: all Japanese is used; English is taken in file and line order until its tokens are
   the requested share of all tokens (the first document that reaches it included). The shuffle
   bucket count is the kept bytes / --shuffle_bucket_mb (at least MIN_BUCKETS), unless given.
@@ -134,7 +135,7 @@ def mix_stages(plan: MixPlan) -> list:
     return [
         Stage("count-ja", [CountJapanese(plan)], plan.tasks, plan.logs("count-ja")),
         Stage("need", [EnglishNeed(plan)], 1, plan.logs(f"need-{plan.mix_key}")),
-        Stage("count-en", [CountEnglish(plan)], plan.tasks, plan.logs(f"count-en-{plan.mix_key}")),
+        Stage("count-en", [CountEnglish(plan)], 1, plan.logs(f"count-en-{plan.mix_key}")),
         Stage("plan", [PlanMix(plan)], 1, plan.logs(f"plan-{plan.mix_key}")),
         Stage("scatter", [ScatterRecords(plan)], plan.tasks, os.path.join(temporary, "scatter")),
         Stage("shuffle", [ShuffleBuckets(plan)], plan.tasks, os.path.join(temporary, "shuffle")),
@@ -175,9 +176,10 @@ def _records(plan, unit):
             yield line_number, None, bad.reason, len(raw)
 
 
-def _count_batches(plan, unit, tokenizer):
-    """Per-line arrays of one unit, a batch at a time: lines, tokens, chars, bytes, reason (0: a record)."""
-    batch = []
+def _count_batches(plan, unit, tokenizer, batch_size=lambda: BATCH):
+    """Per-line arrays of one unit, a batch at a time: lines, tokens, chars, bytes, reason (0: a record).
+    `batch_size()` is asked before each batch (the English count shrinks its batches near the share)."""
+    batch, size = [], batch_size()
 
     def flush():
         texts = [record[plan.text_field] for _, record, _, _ in batch if record is not None]
@@ -195,8 +197,9 @@ def _count_batches(plan, unit, tokenizer):
 
     for row in _records(plan, unit):
         batch.append(row)
-        if len(batch) >= BATCH:
+        if len(batch) >= size:
             yield flush()
+            size = batch_size()
     if batch:
         yield flush()
 
@@ -268,7 +271,8 @@ def _english_state(plan, unit):
 
 
 class CountEnglish(_Step):
-    """Map over English files (in file order): each counted only as far as the share can need it."""
+    """English files in file order, each counted only as far as the share can need it (written as a
+    map over files: with several tasks, a file stops at what the finished files before it leave)."""
 
     name = "count english"
 
@@ -301,9 +305,18 @@ class CountEnglish(_Step):
             parts, counted, complete = [], 0, True
             if remaining is not None and remaining > 0:
                 tokenizer = tokenizer or load_tokenizer(plan.tokenizer_path)
-                for batch_number, arrays in enumerate(_count_batches(plan, unit, tokenizer)):
+                documents = 0
+
+                def batch_size():  # the documents still needed at the mean so far: a small overshoot
+                    if not documents or remaining is None:
+                        return 64
+                    mean = max(counted / documents, 1.0)
+                    return int(min(BATCH, max(16, math.ceil((remaining - counted) / mean))))
+
+                for batch_number, arrays in enumerate(_count_batches(plan, unit, tokenizer, batch_size)):
                     parts.append(arrays)
                     counted += int(arrays["tokens"].sum())
+                    documents += len(arrays["lines"])
                     if batch_number % 4 == 3:  # files before this one may have finished meanwhile
                         remaining = self._remaining(before, needed)
                     if remaining is None or counted >= remaining:
