@@ -38,6 +38,9 @@ class RehearsalArguments:
     scales: list[int] = field(default_factory=lambda: [1, 10, 100])
     workers: int = field(default=2)
     shuffle_bucket_mb: float = field(default=None, metadata={"help": "Passed on when set (default: the script's)."})
+    documents_per_file: int = field(default=None, metadata={
+        "help": "Take only the first N documents of each bundled file as the 1x unit (a shared 2-core machine "
+                "cannot tokenise 100x the whole pool twice in reasonable time)."})
 
 
 def main():
@@ -48,6 +51,7 @@ def main():
     for scale in args.scales:
         pools = {}
         for side, source in (("ja", args.japanese), ("en", args.english)):
+            source = head_of(source, args.documents_per_file, os.path.join(args.output_dir, f"{side}_source"))
             pools[side] = build_pool(argparse_like(args, source, os.path.join(args.output_dir, side)), scale)
         out = os.path.join(args.output_dir, f"run_{scale}x")
         subprocess.run(["rm", "-rf", out], check=True)
@@ -75,6 +79,22 @@ def main():
                                         sorted(last["peak_rss_mib_per_process"], reverse=True))]
     write_json_atomic(os.path.join(args.output_dir, "scale_rehearsal_mix.json"), results)
     print(json.dumps({k: v for k, v in results.items() if k != "scales"}, indent=1))
+
+
+def head_of(source, documents, folder):
+    """The first `documents` lines of `source` as a .jsonl.gz of the same name (all of it if None)."""
+    if not documents:
+        return source
+    import gzip
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(os.path.abspath(folder), os.path.basename(source))
+    if not os.path.exists(path):
+        with gzip.open(REPO / source, "rb") as stream, gzip.open(path + ".part", "wb") as out:
+            for _, line in zip(range(documents), stream):
+                out.write(line)
+        os.replace(path + ".part", path)
+    return path
 
 
 def argparse_like(args, source, folder):
