@@ -32,7 +32,6 @@ character n-gram with an evaluation item (`toolkit.decontamination`).
 """
 
 import gzip
-import json
 import os
 import shutil
 import unicodedata
@@ -494,12 +493,11 @@ class ScoreDocuments(_Step):
         featurizer, decontamination = plan.make_featurizer(), _decontamination(plan)
         log_diff = None
         for unit in units_of_rank(plan.units, rank, world_size):
-            if log_diff is None and not os.path.exists(unit_cache_path(os.path.join(plan.fit_dir, "scores"), unit)):
-                log_diff = load_cached(os.path.join(plan.fit_dir, "estimator.npz"), plan.stage_logs("fit"), 0)["log_diff"]
-        for unit in units_of_rank(plan.units, rank, world_size):
             if reuse_unit_cache(os.path.join(plan.fit_dir, "scores"), unit):  # scored by any task count
                 self.stat_update("units_reused")
                 continue
+            if log_diff is None:
+                log_diff = load_cached(os.path.join(plan.fit_dir, "estimator.npz"), plan.stage_logs("fit"), 0)["log_diff"]
             parts = {"lines": [], "status": [], "chars": [], "weights": [], "overlaps": []}
             for lines, status, chars, features, overlaps in _documents(plan, unit, featurizer, decontamination):
                 weights = np.full(len(lines), np.nan)
