@@ -38,6 +38,9 @@ class RehearsalArguments:
     scales: list[int] = field(default_factory=lambda: [1, 10, 100])
     workers: int = field(default=2)
     shuffle_bucket_mb: float = field(default=None, metadata={"help": "Passed on when set (default: the script's)."})
+    scripts: str = field(default=None, metadata={
+        "help": "scripts/ of another version to rehearse (e.g. main before issue 20, for a baseline in the same "
+                "session); default this checkout's."})
     documents_per_file: int = field(default=None, metadata={
         "help": "Take only the first N documents of each bundled file as the 1x unit (a shared 2-core machine "
                 "cannot tokenise 100x the whole pool twice in reasonable time)."})
@@ -55,7 +58,7 @@ def main():
             pools[side] = build_pool(argparse_like(args, source, os.path.join(args.output_dir, side)), scale)
         out = os.path.join(args.output_dir, f"run_{scale}x")
         subprocess.run(["rm", "-rf", out], check=True)
-        command = [sys.executable, str(REPO / "scripts" / "mix_corpus.py"), "--japanese_files", *pools["ja"],
+        command = [sys.executable, str(Path(args.scripts or REPO / "scripts") / "mix_corpus.py"), "--japanese_files", *pools["ja"],
                    "--english_files", *pools["en"], "--tokenizer", args.tokenizer, "--output_dir", out,
                    "--english_token_share", str(args.english_token_share), "--workers", str(args.workers),
                    "--tasks", str(args.workers)]
@@ -63,12 +66,14 @@ def main():
             command += ["--shuffle_bucket_mb", str(args.shuffle_bucket_mb)]
         run = measured_run(command)
         report = json.loads(Path(out, "mix_report.json").read_text())
-        share = report["english_share"]
+        share, shuffle = report["english_share"], report.get("shuffle", {})  # an older version reports less
+        counted = share.get("english_tokens_counted")
         row = {"scale": scale, "files": {side: len(paths) for side, paths in pools.items()},
                "documents": report["documents"], "tokens": report["tokens"], **run,
-               "shuffle_buckets": report["shuffle"]["buckets"], "kept_mib": round(report["shuffle"]["kept_bytes"] / 2**20, 1),
-               "english_tokens_used": report["tokens"]["en"], "english_tokens_counted": share["english_tokens_counted"],
-               "english_counted_over_used": round(share["english_tokens_counted"] / max(1, report["tokens"]["en"]), 4),
+               "shuffle_buckets": shuffle.get("buckets", report["settings"].get("shuffle_buckets")),
+               "kept_mib": round(shuffle["kept_bytes"] / 2**20, 1) if shuffle else None,
+               "english_tokens_used": report["tokens"]["en"], "english_tokens_counted": counted,
+               "english_counted_over_used": round(counted / max(1, report["tokens"]["en"]), 4) if counted else None,
                "stages_s": report["timing_s"]["stages_s"]}
         results["scales"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "peak_rss_mib_per_process"}), flush=True)

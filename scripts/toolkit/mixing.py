@@ -281,9 +281,10 @@ class CountEnglish(_Step):
         need (incomplete: it stopped there), else the need less the finished files before it."""
         known = 0
         for unit in before:
-            state = _english_state(self.plan, unit)
+            state = self._states.get(unit.index) or _english_state(self.plan, unit)
             if state is None:
                 continue
+            self._states[unit.index] = state  # a saved count never changes in this run
             tokens, complete = state
             if not complete:
                 return None
@@ -294,6 +295,7 @@ class CountEnglish(_Step):
         plan = self.plan
         needed = read_json(os.path.join(os.path.dirname(plan.plan_path), "need.json"))["english_tokens_needed"]
         units = plan.english_units
+        self._states = {}
         tokenizer = None
         for position in range(rank, len(units), world_size):
             unit, before = units[position], units[:position]
