@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from toolkit import assets, training
+from toolkit import assets, packing, training
 from toolkit.corpus import CorpusError, expand_paths, read_texts
 from toolkit.embeddings import INITS, NewEmbeddingsOnlyStage, check_extension, extend_embeddings
 from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
@@ -52,7 +52,8 @@ class ModelArguments:
     pad_to_multiple_of: int = field(default=64, metadata={"help": "Embedding rows are padded to a multiple of this."})
     attn_implementation: str = field(
         default=None,
-        metadata={"help": "Default: flash_attention_2 when installed on a GPU (varlen per document), else "
+        metadata={"help": "Default: flash_attention_2 when installed on a GPU (each micro-batch flattened to one "
+                  "row with explicit document boundaries), else "
                   "flex_attention on a GPU (skips the masked blocks), else sdpa (CPU). See BENCHMARKS.md."},
     )
     use_liger_kernel: bool = field(
@@ -168,10 +169,6 @@ def check_inputs(model_args, data_args, args):
 
 
 # --------------------------------------------------------------------------- 2. data
-
-
-def collate(examples):
-    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 def training_steps(data_args, args, blocks, tokens_per_step, steps_per_epoch):
@@ -360,9 +357,15 @@ def main():
     accelerator.print(f"{num_training_steps} steps, {steps_per_epoch} per epoch; {tokens_per_step} tokens per step")
     startup_seconds = time.time() - started
     first_step_seconds = []
-    state = training.train(accelerator, model, optimizer, scheduler, train_blocks, collate, args, state,
-                           num_training_steps, evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
-                           on_first_step=lambda: first_step_seconds.append(time.time() - started))
+    per_document = not data_args.cross_document_attention
+    probe = packing.DocumentAttentionProbe(accelerator.unwrap_model(model), per_document=per_document)
+    try:
+        state = training.train(accelerator, model, optimizer, scheduler, train_blocks,
+                               packing.document_collate(attention, per_document), args, state, num_training_steps,
+                               evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
+                               on_first_step=lambda: first_step_seconds.append(time.time() - started))
+    except packing.DocumentAttentionError as error:
+        fail(str(error))
     if stage is not None:
         stage(num_training_steps)  # everything trainable again before saving
     final_figures = {}
@@ -418,7 +421,10 @@ def main():
             "zero3_init": bool(accelerator.state.deepspeed_plugin and accelerator.state.deepspeed_plugin.zero3_init_flag),
             "eos_appended": True,  # the token shards end every document with EOS (tests/test_token_shards.py)
             "attn_implementation": attention,
-            "per_document_attention": not data_args.cross_document_attention,
+            "per_document_attention_requested": per_document,
+            # from what the attention kernel received on the first micro-batch (toolkit/packing.py)
+            "per_document_attention": probe.result["per_document_attention"] if probe.result else None,
+            "attention_probe": probe.result,
             "sliding_window_for_training": sliding_window_for_training(config, data_args.block_size),
             "loss_implementation": loss_implementation,
             "train_new_embeddings_only_steps": args.train_new_embeddings_only_steps,
