@@ -133,10 +133,12 @@ def test_masked_kernels_keep_documents_apart_at_any_batch(attention, rows, tiny_
     assert probe.result["documents_after_the_first_in_a_row"] > 0
 
 
-def test_the_probe_reports_cross_document_attention(tiny_mistral_path):
+def test_the_probe_waits_for_a_micro_batch_with_documents_to_keep_apart(tiny_mistral_path):
     model = load(tiny_mistral_path, "sdpa")
-    batch = packing.stack(blocks(2))
-    probe = packing.DocumentAttentionProbe(model, per_document=False)
+    probe = packing.DocumentAttentionProbe(model)
     with torch.no_grad():
-        model(input_ids=batch["input_ids"])  # --cross_document_attention: no position ids
-    assert probe.result["per_document_attention"] is False
+        model(input_ids=torch.randint(3, 32000, (2, 24)))  # positions 0..23: one document per row
+        assert probe.result is None and probe.micro_batches_without_boundaries == 1
+        batch = packing.stack(blocks(2))
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    assert probe.result["per_document_attention"] is True and probe.result["micro_batches_before"] == 1

@@ -10,10 +10,11 @@
                     ids only at batch 1 and at batch > 1 silently attends across them
     DocumentAttentionProbe(model, per_document=True)
                     a forward pre-hook on the model's first attention module that reads, on the first
-                    micro-batch, what the attention kernel receives (the 4-D mask, the flex BlockMask,
+                    micro-batch with a document start inside a row, what the attention kernel receives (the 4-D mask, the flex BlockMask,
                     or flash's cu_seq_lens) and decides whether a token can see the previous document;
-                    `.result` (dict for the report); raises DocumentAttentionError in that first forward
-                    pass if per-document attention was asked for and the kernel did not get it
+                    `.result` (dict for the report; None until such a micro-batch was seen); raises
+                    DocumentAttentionError in that forward pass if per-document attention was asked for
+                    and the kernel did not get it
 
 Why a probe rather than a flag: per-document attention depends on the kernel, the batch size, the KV
 cache setting and the transformers version (see above); the report's `per_document_attention` states
@@ -91,27 +92,23 @@ class DocumentAttentionProbe:
     def __init__(self, model, per_document=True):
         self.per_document = per_document
         self.result = None
+        self.micro_batches_without_boundaries = 0
         self._handle = _first_attention_module(model).register_forward_pre_hook(self._read, with_kwargs=True)
 
     def _read(self, module, args, kwargs):
-        self._handle.remove()  # the first micro-batch tells; later ones are the same code path
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         position_ids = kwargs.get("position_ids")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         batch = int(hidden.shape[0]) if hidden is not None else None
         implementation = module.config._attn_implementation
         if position_ids is None:
-            self.result = {"per_document_attention": False, "attn_implementation": implementation,
-                           "evidence": "no position ids: one causal sequence per row", "micro_batch_rows": batch}
             return
         position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
         boundaries = _boundaries(position_ids)
-        if not boundaries:  # --cross_document_attention (positions 0..T-1), or one document per row
-            self.result = {"per_document_attention": False, "attn_implementation": implementation,
-                           "evidence": "no document start inside a row on the first micro-batch (position ids "
-                           "do not restart): nothing to keep apart, or nothing marked", "micro_batch_rows": batch,
-                           "documents_after_the_first_in_a_row": 0}
+        if not boundaries:  # one document per row in this micro-batch: nothing to tell yet, look at the next
+            self.micro_batches_without_boundaries += 1
             return
+        self._handle.remove()  # the first micro-batch with documents to keep apart tells; later ones are alike
         if "cu_seq_lens_q" in kwargs and kwargs["cu_seq_lens_q"] is not None:
             given = set(kwargs["cu_seq_lens_q"].tolist())
             flat = position_ids.reshape(-1)
@@ -133,15 +130,15 @@ class DocumentAttentionProbe:
                         f"{len(leaks)} of them see the previous document")
         self.result = {"per_document_attention": bool(isolated), "attn_implementation": implementation,
                        "evidence": evidence, "micro_batch_rows": batch,
-                       "documents_after_the_first_in_a_row": len(boundaries)}
+                       "documents_after_the_first_in_a_row": len(boundaries),
+                       "micro_batches_before": self.micro_batches_without_boundaries}
         self.check()  # refuse before the first step rather than train across documents
 
     def check(self):
         """The result; DocumentAttentionError when per-document attention was asked for and not received."""
         if self.result is None:
             raise RuntimeError("the attention probe has not seen a forward pass yet")
-        if self.per_document and self.result.get("documents_after_the_first_in_a_row") \
-                and not self.result["per_document_attention"]:
+        if self.per_document and not self.result["per_document_attention"]:
             raise DocumentAttentionError(
                 f"per-document attention was asked for, but the {self.result['attn_implementation']} kernel "
                 f"received no document boundaries ({self.result['evidence']}): use --attn_implementation "
