@@ -174,12 +174,16 @@ def make_accelerator(args: LoopArguments, project_name: str = "train"):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
-        kwargs_handlers=handlers,
-    )
+    from toolkit.quiet import library_prints
+
+    with library_prints():  # DeepSpeed on CPU prints "deepspeed_shm_comm_op built successfully" per process
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=str(Path(args.output_dir) / "logs")),
+            kwargs_handlers=handlers,
+        )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         config = plugin.deepspeed_config
@@ -612,7 +616,9 @@ def _learning_rates(optimizer) -> dict:
 
 
 def log_metrics(accelerator, output_dir, record, progress=None):
-    """Log `record` (with a "step") to the trackers, metrics.jsonl and the console (main process)."""
+    """Log `record` (with a "step") to the trackers, metrics.jsonl and the console (main process): with a
+    progress bar, a training record goes into the bar's postfix only (printing it would break the bar;
+    every record is in metrics.jsonl), an evaluation through tqdm.write."""
     output_dir = Path(output_dir)
     step = record["step"]
     scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
@@ -626,7 +632,8 @@ def log_metrics(accelerator, output_dir, record, progress=None):
         shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "grad_norm", "mfu")
                  or k.endswith("bits_per_character")}
         progress.set_postfix(shown, refresh=False)
-        progress.write(json.dumps(record))
+        if "loss" not in record:  # evaluations get a line (above the bar); step records are in the bar and the log
+            progress.write(json.dumps(record))
 
 
 # --------------------------------------------------------------------------- saving
