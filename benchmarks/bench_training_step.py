@@ -71,6 +71,7 @@ class BenchArguments:
     head_hidden_size: int = field(default=4096, metadata={"help": "head: hidden size."})
     head_tokens: int = field(default=2048, metadata={"help": "head: tokens through the head per call."})
     loss_chunk_size: int = field(default=1024)
+    head_dtype: str = field(default="bfloat16", metadata={"help": "head: dtype of the weight and hidden states."})
     baseline_revision: str = field(default="ac507ec", metadata={"help": "head: git revision of the old losses.py."})
 
 
@@ -255,11 +256,12 @@ def bench_head(args, output_dir):
     from toolkit import losses
 
     implementations = {f"chunked at {args.baseline_revision} (before)": _losses_at(args.baseline_revision),
-                       "chunked, two passes (now)": losses}
+                       "chunked (now)": losses}
     generator = torch.Generator().manual_seed(0)
-    weight = (torch.randn(args.head_vocab_size, args.head_hidden_size, generator=generator) * 0.02).to(torch.bfloat16)
+    dtype = getattr(torch, args.head_dtype)
+    weight = (torch.randn(args.head_vocab_size, args.head_hidden_size, generator=generator) * 0.02).to(dtype)
     weight.requires_grad_(True)
-    hidden = torch.randn(1, args.head_tokens, args.head_hidden_size, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(1, args.head_tokens, args.head_hidden_size, generator=generator).to(dtype)
     hidden.requires_grad_(True)
     labels = torch.randint(0, args.head_vocab_size, (1, args.head_tokens), generator=generator)
     weight.grad = torch.zeros_like(weight)  # a model's gradient exists already from the previous step
@@ -288,7 +290,7 @@ def bench_head(args, output_dir):
         row["peak_vs_before"] = row["peak_rss_above_start_gib"] / rows[0]["peak_rss_above_start_gib"]
         row["time_vs_before"] = row["median_seconds"] / rows[0]["median_seconds"]
     return {"vocab_size": args.head_vocab_size, "hidden_size": args.head_hidden_size, "tokens": args.head_tokens,
-            "chunk_size": args.loss_chunk_size, "dtype": "bfloat16", "rows": rows,
+            "chunk_size": args.loss_chunk_size, "dtype": args.head_dtype, "rows": rows,
             "head_gradient_relative_difference": float((before - now).norm() / before.norm())}
 
 

@@ -59,8 +59,10 @@ def _softmax_gradient_(logits, target, valid, lse=None, column_offset=0):
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and both gradients in the forward pass, in two passes over the LM head so that memory holds
-    one chunk of logits plus the head's gradient in the weight's dtype, and nothing else V x H:
+    """Loss and both gradients in the forward pass; with 16-bit weights over several chunks, in two passes
+    over the LM head so that memory holds one chunk of logits plus the head's gradient in the weight's
+    dtype, and nothing else V x H (fp32/fp64 weights, or one chunk: pass 1 alone, the head gradient
+    summed in place, exact):
 
     1. token chunks (`chunk_size` rows): logits -> per-row log-sum-exp, the loss, and the hidden states'
        gradient (softmax - one_hot) @ W;
@@ -77,7 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, divisor):
+    def forward(ctx, hidden, weight, labels, chunk_size, divisor, two_pass):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tokens, vocabulary = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE_INDEX
@@ -86,16 +88,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(tokens, dtype=accumulate, device=hidden.device)
         picked = torch.empty(tokens, dtype=accumulate, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        # one pass: the head gradient summed over chunks in place (exact for fp32/fp64 weights, or one chunk)
+        grad_weight = torch.zeros_like(weight) if needs_weight and not two_pass else None
         for start in range(0, tokens, chunk_size):  # pass 1: token chunks
             rows = slice(start, start + chunk_size)
             logits = hidden[rows] @ weight.t()
             lse[rows], picked[rows] = _softmax_gradient_(logits, target[rows], valid[rows])
             if needs_hidden:
                 torch.mm(logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(logits.t(), hidden[rows])
             del logits
         total = ((lse - picked) * valid).sum()
-        grad_weight = None
-        if needs_weight:  # pass 2: vocabulary slices, each over all tokens
+        if needs_weight and two_pass:  # pass 2: vocabulary slices, each over all tokens
             grad_weight = torch.empty_like(weight)
             width = max(1, chunk_size * vocabulary // max(tokens, 1))
             for start in range(0, vocabulary, width):
@@ -115,7 +120,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # in place: the saved gradients are used once (retain_graph is not supported)
         return (grad_hidden.mul_(scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
                 grad_weight.mul_(scale.to(grad_weight.dtype)) if grad_weight is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
 def shift_labels(labels):
@@ -123,15 +128,22 @@ def shift_labels(labels):
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None):
-    """Next-token loss of `hidden` (B, T, H) through `weight` (V, H) against `labels` (B, T) (unshifted)."""
+def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None,
+                                 two_pass=None):
+    """Next-token loss of `hidden` (B, T, H) through `weight` (V, H) against `labels` (B, T) (unshifted).
+
+    `two_pass` (default: for 16-bit weights over more than one chunk) computes the head gradient in a
+    second pass over vocabulary slices, each row summed over all tokens in one matmul; otherwise it is
+    summed over the chunks in place, which is exact in fp32/fp64 and for a single chunk."""
     targets = shift_labels(labels).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if two_pass is None:
+        two_pass = weight.element_size() < 4 and hidden.shape[0] > chunk_size
     if num_items_in_batch is None:
         divisor = max(int((targets != IGNORE_INDEX).sum()), 1)
     else:
         divisor = float(num_items_in_batch)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, divisor)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, divisor, two_pass)
 
 
 def _liger_loss(hidden, weight, labels, num_items_in_batch=None):
