@@ -383,7 +383,7 @@ def main():
         args.ablation_vocab_size, args.ablation_eval_every, args.ablation_eval_documents = 32500, 10, 2
         args.ablation_tokenizer_characters, args.ablation_pool_documents = 100_000, 40
         args.ablation_eval_characters = 600
-        args.time_budget_seconds, args.throughput_share = min(args.time_budget_seconds, 90), 0.3
+        args.time_budget_seconds, args.throughput_share = min(args.time_budget_seconds, 100), 0.3
     started = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     output_dir = Path(args.output_dir)

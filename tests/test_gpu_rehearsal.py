@@ -21,13 +21,16 @@ def test_smoke_runs_the_rehearsal_within_its_budget(tmp_path):
     rows = report["throughput"]["rows"]
     assert {(r["loss"], r["gradient_checkpointing"]) for r in rows} == {
         ("plain", False), ("plain", True), ("chunked", False), ("chunked", True)}
-    assert all(r["tokens_per_second"] > 0 and r["steps_timed"] >= 1 for r in rows)
+    # every option ran its warm-up round; a timed round either ran or the budget cut it, on the record
     assert all(r["per_document_attention"] is True for r in rows)  # read from what sdpa received
+    for row in rows:
+        assert (row["steps_timed"] >= 1 and row["tokens_per_second"] > 0) or "trimmed" in report["throughput"]["notes"]
     arms = {arm["arm"]: arm for arm in report["ablation"]["arms"]}
     assert set(arms) == {"base", "continued", "extended"}
     for name in ("continued", "extended"):
         arm = arms[name]
-        assert arm["steps_run"] >= 1 and len(arm["curve"]) >= 2
+        assert len(arm["curve"]) == 1 + (arm["steps_run"] >= 1) + arm["steps_run"] // 10 - (
+            arm["steps_run"] >= 1 and arm["steps_run"] % 10 == 0)  # at 0, every 10 steps, at the end
         assert arm["trimmed"] == (arm["steps_run"] < arm["steps_planned"])  # a cut run says so
     assert arms["extended"]["vocabulary"] > arms["continued"]["vocabulary"]
     budget = report["arguments"]["time_budget_seconds"]

@@ -387,7 +387,7 @@ def test_throughput_counts_training_time_only(tmp_path, tiny_mistral_path):
     model, optimizer = accelerator.prepare(model, optimizer)
     blocks = [{"input_ids": torch.arange(3, 35), "labels": torch.arange(3, 35)} for _ in range(6)]
     started = time.time()
-    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.collate, args,
+    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.packing.stack, args,
                            training.TrainState(), num_training_steps=3,
                            evaluate=lambda step: time.sleep(0.5) or {"eval_marker": step})
     elapsed = time.time() - started
