@@ -23,6 +23,14 @@ transformers' plain loss (B x T x V logits, fp32 upcast, log-softmax) and with t
 chunked loss, one chunk holding all tokens and chunks of 256 tokens. Peak memory = the process's resident set size sampled every millisecond during the step,
 minus the resident set size just before it (large tensors are mmap-allocated and returned on free,
 so each step's peak is its own). Writes bench_training_step_<mode>.json.
+
+head: the LM-head loss alone at a full-size head (default the 7B's: V = 120,064, H = 4,096, bf16),
+`--head_tokens` tokens, chunk `--loss_chunk_size`, forward + backward: toolkit.losses' chunked loss
+against the implementation at git revision `--baseline_revision` (read with `git show`, imported
+in this process), interleaved over `--steps` rounds. Peak = RSS above the start of each call
+(weight, hidden states and the weight's existing gradient are allocated before).
+
+    python benchmarks/bench_training_step.py --mode head --steps 2 --baseline_revision ac507ec
 """
 
 import gc
@@ -51,7 +59,7 @@ CORPUS = [REPO / "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz", REPO / "samp
 
 @dataclass
 class BenchArguments:
-    mode: str = field(metadata={"help": "attention (whole steps), kernel (the attention op alone) or loss"})
+    mode: str = field(metadata={"help": "attention (whole steps), kernel (the attention op alone), loss or head"})
     model_name_or_path: str = field(default="offline:smollm2-135m")
     output_dir: str = field(default="outputs/bench_training_step")
     block_size: int = field(default=256)
@@ -59,6 +67,12 @@ class BenchArguments:
     steps: int = field(default=5)
     vocab_size: int = field(default=122880, metadata={"help": "loss: embedding rows (a 120k vocabulary)."})
     attention: str = field(default="cross_document_sdpa,sdpa,eager,flex_attention")
+    head_vocab_size: int = field(default=120064, metadata={"help": "head: rows of the LM head."})
+    head_hidden_size: int = field(default=4096, metadata={"help": "head: hidden size."})
+    head_tokens: int = field(default=2048, metadata={"help": "head: tokens through the head per call."})
+    loss_chunk_size: int = field(default=1024)
+    head_dtype: str = field(default="bfloat16", metadata={"help": "head: dtype of the weight and hidden states."})
+    baseline_revision: str = field(default="ac507ec", metadata={"help": "head: git revision of the old losses.py."})
 
 
 class PeakRSS:
@@ -222,13 +236,71 @@ def bench_loss(args, output_dir):
     return {"rows": rows}
 
 
+def _losses_at(revision):
+    """toolkit/losses.py as it was at `revision`, imported as a separate module (the baseline)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    source = subprocess.run(["git", "show", f"{revision}:scripts/toolkit/losses.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"losses_{revision}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_head(args, output_dir):
+    from toolkit import losses
+
+    implementations = {f"chunked at {args.baseline_revision} (before)": _losses_at(args.baseline_revision),
+                       "chunked (now)": losses}
+    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.head_dtype)
+    weight = (torch.randn(args.head_vocab_size, args.head_hidden_size, generator=generator) * 0.02).to(dtype)
+    weight.requires_grad_(True)
+    hidden = torch.randn(1, args.head_tokens, args.head_hidden_size, generator=generator).to(dtype)
+    hidden.requires_grad_(True)
+    labels = torch.randint(0, args.head_vocab_size, (1, args.head_tokens), generator=generator)
+    weight.grad = torch.zeros_like(weight)  # a model's gradient exists already from the previous step
+    results = {name: {"peaks": [], "times": []} for name in implementations}
+    gradients = {}
+    for repeat in range(args.steps):
+        for name, module in implementations.items():
+            weight.grad.zero_()
+            hidden.grad = None
+            gc.collect()
+            with PeakRSS() as memory:
+                started = time.perf_counter()
+                loss = module.chunked_linear_cross_entropy(hidden, weight, labels, args.loss_chunk_size)
+                loss.backward()
+                seconds = time.perf_counter() - started
+            results[name]["peaks"].append(memory.above_start)
+            results[name]["times"].append(seconds)
+            results[name]["loss"] = float(loss.detach())
+            gradients[name] = weight.grad.float().clone() if repeat == 0 else gradients[name]
+            print(json.dumps({"round": repeat, "implementation": name, "peak_gib": memory.above_start / 2**30,
+                              "seconds": seconds}), flush=True)
+    before, now = list(gradients.values())
+    rows = [{"implementation": name, "peak_rss_above_start_gib": max(r["peaks"]) / 2**30,
+             "median_seconds": statistics.median(r["times"]), "loss_value": r["loss"]} for name, r in results.items()]
+    for row in rows:
+        row["peak_vs_before"] = row["peak_rss_above_start_gib"] / rows[0]["peak_rss_above_start_gib"]
+        row["time_vs_before"] = row["median_seconds"] / rows[0]["median_seconds"]
+    return {"vocab_size": args.head_vocab_size, "hidden_size": args.head_hidden_size, "tokens": args.head_tokens,
+            "chunk_size": args.loss_chunk_size, "dtype": args.head_dtype, "rows": rows,
+            "head_gradient_relative_difference": float((before - now).norm() / before.norm())}
+
+
 def main():
     quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    modes = {"attention": bench_attention, "kernel": bench_kernel, "loss": bench_loss}
+    modes = {"attention": bench_attention, "kernel": bench_kernel, "loss": bench_loss, "head": bench_head}
     result = modes[args.mode](args, output_dir)
     result = {"arguments": vars(args), "torch_threads": torch.get_num_threads(), **result}
     write_json_atomic(output_dir / f"bench_training_step_{args.mode}.json", result)

@@ -32,7 +32,7 @@ from transformers import HfArgumentParser
 from toolkit import assets
 from toolkit.model_card import collect_facts, find_reports, load_reports
 from toolkit.reports import read_json, write_json_atomic
-from toolkit.quiet import quiet_by_default
+from toolkit.quiet import launch_environment, quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "sample_data"
@@ -192,7 +192,8 @@ def run(stage):
         command[0], command[0]
     )
     started = time.time()
-    subprocess.run(command, cwd=REPO_ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    environment = launch_environment() if stage.command[0] == "accelerate" else dict(os.environ)
+    subprocess.run(command, cwd=REPO_ROOT, check=True, env={**environment, "HF_HUB_OFFLINE": "1"})
     return time.time() - started
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from toolkit import assets, training
+from toolkit import assets, packing, preflight, training
 from toolkit.corpus import CorpusError, expand_paths, read_texts
 from toolkit.embeddings import INITS, NewEmbeddingsOnlyStage, check_extension, extend_embeddings
 from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
@@ -52,7 +52,8 @@ class ModelArguments:
     pad_to_multiple_of: int = field(default=64, metadata={"help": "Embedding rows are padded to a multiple of this."})
     attn_implementation: str = field(
         default=None,
-        metadata={"help": "Default: flash_attention_2 when installed on a GPU (varlen per document), else "
+        metadata={"help": "Default: flash_attention_2 when installed on a GPU (each micro-batch flattened to one "
+                  "row with explicit document boundaries), else "
                   "flex_attention on a GPU (skips the masked blocks), else sdpa (CPU). See BENCHMARKS.md."},
     )
     use_liger_kernel: bool = field(
@@ -96,6 +97,9 @@ class DataArguments:
 class PretrainArguments(training.LoopArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (after warmup)."})
     eval_at_start: bool = field(default=True, metadata={"help": "Evaluate before the first step (step 0)."})
+    ignore_disk_check: bool = field(
+        default=False, metadata={"help": "Start even when the preflight plan finds too little disk under --output_dir "
+                                 "for --checkpoints_total_limit + 1 checkpoints and the final model."})
 
 
 # --------------------------------------------------------------------------- 1. inputs
@@ -168,10 +172,6 @@ def check_inputs(model_args, data_args, args):
 
 
 # --------------------------------------------------------------------------- 2. data
-
-
-def collate(examples):
-    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 def training_steps(data_args, args, blocks, tokens_per_step, steps_per_epoch):
@@ -271,6 +271,7 @@ def main():
     # 1. inputs, before any compute
     config, tokenizer, base_tokenizer, train_blocks, files = check_inputs(model_args, data_args, args)
     accelerator = training.make_accelerator(args, project_name="pretrain")
+    baseline_rss = preflight.current_rss_bytes()  # CPU plan: what this process holds before the model
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -329,6 +330,14 @@ def main():
              f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation: add data "
              "or lower --per_device_train_batch_size / --gradient_accumulation_steps")
     num_training_steps = training_steps(data_args, args, train_blocks, tokens_per_step, steps_per_epoch)
+    plan = preflight.plan_for_run(accelerator, model.config, num_parameters, args, model_args, data_args,
+                                  num_training_steps, baseline_rss)
+    accelerator.print(preflight.format_plan(plan))
+    if not args.ignore_disk_check:
+        try:
+            preflight.check_disk(plan)
+        except preflight.PreflightError as error:
+            fail(str(error))
     stage = None
     if args.train_new_embeddings_only_steps:
         stage = NewEmbeddingsOnlyStage(model, first_new_row=len(base_tokenizer),
@@ -360,9 +369,15 @@ def main():
     accelerator.print(f"{num_training_steps} steps, {steps_per_epoch} per epoch; {tokens_per_step} tokens per step")
     startup_seconds = time.time() - started
     first_step_seconds = []
-    state = training.train(accelerator, model, optimizer, scheduler, train_blocks, collate, args, state,
-                           num_training_steps, evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
-                           on_first_step=lambda: first_step_seconds.append(time.time() - started))
+    per_document = not data_args.cross_document_attention
+    probe = packing.DocumentAttentionProbe(accelerator.unwrap_model(model)) if per_document else None
+    try:
+        state = training.train(accelerator, model, optimizer, scheduler, train_blocks,
+                               packing.document_collate(attention, per_document), args, state, num_training_steps,
+                               evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
+                               on_first_step=lambda: first_step_seconds.append(time.time() - started))
+    except packing.DocumentAttentionError as error:
+        fail(str(error))
     if stage is not None:
         stage(num_training_steps)  # everything trainable again before saving
     final_figures = {}
@@ -375,6 +390,7 @@ def main():
     accelerator.unwrap_model(model).config.use_cache = True
     training.save_consolidated(accelerator, model, output_dir, tokenizer=tokenizer, dtype=model_args.save_dtype,
                                max_shard_size=model_args.max_shard_size)
+    peak_rss = accelerator.gather(torch.tensor([preflight.peak_rss_bytes()], device=accelerator.device)).tolist()
     accelerator.end_training()
     if accelerator.is_main_process:
         plot = training.plot_metrics(output_dir)
@@ -418,9 +434,15 @@ def main():
             "zero3_init": bool(accelerator.state.deepspeed_plugin and accelerator.state.deepspeed_plugin.zero3_init_flag),
             "eos_appended": True,  # the token shards end every document with EOS (tests/test_token_shards.py)
             "attn_implementation": attention,
-            "per_document_attention": not data_args.cross_document_attention,
+            "per_document_attention_requested": per_document,
+            # from what the attention kernel received on the first micro-batch (toolkit/packing.py)
+            "per_document_attention": probe.result["per_document_attention"] if probe and probe.result else False
+            if not per_document else None,  # None: no micro-batch had a document start inside a row
+            "attention_probe": probe.result if probe else None,
             "sliding_window_for_training": sliding_window_for_training(config, data_args.block_size),
             "loss_implementation": loss_implementation,
+            "preflight": plan,
+            "peak_rss_bytes_per_process": peak_rss,
             "train_new_embeddings_only_steps": args.train_new_embeddings_only_steps,
             "resumed_from": state.resumed_from,
             "eval_at_start": start_figures,

@@ -19,9 +19,10 @@ def plain_loss(hidden, weight, labels, num_items_in_batch=None):
                                              reduction="sum") / num_items_in_batch
 
 
+@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
 @pytest.mark.parametrize("num_items_in_batch", [None, 37])
-def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size, num_items_in_batch):
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size, num_items_in_batch, two_pass):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 16, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(300, 16, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -29,7 +30,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size, num_items_in_b
     labels[0, 4] = labels[2, 1] = IGNORE_INDEX
     losses, gradients = [], []
     for chunked in (False, True):
-        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, num_items_in_batch) if chunked \
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size, num_items_in_batch, two_pass) if chunked \
             else plain_loss(hidden, weight, labels, num_items_in_batch)
         (loss * 3).backward()  # an upstream gradient other than 1
         losses.append(loss.detach())
@@ -38,6 +39,22 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk_size, num_items_in_b
     assert torch.allclose(losses[0], losses[1], rtol=1e-12, atol=1e-12)
     for plain, chunked in zip(*gradients):
         assert torch.allclose(plain, chunked, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_head_gradient_in_two_passes_is_as_close_as_one_rounding():
+    """16-bit weights over several chunks take two passes: the head gradient is one matmul per row over all
+    tokens (rounded once), as close to the fp64 gradient as rounding that gradient to bf16 once."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 96, 32, dtype=torch.float64, generator=generator)
+    weight = torch.randn(500, 32, dtype=torch.float64, generator=generator) * 0.1
+    labels = torch.randint(0, 500, (1, 96), generator=generator)
+    exact_weight = weight.clone().requires_grad_(True)
+    chunked_linear_cross_entropy(hidden, exact_weight, labels, 8).backward()
+    exact = exact_weight.grad
+    low = weight.to(torch.bfloat16).requires_grad_(True)
+    chunked_linear_cross_entropy(hidden.to(torch.bfloat16), low, labels, 8).backward()
+    error = (low.grad.double() - exact).norm() / exact.norm()
+    assert error < 3 * (exact.to(torch.bfloat16).double() - exact).norm() / exact.norm() + 1e-2
 
 
 def test_fused_loss_on_a_model_equals_its_own_loss(tiny_mistral_path):

@@ -387,7 +387,7 @@ def test_throughput_counts_training_time_only(tmp_path, tiny_mistral_path):
     model, optimizer = accelerator.prepare(model, optimizer)
     blocks = [{"input_ids": torch.arange(3, 35), "labels": torch.arange(3, 35)} for _ in range(6)]
     started = time.time()
-    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.collate, args,
+    state = training.train(accelerator, model, optimizer, scheduler, blocks, pretrain.packing.stack, args,
                            training.TrainState(), num_training_steps=3,
                            evaluate=lambda step: time.sleep(0.5) or {"eval_marker": step})
     elapsed = time.time() - started
@@ -396,3 +396,14 @@ def test_throughput_counts_training_time_only(tmp_path, tiny_mistral_path):
     assert state.train_seconds <= elapsed - state.pause_seconds
     assert record["tokens_per_second"] * state.train_seconds == pytest.approx(state.tokens_seen, rel=0.02)
     assert record["tokens_per_second"] > state.tokens_seen / (elapsed - 1.0)  # the eval pauses are not in it
+
+
+def test_deepspeed_gradients_accumulate_and_reduce_in_fp32_by_default():
+    from toolkit import training
+
+    settings = training.deepspeed_gradient_precision(training.LoopArguments())
+    assert settings == {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+    switched = training.LoopArguments(grad_accum_dtype="fp32", grad_reduce_dtype="bf16")
+    assert training.deepspeed_gradient_precision(switched)["communication_data_type"] == "bf16"
+    with pytest.raises(ValueError, match="--grad_reduce_dtype must be fp32, bf16 or fp16"):
+        training.deepspeed_gradient_precision(training.LoopArguments(grad_reduce_dtype="float8"))

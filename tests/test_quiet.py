@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from test_pretrain import corpus, extended_tokenizer  # noqa: F401  (fixtures)
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 PROGRAM = r"""
@@ -54,3 +56,25 @@ def test_every_entry_point_calls_it_first_in_main():
     missing = [path.name for path in entry_points
                if "quiet_by_default(" not in path.read_text(encoding="utf-8").split("\ndef main(", 1)[-1].split("\n")[1]]
     assert missing == []
+
+
+@pytest.mark.slow
+def test_a_pretrain_launch_prints_no_repeated_banners(tmp_path, tiny_mistral_path, extended_tokenizer, corpus):
+    """What `make demo` shows of a pretrain stage: the launcher's and every process's banners are gone
+    (DeepSpeed's CPU notice and op build line, torch's OMP_NUM_THREADS banner, transformers' per-process
+    loading bars and resize advice); the plan, the bar and the results remain."""
+    from test_pretrain import CONFIGS, REPO_ROOT, common
+    from toolkit.quiet import launch_environment
+
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+               str(CONFIGS / "cpu_zero3_2proc.yaml"), "scripts/pretrain.py",
+               *map(str, common(tiny_mistral_path, extended_tokenizer, corpus, tmp_path / "out")),
+               "--per_device_train_batch_size", "2", "--max_train_steps", "2"]
+    env = {key: value for key, value in launch_environment().items() if key != "LANGTOOLKIT_VERBOSE"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=400, check=True)
+    output = result.stdout + result.stderr
+    for banner in ("Setting accelerator to CPU", "OMP_NUM_THREADS", "built successfully", "multivariate normal"):
+        assert banner not in output, banner
+    assert output.count("Loading weights:   0%") <= 1  # one loading bar started: the main process's
+    assert "preflight:" in output and "train: 100%" in output and "training_report.json" in output

@@ -25,11 +25,15 @@ Padding rows (to a multiple of `pad_to_multiple_of`, for matmul efficiency) neve
 the data; they get the hf_mean init under every choice.
 
 ZeRO-3: call this before `accelerator.prepare`. The GPU configs load under `zero3_init_flag:
-true` (deepspeed.zero.Init: each process holds only its partition); then the two matrices are
-gathered with `deepspeed.zero.GatheredParameters` (one embedding matrix at a time on every rank,
-e.g. 128k x 4096 in bf16 = 1 GB) and written back from rank 0 (tested: the multi-node config on
-two local "machines"). With `zero3_init_flag: false` (the CPU test config) the model is a plain
-full model on every process until `accelerator.prepare` partitions it.
+true` (deepspeed.zero.Init: each process holds only its partition of the body), but under
+transformers 5.23 `resize_token_embeddings` creates the new input and output matrices as full
+tensors on every process, outside the partitioning: the init then writes full tensors (the
+`_gathered` context finds nothing partitioned and does nothing; it is kept for a model whose
+matrices are partitioned), and DeepSpeed partitions the two matrices at `accelerator.prepare`,
+broadcasting them from rank 0 (~5 GiB per GPU at load for 120k x 4096 in bf16, then freed).
+Tested: the multi-node config on two local "machines". With `zero3_init_flag: false` (the CPU
+test config) the model is a plain full model on every process until `accelerator.prepare`
+partitions it.
 
     NewEmbeddingsOnlyStage(model, first_new_row, steps)   EEVE's first stage: only new rows learn
 """

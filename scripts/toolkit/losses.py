@@ -24,34 +24,92 @@ IGNORE_INDEX = -100
 IMPLEMENTATIONS = ("chunked", "liger", "plain")
 
 
+# Logits upcast to fp32 at a time (2**25 x 4 bytes = 128 MiB: 279 rows of a 120k vocabulary).
+_FP32_ELEMENTS = 2**25
+
+
+def _softmax_gradient_(logits, target, valid, lse=None, column_offset=0):
+    """In place: `logits` (rows x columns, the model's dtype) become d(sum of losses)/d(logits) =
+    softmax - one_hot(target), zero on ignored rows; a few rows at a time are upcast to fp32 for the
+    exponentials (`_FP32_ELEMENTS`), so no fp32 copy of the whole buffer exists. Without `lse` the columns are the
+    whole vocabulary: returns (lse, the target's logit) per row. With `lse` (from the first pass) the
+    columns are the vocabulary slice starting at `column_offset`; returns None."""
+    wide = torch.promote_types(logits.dtype, torch.float32)  # fp32 for bf16/fp16 models
+    found = None if lse is not None else (torch.empty(len(logits), dtype=wide, device=logits.device),
+                                          torch.empty(len(logits), dtype=wide, device=logits.device))
+    step = max(1, _FP32_ELEMENTS // logits.shape[1])
+    for start in range(0, len(logits), step):
+        rows = slice(start, start + step)
+        block = logits[rows].to(wide)  # the same tensor when the model is fp32 or fp64
+        y, keep = target[rows], valid[rows]
+        if lse is None:
+            row_lse = torch.logsumexp(block, dim=-1)
+            found[0][rows] = row_lse
+            found[1][rows] = block.gather(1, y[:, None])[:, 0]
+        else:
+            row_lse = lse[rows].to(block.dtype)
+        block.sub_(row_lse[:, None]).exp_()
+        column = y - column_offset
+        hit = keep & (column >= 0) & (column < block.shape[1])  # the target is in these columns
+        block[torch.arange(len(y), device=y.device), column.clamp(0, block.shape[1] - 1)] -= hit.to(block.dtype)
+        block *= keep[:, None]
+        if block.dtype != logits.dtype:
+            logits[rows].copy_(block)
+    return found
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and both gradients in the forward pass; with 16-bit weights over several chunks, in two passes
+    over the LM head so that memory holds one chunk of logits plus the head's gradient in the weight's
+    dtype, and nothing else V x H (fp32/fp64 weights, or one chunk: pass 1 alone, the head gradient
+    summed in place, exact):
+
+    1. token chunks (`chunk_size` rows): logits -> per-row log-sum-exp, the loss, and the hidden states'
+       gradient (softmax - one_hot) @ W;
+    2. vocabulary slices holding as many logits as a token chunk: the slice's logits for *all* tokens
+       again, their softmax gradient from pass 1's log-sum-exp, and the slice's rows of the head
+       gradient in one matmul over all tokens.
+
+    Pass 2 is why the head gradient is exact in fp32 terms without an fp32 V x H accumulator: each
+    row of it is one matmul's sum over every token (fp32 accumulation inside the matmul, rounded to
+    the weight's dtype once), not a running sum over chunks rounded after each (Liger's default
+    with bf16 weights) nor an fp32 V x H buffer (1.8 GiB at 120k x 4096) plus its copies (the old
+    scheme here: 5.3 GiB, BENCHMARKS.md). The price: the logits are computed twice, 4 matmuls of
+    the head's size per token instead of 3 (the LM head is ~7% of a 7B step's FLOPs).
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, divisor):
+    def forward(ctx, hidden, weight, labels, chunk_size, divisor, two_pass):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        tokens, vocabulary = hidden.shape[0], weight.shape[0]
+        valid = labels != IGNORE_INDEX
+        target = labels.clamp(min=0)
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32 sums for bf16 models
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs_weight else None
-        total = torch.zeros((), dtype=accumulate, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            logits = h @ weight.t()
-            logits = logits.to(accumulate)  # bf16 -> fp32, one chunk at a time
-            valid = y != IGNORE_INDEX
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-            if needs_hidden or needs_weight:
-                # d(sum of losses)/d(logits) = softmax - one_hot(target), zero on ignored rows; in place
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(y), device=y.device), target] -= 1.0
-                grad *= valid[:, None]
-                grad = grad.to(h.dtype)
-                if needs_hidden:
-                    grad_hidden[start:start + chunk_size] = grad @ weight
-                if needs_weight:
-                    grad_weight += (grad.t() @ h).to(accumulate)
-        ctx.save_for_backward(grad_hidden if needs_hidden else None,
-                              grad_weight.to(weight.dtype) if needs_weight else None)
+        lse = torch.empty(tokens, dtype=accumulate, device=hidden.device)
+        picked = torch.empty(tokens, dtype=accumulate, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        # one pass: the head gradient summed over chunks in place (exact for fp32/fp64 weights, or one chunk)
+        grad_weight = torch.zeros_like(weight) if needs_weight and not two_pass else None
+        for start in range(0, tokens, chunk_size):  # pass 1: token chunks
+            rows = slice(start, start + chunk_size)
+            logits = hidden[rows] @ weight.t()
+            lse[rows], picked[rows] = _softmax_gradient_(logits, target[rows], valid[rows])
+            if needs_hidden:
+                torch.mm(logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(logits.t(), hidden[rows])
+            del logits
+        total = ((lse - picked) * valid).sum()
+        if needs_weight and two_pass:  # pass 2: vocabulary slices, each over all tokens
+            grad_weight = torch.empty_like(weight)
+            width = max(1, chunk_size * vocabulary // max(tokens, 1))
+            for start in range(0, vocabulary, width):
+                columns = slice(start, start + width)
+                logits = hidden @ weight[columns].t()
+                _softmax_gradient_(logits, target, valid, lse=lse, column_offset=start)
+                torch.mm(logits.t(), hidden, out=grad_weight[columns])
+                del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.divisor = divisor
         return total / divisor
 
@@ -59,9 +117,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.divisor
-        return (grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
-                None, None, None)
+        # in place: the saved gradients are used once (retain_graph is not supported)
+        return (grad_hidden.mul_(scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+                grad_weight.mul_(scale.to(grad_weight.dtype)) if grad_weight is not None else None,
+                None, None, None, None)
 
 
 def shift_labels(labels):
@@ -69,15 +128,22 @@ def shift_labels(labels):
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None):
-    """Next-token loss of `hidden` (B, T, H) through `weight` (V, H) against `labels` (B, T) (unshifted)."""
+def chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=1024, num_items_in_batch=None,
+                                 two_pass=None):
+    """Next-token loss of `hidden` (B, T, H) through `weight` (V, H) against `labels` (B, T) (unshifted).
+
+    `two_pass` (default: for 16-bit weights over more than one chunk) computes the head gradient in a
+    second pass over vocabulary slices, each row summed over all tokens in one matmul; otherwise it is
+    summed over the chunks in place, which is exact in fp32/fp64 and for a single chunk."""
     targets = shift_labels(labels).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if two_pass is None:
+        two_pass = weight.element_size() < 4 and hidden.shape[0] > chunk_size
     if num_items_in_batch is None:
         divisor = max(int((targets != IGNORE_INDEX).sum()), 1)
     else:
         divisor = float(num_items_in_batch)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, divisor)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, divisor, two_pass)
 
 
 def _liger_loss(hidden, weight, labels, num_items_in_batch=None):
@@ -85,9 +151,13 @@ def _liger_loss(hidden, weight, labels, num_items_in_batch=None):
 
     targets = shift_labels(labels).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    # accum_dtype fp32: the head gradient is summed over chunks in fp32 (liger-kernel 0.8.5's `accum_dtype`;
+    # its default sums in the weight's dtype, rounding the running sum to bf16 after every chunk)
     if num_items_in_batch is None:
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, hidden, targets)
-    total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets)
+        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, accum_dtype=torch.float32)(
+            weight, hidden, targets)
+    total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum",
+                                             accum_dtype=torch.float32)(weight, hidden, targets)
     return total / num_items_in_batch
 
 

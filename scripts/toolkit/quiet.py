@@ -12,9 +12,23 @@ user cannot act on, so a run shows its stages, progress bars and results. It is 
   or LANGTOOLKIT_VERBOSE=1 shows everything; the flag is exported to child processes, so
   `python scripts/demo.py --verbose` and `accelerate launch ... --verbose` reach every worker;
 - child processes of a quiet run get TORCH_CPP_LOG_LEVEL=ERROR (torch's C++ warnings, e.g.
-  gloo's, are printed before Python could filter them) unless the user set it.
+  gloo's, are printed before Python could filter them) unless the user set it;
+- in a multi-process run (LOCAL_RANK > 0, set by the launcher) the other processes do not repeat
+  the main process's library messages: transformers' warnings and progress bars ("Loading weights")
+  and DeepSpeed's INFO/WARNING lines show once, from local rank 0 (errors still show everywhere);
+- known advice about a choice we made on purpose (transformers' note that resized embeddings start
+  from the old rows' mean and covariance: our hf_mean padding rows) is dropped on every process;
+- `launch_environment()` is the environment for an `accelerate launch` child (the demo's, the tests'):
+  OMP_NUM_THREADS=1 stated (torch's launcher's own default, which it otherwise announces in a
+  banner) and, without CUDA, DS_ACCELERATOR=cpu (DeepSpeed otherwise warns "Setting accelerator to
+  CPU" in the launcher and in every process);
+- `library_prints()` wraps a library call that print()s a banner on every process (DeepSpeed's
+  "deepspeed_shm_comm_op built successfully" when the Accelerator starts on CPU): its stdout is
+  dropped when quiet.
 """
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -42,6 +56,47 @@ KNOWN_MESSAGES = (
 )
 # Loggers that repeat INFO lines per process on every step of a small CPU run.
 CHATTY_LOGGERS = {"DeepSpeed": logging.WARNING, "deepspeed": logging.WARNING}
+# Library log records that are advice about a choice this toolkit made on purpose: (logger, message start).
+KNOWN_LOG_MESSAGES = (
+    ("transformers.modeling_utils", "The new embeddings will be initialized from a multivariate normal"),
+    ("transformers.modeling_utils", "The new lm_head weights will be initialized from a multivariate normal"),
+)
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def launch_environment(environment=None) -> dict:
+    """The environment for an `accelerate launch` child process (see the module doc)."""
+    environment = dict(os.environ if environment is None else environment)
+    if is_verbose():
+        return environment
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        environment.setdefault("DS_ACCELERATOR", "cpu")
+    return environment
+
+
+@contextlib.contextmanager
+def library_prints():
+    """Drop what a library call print()s to stdout, unless --verbose (errors are exceptions and still raise)."""
+    if is_verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def quiet_by_default(argv=None) -> bool:
@@ -64,5 +119,20 @@ def quiet_by_default(argv=None) -> bool:
         warnings.filterwarnings("ignore", message=message)
     for name, level in CHATTY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    by_logger = {}
+    for name, prefix in KNOWN_LOG_MESSAGES:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logging.getLogger(name).addFilter(_DropKnown(prefixes))
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0:  # the main process shows library messages once
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return True

@@ -9,7 +9,8 @@ API:
     make_accelerator(args, project_name) -> Accelerator
                                   process-group timeout `--ddp_timeout` (gloo when CUDA is absent: ZeRO-3
                                   on CPU), trackers (`--report_to tensorboard|wandb|none`), DeepSpeed
-                                  micro-batch, accumulation, clipping and 16-bit-gather-on-save from `args`
+                                  micro-batch, accumulation, clipping and 16-bit-gather-on-save from `args`,
+                                  gradients accumulated and reduced in fp32 (deepspeed_gradient_precision)
     optimizer_param_groups(model, args) -> list[dict]
                                   no weight decay on biases, norms (< 2 dims, by the real ZeRO-3 shape) and
                                   embeddings; input/output embeddings in their own group ("embedding": True)
@@ -146,6 +147,16 @@ class LoopArguments:
     ddp_timeout: int = field(
         default=1800, metadata={"help": "Process-group timeout in seconds (collectives that wait longer fail)."}
     )
+    grad_accum_dtype: str = field(
+        default="fp32",
+        metadata={"help": "DeepSpeed: dtype the gradients are accumulated in over micro-batches (data_types."
+                  "grad_accum_dtype). fp32 (default): no bf16 rounding of the running sum; bf16: DeepSpeed's default."},
+    )
+    grad_reduce_dtype: str = field(
+        default="fp32",
+        metadata={"help": "DeepSpeed: dtype of the gradient reduce-scatter across processes (communication_data_type). "
+                  "fp32 (default) sends 2x the gradient bytes of bf16 (README: the cost); bf16: DeepSpeed's default."},
+    )
 
 
 # --------------------------------------------------------------------------- accelerator
@@ -163,12 +174,16 @@ def make_accelerator(args: LoopArguments, project_name: str = "train"):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     trackers = [t for t in args.report_to.split(",") if t and t != "none"]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
-        kwargs_handlers=handlers,
-    )
+    from toolkit.quiet import library_prints
+
+    with library_prints():  # DeepSpeed on CPU prints "deepspeed_shm_comm_op built successfully" per process
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                logging_dir=str(Path(args.output_dir) / "logs")),
+            kwargs_handlers=handlers,
+        )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         config = plugin.deepspeed_config
@@ -179,9 +194,22 @@ def make_accelerator(args: LoopArguments, project_name: str = "train"):
         )
         config["gradient_clipping"] = args.max_grad_norm
         config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        config.update(deepspeed_gradient_precision(args))
         accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     accelerator.project_name = project_name
     return accelerator
+
+
+def deepspeed_gradient_precision(args: LoopArguments) -> dict:
+    """DeepSpeed config keys for the gradients' accumulation and reduction dtypes (deepspeed 0.19:
+    `data_types.grad_accum_dtype` is ZeRO-3's gradient-partition buffer, `communication_data_type` its
+    reduce-scatter). Both default to the model's dtype in DeepSpeed, i.e. bf16 sums over every
+    micro-batch and process of a bf16 run; here fp32 unless --grad_accum_dtype/--grad_reduce_dtype say."""
+    for name in ("grad_accum_dtype", "grad_reduce_dtype"):
+        if getattr(args, name) not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--{name} must be fp32, bf16 or fp16, not {getattr(args, name)!r}")
+    return {"data_types": {"grad_accum_dtype": args.grad_accum_dtype},
+            "communication_data_type": args.grad_reduce_dtype}
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -512,7 +540,8 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
             step_started = time.time()
             if before_step is not None:
                 before_step(state.step)
-            window = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in window]
+            window = [{key: value.to(accelerator.device) if torch.is_tensor(value) else value  # max_length_q: int
+                       for key, value in batch.items()} for batch in window]
             targets = accelerator.reduce(torch.tensor([sum(map(_label_tokens, window))], device=accelerator.device),
                                          "sum")
             num_items = max(int(targets), 1)
@@ -587,7 +616,9 @@ def _learning_rates(optimizer) -> dict:
 
 
 def log_metrics(accelerator, output_dir, record, progress=None):
-    """Log `record` (with a "step") to the trackers, metrics.jsonl and the console (main process)."""
+    """Log `record` (with a "step") to the trackers, metrics.jsonl and the console (main process): with a
+    progress bar, a training record goes into the bar's postfix only (printing it would break the bar;
+    every record is in metrics.jsonl), an evaluation through tqdm.write."""
     output_dir = Path(output_dir)
     step = record["step"]
     scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
@@ -601,7 +632,8 @@ def log_metrics(accelerator, output_dir, record, progress=None):
         shown = {k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "lr", "grad_norm", "mfu")
                  or k.endswith("bits_per_character")}
         progress.set_postfix(shown, refresh=False)
-        progress.write(json.dumps(record))
+        if "loss" not in record:  # evaluations get a line (above the bar); step records are in the bar and the log
+            progress.write(json.dumps(record))
 
 
 # --------------------------------------------------------------------------- saving
