@@ -542,7 +542,8 @@ def contamination_report(tasks, patterns, n):
     that overlap; pass 2 indexes those documents and asks which items they overlap.
     """
     index = EvalNgramIndex(n)
-    items = {task.name: read_eval_items(task.path) for task in tasks}
+    # only the items evaluated (--max_task_examples keeps the first ones of each file)
+    items = {task.name: read_eval_items(task.path)[: len(task.examples)] for task in tasks}
     for name, texts in items.items():
         index.add(name, texts)
     paths = expand_paths(patterns)

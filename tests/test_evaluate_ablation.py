@@ -173,7 +173,7 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
     # 3 items per task, 2 held-out documents: every row is under --min_items_for_verdict
     assert all(e["verdict"] == "too few items to tell" for row in results["metrics"] for e in row["effects"].values())
     contamination = results["contamination"]["tasks"]
-    assert contamination["heading_mc"]["items_overlapping"] >= 1 and contamination["heading_mc"]["items"] == 81
+    assert contamination["heading_mc"]["items_overlapping"] >= 1 and contamination["heading_mc"]["items"] == 3  # the items evaluated
     assert contamination["manpage_mc"]["items_overlapping"] == 0
     table = (tmp_path / "out" / "ablation_table.md").read_text()
     assert "| heading_mc | **accuracy** ↑ | 3 |" in table and "not counted" in table
@@ -438,35 +438,56 @@ def test_the_model_card_shows_both_effects_speed_and_contamination():
               "verdict": "better"}
     noise = {"difference": 0.0, "ci95": [-0.1, 0.1], "p_value": 0.9, "p_holm": 0.9, "survives_holm": False,
              "verdict": "within noise"}
+    too_few = {"difference": 0.1, "ci95": [0.05, 0.2], "p_value": 0.25, "p_holm": None, "survives_holm": None,
+               "verdict": "too few items to tell"}
     report = {
         "models": [{"name": "base"}, {"name": "continued"}, {"name": "extended"}], "baseline": "base",
         "effects": [{"name": "data", "minuend": "continued", "subtrahend": "base"},
                     {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}],
         "metrics": [
-            {"task": "heading_mc", "metric": "accuracy", "primary": True, "higher_is_better": True,
+            {"task": "heading_mc", "metric": "accuracy", "primary": True, "higher_is_better": True, "examples": 40,
              "values": {"base": 0.3, "continued": 0.5, "extended": 0.5}, "effects": {"data": effect, "tokenizer": noise}},
+            {"task": "manpage_mc", "metric": "accuracy", "primary": True, "higher_is_better": True, "examples": 6,
+             "values": {"base": 0.3, "continued": 0.4, "extended": 0.4}, "effects": {"data": too_few, "tokenizer": too_few}},
             {"task": "heldout_ja", "metric": "bits_per_byte", "primary": False, "higher_is_better": False,
              "values": {"base": 2, "continued": 1.5, "extended": 1.5}, "effects": {"data": effect, "tokenizer": noise}}],
-        "generation_speed": {name: {"characters_per_second": cps, "tokens_per_second": 10.0, "characters_per_token": cps / 10,
-                                    "prompts": 4, "new_characters": 48, "batch_size": 8, "device": "cpu", "repeats": 3}
-                             for name, cps in (("base", 9.0), ("continued", 9.0), ("extended", 22.5))},
-        "speed_ratios": {"data": 1.0, "tokenizer": 2.5},
+        "seeds": [0], "test": {"permutations": 9999, "min_items_for_verdict": 20},
+        "decoding_speed": {name: {"characters_per_second": cps, "tokens_per_second": 10.0, "characters_per_token": cps / 10,
+                                  "prompts": 4, "reference_characters": 48, "batch_size": 8, "device": "cpu", "repeats": 3}
+                           for name, cps in (("base", 9.0), ("continued", 9.0), ("extended", 22.5))},
+        "speed_ratios": {"data": {"characters_per_second": 1.0, "tokens_per_second": 1.0, "characters_per_token": 1.0},
+                         "tokenizer": {"characters_per_second": 2.5, "tokens_per_second": 1.0,
+                                       "characters_per_token": 2.5}},
+        "free_generation": {name: {"characters_per_token": cpt} for name, cpt in
+                            (("base", 1.04), ("continued", 0.66), ("extended", 1.0))},
         "contamination": {"ngram": 13, "documents_scanned": 1200,
                           "tasks": {"heading_mc": {"items": 81, "items_overlapping": 2}}},
         "verdict": "data: better on 1 of 1 tasks.",
     }
     facts = mc.ablation_facts(report)
-    assert [task["name"] for task in facts["tasks"]] == ["heading_mc"]  # related figures are not repeated
+    assert [task["name"] for task in facts["tasks"]] == ["heading_mc", "manpage_mc"]  # related figures are not repeated
     assert facts["comparisons"] == ["data: continued − base", "tokenizer: extended − continued"]
     card = mc.render_card({"ablation": facts}, mc.load_card_config(), "o/m")
     english, japanese = mc.split_languages(card)
-    assert ("| section heading (multiple choice) | accuracy | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] "
+    assert ("| section heading (multiple choice) | accuracy | 40 | 0.3000 | 0.5000 | 0.5000 | +0.2000 | [+0.1000, +0.3000] "
             "| 0.020 | better |") in english
-    assert "| 節見出しの選択（多肢選択） | 正解率 | 0.3000 | 0.5000 | 0.5000 | +0.2000 |" in japanese
-    assert "| extended | 22.5 | 10.0 | 2.25 |" in english and "tokenizer effect: 2.50x the characters per second" in english
+    assert "| 節見出しの選択（多肢選択） | 正解率 | 40 | 0.3000 | 0.5000 | 0.5000 | +0.2000 |" in japanese
+    # items and seeds per row, the test, and no verdict under the minimum
+    assert "| man page description (multiple choice) | accuracy | 6 |" in english
+    assert "| – | too few items to tell |" in english and "| – | 設問が少なく判定不能 |" in japanese
+    assert "1 fine-tuning seed:" in english and "sign-flip permutation test" in english and "fewer than 20 items" in english
+    assert "符号反転の並べ替え検定" in japanese and "ファインチューニングのシード数: 1" in japanese
+    assert "too few items to tell on 1" in english and "1 個は設問が少なく判定不能" in japanese
+    # speed: forced decoding with its two factors; what free generation wrote, described
+    assert "| extended | 22.5 | 10.0 | 2.25 | 1.00 |" in english
+    assert "tokenizer effect: 2.50x the reference characters per second (1.00x tokens/s × 2.50x characters/token)" in english
     assert "| section heading (multiple choice) | 81 | 2 |" in english and "13-character n-gram" in english
-    assert "| extended | 22.5 | 10.0 | 2.25 |" in japanese and "2.50 倍" in japanese and "| 節見出しの選択（多肢選択） | 81 | 2 |" in japanese
+    assert "| 語彙拡張モデル | 22.5 | 10.0 | 2.25 | 1.00 |" in japanese and "2.50 倍" in japanese
+    assert "| 節見出しの選択（多肢選択） | 81 | 2 |" in japanese
     assert "改善" in japanese and "Holm" in japanese
+    # the Japanese half names the arms in Japanese, one term per concept, no space after 「。」
+    assert "継続事前学習モデル − ベースモデル" in japanese and "continued − base" not in japanese
+    assert "元モデル" not in japanese and "95% 信頼区間" in japanese and "。 " not in japanese
     # a label named "items" must not resolve to the dict method in Jinja
     assert "| Task | Items | Overlapping |" in english and "| タスク | 設問数 | 重複あり |" in japanese
     assert "built-in method" not in card
