@@ -537,7 +537,7 @@ def ablation_facts(report):
                 comparisons.append({"difference": _number(diff.get("difference")), "ci_low": lo, "ci_high": hi,
                                     "p_holm": None,
                                     "outcome": _outcome(lo, hi, _higher_is_better(row, metric), diff.get("verdict"))})
-            rows.append({"name": str(row.get("task")), "metric": metric,
+            rows.append({"name": str(row.get("task")), "metric": metric, "items": _number(row.get("examples")),
                          "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
     else:  # the first draft: tasks [{name, metric, scores, difference, ci95}] for two models
         for task in _get(report, "tasks", default=[]) or []:
@@ -546,7 +546,7 @@ def ablation_facts(report):
             metric = str(task.get("metric", ""))
             ci = task.get("ci95") or [None, None]
             lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
-            rows.append({"name": str(task.get("name")), "metric": metric,
+            rows.append({"name": str(task.get("name")), "metric": metric, "items": _number(task.get("examples")),
                          "scores": [_number((task.get("scores") or {}).get(m)) for m in [baseline] + compared],
                          "comparisons": [{"difference": _number(task.get("difference")), "ci_low": lo, "ci_high": hi,
                                           "p_holm": None,
