@@ -300,5 +300,8 @@ def test_the_card_states_the_base_models_real_provenance_and_credits_the_recipes
     for half in (english, japanese):  # the published recipe's project, next to ELYZA
         thanks = half[half.index("ELYZA"):]
         assert "Shisa" in thanks.split("\n")[1] and "https://github.com/AUGMXNT/shisa" in thanks
-    edit(reports / "pretrain" / "training_report.json", model={"model_name_or_path": "mistralai/Mistral-7B-v0.1"})
+    path = reports / "pretrain" / "training_report.json"
+    arguments = json.loads(path.read_text())["arguments"]
+    arguments["model"]["model_name_or_path"] = "mistralai/Mistral-7B-v0.1"
+    edit(path, arguments=arguments)
     assert "Q4_1" not in render(reports)  # a Hub base is what it says
