@@ -30,7 +30,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from toolkit import assets
-from toolkit.model_card import collect_facts, find_reports, load_reports
+from toolkit.model_card import collect_facts, find_reports, load_reports, translate
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
@@ -166,7 +166,8 @@ def key_figures(out):
         labels = f.get("comparisons") or f["compared"]
         for task in f["tasks"]:
             scores = " vs ".join(f"{s:.3f}" if s is not None else "-" for s in task["scores"])
-            outcome = ", ".join(f"{label.split(':')[0]} {c['outcome']}" for label, c in zip(labels, task["comparisons"]))
+            outcome = ", ".join(f"{label.split(':')[0]} {translate(c['outcome'], 'en')}"
+                                for label, c in zip(labels, task["comparisons"]))
             rows.append((f"{task['name']} ({task['metric']})", f"{' vs '.join(f['models'])}: {scores} [{outcome}]"))
         for row in f.get("speed") or []:
             rows.append((f"decoding speed {row['model']}", f"{row['characters_per_second']:.1f} reference characters/s, "
