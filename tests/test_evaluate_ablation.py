@@ -165,9 +165,9 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
     speed = results["decoding_speed"]
     assert set(speed) == {"base", "continued", "extended"} and set(results["free_generation"]) == set(speed)
     assert all(s["characters_per_second"] > 0 and s["tokens_per_second"] > 0 for s in speed.values())
-    # every arm decodes the same reference characters; the extended tokenizer needs fewer tokens for them
+    # every arm decodes the same reference characters (the test merges need a space before them: as many tokens)
     assert len({s["characters"] for s in speed.values()}) == 1
-    assert speed["extended"]["tokens"] < speed["continued"]["tokens"] == speed["base"]["tokens"]
+    assert speed["extended"]["tokens"] <= speed["continued"]["tokens"] == speed["base"]["tokens"]
     assert set(results["speed_ratios"]) == {"data", "tokenizer"}
     assert results["speed_ratios"]["data"]["characters_per_token"] == 1.0
     # 3 items per task, 2 held-out documents: every row is under --min_items_for_verdict
