@@ -49,6 +49,7 @@ class BenchArguments:
     old_new_characters: int = field(default=48, metadata={"help": "The old timed free generation (the old demo's)."})
     batch_size: int = field(default=8)
     repeats: int = field(default=3)
+    skip_old: bool = field(default=False, metadata={"help": "Measure only the new phase."})
     output_dir: str = field(default="outputs/bench_decoding_speed")
 
 
@@ -93,8 +94,11 @@ def main():
     prompts = [text[: args.prompt_characters] for text in chosen]
     references = [text[args.prompt_characters: need] for text in chosen]
 
-    old, old_wall, old_cpu = timed(lambda: old_free_generation_speeds(arms, prompts, args.old_new_characters,
-                                                                       args.batch_size, args.repeats))
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "tokenizer": args.tokenizer, "prompts": len(prompts), "batch_size": args.batch_size,
+              "repeats": args.repeats, "torch_threads": torch.get_num_threads()}
+    # the new phase first, written as soon as it is measured (on a loaded machine the old one is slow)
     forced, forced_wall, forced_cpu = timed(lambda: forced_decoding_speeds(arms, prompts, references, args.batch_size,
                                                                            args.repeats))
     written, free_wall, free_cpu = timed(lambda: {name: free_generation(model, tokenizer, prompts, args.free_characters,
@@ -102,38 +106,41 @@ def main():
                                                   for name, (model, tokenizer) in arms.items()})
     ratios = {effect: speed_ratio(forced, a, b) for effect, a, b in
               (("data", "continued", "base"), ("tokenizer", "extended", "continued"))}
-    report = {
-        "model": args.model, "tokenizer": args.tokenizer, "prompts": len(prompts), "batch_size": args.batch_size,
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "old_free_generation_timed": {"speeds": old, "new_characters": args.old_new_characters,
-                                      "tokenizer_ratio_characters_per_second":
-                                          old["extended"]["characters_per_second"] / old["continued"]["characters_per_second"],
-                                      "wall_seconds": old_wall, "cpu_seconds": old_cpu},
-        "forced_decoding": {"speeds": {n: {k: v for k, v in s.items() if k != "rounds_seconds"} for n, s in forced.items()},
-                            "ratios": ratios, "reference_characters": args.reference_characters,
-                            "wall_seconds": forced_wall, "cpu_seconds": forced_cpu},
-        "free_generation_described": {"characters_per_token": {n: w["characters_per_token"] for n, w in written.items()},
-                                      "new_characters": args.free_characters,
-                                      "wall_seconds": free_wall, "cpu_seconds": free_cpu},
-        "new_over_old_cpu_seconds": (forced_cpu + free_cpu) / old_cpu,
-        "new_over_old_wall_seconds": (forced_wall + free_wall) / old_wall,
-    }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    report["forced_decoding"] = {
+        "speeds": {n: {k: v for k, v in s.items() if k != "rounds_seconds"} for n, s in forced.items()},
+        "ratios": ratios, "reference_characters": args.reference_characters, "wall_seconds": forced_wall,
+        "cpu_seconds": forced_cpu}
+    report["free_generation_described"] = {
+        "characters_per_token": {n: w["characters_per_token"] for n, w in written.items()},
+        "new_characters": args.free_characters, "wall_seconds": free_wall, "cpu_seconds": free_cpu}
     write_json_atomic(output / "bench_decoding_speed.json", report)
     for name in arms:
-        f, o = forced[name], old[name]
+        f = forced[name]
         print(f"{name:10s} forced: {f['characters_per_second']:7.1f} ref chars/s {f['tokens_per_second']:7.1f} tok/s "
-              f"{f['characters_per_token']:.2f} chars/tok | old free: {o['characters_per_second']:7.1f} chars/s "
-              f"{o['characters_per_token']:.2f} chars/tok written | free (described) "
-              f"{written[name]['characters_per_token']:.2f}")
+              f"{f['characters_per_token']:.2f} chars/tok | free (described) "
+              f"{written[name]['characters_per_token']:.2f} chars/tok written", flush=True)
     for effect, r in ratios.items():
         print(f"{effect}: {r['characters_per_second']:.2f}x = {r['tokens_per_second']:.2f}x tok/s x "
-              f"{r['characters_per_token']:.2f}x chars/tok")
-    print(f"old phase: {old_wall:.1f} s wall, {old_cpu:.1f} CPU-s; new phase: forced {forced_wall:.1f} s "
-          f"({forced_cpu:.1f} CPU-s) + free described {free_wall:.1f} s ({free_cpu:.1f} CPU-s); new/old CPU-s "
-          f"{report['new_over_old_cpu_seconds']:.2f}")
-
+              f"{r['characters_per_token']:.2f}x chars/tok", flush=True)
+    print(f"new phase: forced {forced_wall:.1f} s ({forced_cpu:.1f} CPU-s) + free described {free_wall:.1f} s "
+          f"({free_cpu:.1f} CPU-s)", flush=True)
+    if args.skip_old:
+        return
+    old, old_wall, old_cpu = timed(lambda: old_free_generation_speeds(arms, prompts, args.old_new_characters,
+                                                                       args.batch_size, args.repeats))
+    report["old_free_generation_timed"] = {
+        "speeds": old, "new_characters": args.old_new_characters,
+        "tokenizer_ratio_characters_per_second":
+            old["extended"]["characters_per_second"] / old["continued"]["characters_per_second"],
+        "wall_seconds": old_wall, "cpu_seconds": old_cpu}
+    report["new_over_old_cpu_seconds"] = (forced_cpu + free_cpu) / old_cpu
+    report["new_over_old_wall_seconds"] = (forced_wall + free_wall) / old_wall
+    write_json_atomic(output / "bench_decoding_speed.json", report)
+    for name in arms:
+        o = old[name]
+        print(f"{name:10s} old free: {o['characters_per_second']:7.1f} chars/s {o['characters_per_token']:.2f} "
+              f"chars/tok written")
+    print(f"old phase: {old_wall:.1f} s wall, {old_cpu:.1f} CPU-s; new/old CPU-s {report['new_over_old_cpu_seconds']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """Decoding speed by forced decoding of the same reference text, and the descriptive free generation."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extended_tokenizers import extend_with_merges
