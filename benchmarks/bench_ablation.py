@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.chat import chat_template, prompt_text
-from toolkit.evaluation import GreedyWriter, continuation_logprobs, read_task
+from toolkit.evaluation import continuation_logprobs, read_task
+from toolkit.speed import GreedyWriter
 from toolkit.reports import write_json_atomic
 from toolkit.quiet import quiet_by_default
 

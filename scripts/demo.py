@@ -16,7 +16,7 @@ install; seconds, from the measured step times in BENCHMARKS.md): select 30, tok
 mix 40 (text and two token-shard folders), pretrain 150 (~8 steps of 1,024 tokens + start-up,
 evaluation, save), pretrain_base 240 (~18 steps: the raw tokenizer packs ~2.3x fewer
 characters per token), ablation 320 (3 two-step fine-tunes, 3 evaluations on small subsets,
-generation speed, contamination), publish 20: ~14 minutes at most, ~12 expected.
+decoding speed, contamination), publish 20: ~14 minutes at most, ~12 expected.
 """
 
 import os
@@ -30,7 +30,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from toolkit import assets
-from toolkit.model_card import collect_facts, find_reports, load_reports
+from toolkit.model_card import collect_facts, find_reports, load_reports, translate
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import launch_environment, quiet_by_default
 
@@ -120,7 +120,10 @@ def stages(out, base_model):
              "--finetune_max_train_steps", "2", "--finetune_per_device_train_batch_size", "1",
              "--finetune_max_seq_length", "544", "--finetune_learning_rate", "5e-5",
              "--max_eval_documents", "3", "--max_eval_characters", "400", "--max_task_examples", "6",
-             "--max_new_characters", "40", "--speed_prompts", "4", "--speed_new_characters", "48",
+             "--max_new_characters", "40",
+             # speed: forced decoding of the same 32 reference characters after each of 4 prompts, a short
+             # warm-up and 3 timed rounds; free generation (described only) writes 24 characters once per arm
+             "--speed_prompts", "4", "--speed_reference_characters", "32", "--speed_new_characters", "24",
              "--speed_repeats", "3"],
             "ablation/ablation_results.json",
         ),
@@ -163,13 +166,22 @@ def key_figures(out):
         labels = f.get("comparisons") or f["compared"]
         for task in f["tasks"]:
             scores = " vs ".join(f"{s:.3f}" if s is not None else "-" for s in task["scores"])
-            outcome = ", ".join(f"{label.split(':')[0]} {c['outcome']}" for label, c in zip(labels, task["comparisons"]))
+            outcome = ", ".join(f"{label.split(':')[0]} {translate(c['outcome'], 'en')}"
+                                for label, c in zip(labels, task["comparisons"]))
             rows.append((f"{task['name']} ({task['metric']})", f"{' vs '.join(f['models'])}: {scores} [{outcome}]"))
         for row in f.get("speed") or []:
-            rows.append((f"generation speed {row['model']}", f"{row['characters_per_second']:.1f} characters/s, "
-                                                             f"{row['tokens_per_second']:.1f} tokens/s"))
+            rows.append((f"decoding speed {row['model']}", f"{row['characters_per_second']:.1f} reference characters/s, "
+                                                           f"{row['tokens_per_second']:.1f} tokens/s"))
+            written = row.get("written_characters_per_token")
+            rows.append((f"characters/token {row['model']}",
+                         f"{row['characters_per_token']:.2f} on the reference text (the tokenizer's capacity)"
+                         + (f", {written:.2f} in what it wrote (free generation)" if written is not None else "")))
         for row in f.get("speed_ratios") or []:
-            rows.append((f"speed ratio ({row['effect']})", f"{row['ratio']:.2f}x characters/s"))
+            product = row["tokens_per_second"] * row["characters_per_token"]
+            rows.append((f"speed ratio ({row['effect']})",
+                         f"{row['ratio']:.2f}x reference characters/s; tokens/s ratio x characters/token ratio = "
+                         f"{row['tokens_per_second']:.2f} x {row['characters_per_token']:.2f} = {product:.2f} "
+                         f"({abs(row['ratio'] / product - 1):.1%} apart)"))
     return rows
 
 

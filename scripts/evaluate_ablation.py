@@ -28,16 +28,22 @@ budgets in characters, never tokens (a token budget gives a denser tokenizer mor
    through `evaluate` modules in `metrics/`, and how often an answer stops with EOS);
 3. lm-evaluation-harness tasks (`--lm_eval_tasks`): e.g. the JGLUE tasks of
    `sample_data/tasks/lm_eval/` (parquet, so they load with datasets 5; network);
-4. generation speed: characters and tokens per second of greedy generation, on the same
-   prompts, batch and device for every model: the practical gain of the extension;
+4. decoding speed by forced decoding (`toolkit.speed`): every arm decodes the same held-out
+   Japanese reference texts token by token with its KV cache, the same batch and device,
+   in interleaved rounds; the figure is reference characters per second (= tokens/s x the
+   tokenizer's characters/token on that text). What each arm writes by itself (free greedy
+   generation) is described (characters/token written), never timed into an effect;
 5. with `--contamination_files` (the pretraining mix), how many items of each task share
    a 13-character n-gram with it (`toolkit.decontamination`).
 
 The verdict counts ONE primary metric per task (declared in the task file; bits per
 character for held-out text; the first metric for lm-eval tasks); bits per byte, ROUGE-L,
 exact match and the EOS rate are shown, not counted. Each effect gets a paired bootstrap
-95% interval over seeds and examples and a p-value; Holm's correction runs across the
-tasks of each effect, and the table marks the differences that survive it.
+95% interval over seeds and examples (its size) and the p-value of a paired sign-flip
+permutation test over items, seeds kept as blocks (`toolkit.statistics`); Holm's correction
+runs across the tasks of each effect, separately for Japanese tasks and English retention,
+and the table marks the differences that survive it. A row over fewer than
+`--min_items_for_verdict` items reads "too few items to tell".
 
 Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation_chart.png`,
 `<name>/seed<k>/predictions.jsonl` (every answer), `finetuned/<name>/seed<k>/` (--finetune).
@@ -62,20 +68,26 @@ Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation
           "effects": {effect name: {
               "difference": float,          # value(minuend) - value(subtrahend)
               "ci95": [low, high],          # paired bootstrap over seeds and examples
-              "p_value": float,             # two-sided, from the same bootstrap
-              "p_holm": float|null,         # Holm-adjusted across the effect's primary rows
-              "survives_holm": bool|null,   # p_holm < alpha (primary rows only)
-              "verdict": "better" | "worse" | "within noise"}}}, ...],
-              # primary rows: better/worse only if it survives Holm; others: the interval alone
-      "generation_speed": {model name: {"characters_per_second", "tokens_per_second",
-                           "characters_per_token", "seconds", "prompts", "batch_size",
-                           "new_characters", "repeats", "device", ...}},
-      "speed_ratios": {effect name: characters/s of the minuend / of the subtrahend},
+              "p_value": float,             # two-sided paired sign-flip permutation test, seeds as blocks
+              "p_holm": float|null,         # Holm-adjusted across the effect's primary rows of its family
+              "survives_holm": bool|null,   # p_holm < alpha (primary rows with enough items only)
+              "verdict": "better" | "worse" | "within noise" | "too few items to tell"}}}, ...],
+              # primary rows: better/worse only if it survives Holm; others: the interval alone;
+              # any row under --min_items_for_verdict items: "too few items to tell"
+      "decoding_speed": {model name: {"characters_per_second", "tokens_per_second",  # forced decoding
+                         "characters_per_token" (the tokenizer on the reference text), "seconds",
+                         "characters", "tokens", "prompts", "reference_characters", "batch_size",
+                         "repeats", "device", ...}},
+      "speed_ratios": {effect name: {"characters_per_second", "tokens_per_second",
+                       "characters_per_token"}},   # minuend / subtrahend; cps = tps x cpt
+      "free_generation": {model name: {"characters", "tokens", "characters_per_token" (written,
+                          U+FFFD excluded), "replacement_characters", "texts", ...}},  # descriptive
       "contamination": null | {"ngram": int, "files": [str], "documents_scanned": int,
                        "tasks": {task: {"items": int, "items_overlapping": int,
                                         "mix_documents_overlapping": int}}},
       "verdict": str,                       # the answer, effect by effect
       "settings": {...}, "bootstrap": {"samples", "seed", "confidence", "alpha", "correction"},
+      "test": {"name", "permutations", "min_items_for_verdict", "families", "alpha"},
       "timings_seconds": {...}
     }
 """
@@ -99,11 +111,13 @@ from toolkit.chat import chat_template, require_eos
 from toolkit.corpus import expand_paths, iter_records, read_texts
 from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, read_eval_items
 from toolkit.evaluation import (
-    bootstrap_difference, generate_answers, generation_speeds, holm_adjust, lm_eval_tasks, load_metric,
+    bootstrap_difference, generate_answers, holm_adjust, lm_eval_tasks, load_metric,
     ratio_of_sums, read_tasks, score_multiple_choice,
 )
 from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
+from toolkit.speed import forced_decoding_speeds, free_generation, speed_ratio
+from toolkit.statistics import DEFAULT_PERMUTATIONS, TOO_FEW, paired_permutation_p, task_family
 from toolkit.quiet import quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,10 +148,14 @@ class AblationArguments:
         default=48, metadata={"help": "A generated answer stops at EOS or after this many characters, whatever the "
                               "tokenizer (a heading is at most 40 characters)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts generated together (left-padded)."})
-    speed_prompts: int = field(default=8, metadata={"help": "Held-out Japanese documents whose start prompts the "
-                                                    "generation-speed measurement (0 to skip it)."})
+    speed_prompts: int = field(default=8, metadata={"help": "Held-out Japanese documents (of --eval_files_ja) whose "
+                                                    "start is the prompt and the text after it the reference of the "
+                                                    "decoding-speed measurement (0 to skip it)."})
     speed_prompt_characters: int = field(default=64, metadata={"help": "Characters of each speed prompt."})
-    speed_new_characters: int = field(default=64, metadata={"help": "Characters each speed prompt generates."})
+    speed_reference_characters: int = field(
+        default=64, metadata={"help": "Characters of reference text each arm decodes after each prompt (forced)."})
+    speed_new_characters: int = field(default=64, metadata={"help": "Characters each prompt generates freely (what "
+                                                            "each model writes, described only; 0 to skip it)."})
     speed_repeats: int = field(default=3, metadata={"help": "Timed rounds (every model once each; median per model), "
                                                     "after a warm-up. All models are in memory together for it."})
     contamination_files: list[str] = field(
@@ -155,9 +173,17 @@ class AblationArguments:
     lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={"help": "Folder of local task YAMLs."})
     lm_eval_limit: int = field(default=None, metadata={"help": "Questions per lm-eval task (default all)."})
     lm_eval_num_fewshot: int = field(default=None, metadata={"help": "Few-shot examples (default: the task's own)."})
-    bootstrap_samples: int = field(default=1000)
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples of the 95% interval of "
+                                                            "each effect (its size; the test is the permutation test)."})
+    permutations: int = field(
+        default=DEFAULT_PERMUTATIONS, metadata={"help": "Sign patterns of the paired permutation test (exact when "
+                                                "2**items is at most this); the smallest p is 2/(permutations+1)."})
+    min_items_for_verdict: int = field(
+        default=20, metadata={"help": "Rows over fewer items read \"too few items to tell\": no better/worse, and "
+                              "not in Holm's families."})
     seed: int = field(default=0, metadata={"help": "Bootstrap seed (fine-tuning seeds: --seeds)."})
-    alpha: float = field(default=0.05, metadata={"help": "Family-wise error rate of Holm's correction, per effect."})
+    alpha: float = field(default=0.05, metadata={"help": "Family-wise error rate of Holm's correction, per effect "
+                                                 "and family (Japanese tasks; English retention)."})
 
 
 @dataclass
@@ -246,6 +272,25 @@ def heldout_texts(files, args):
     return [text[: args.max_eval_characters] for text in texts] if args.max_eval_characters else texts
 
 
+def reference_texts(args):
+    """[(prompt, reference)] of the decoding-speed measurement: the first --speed_prompts held-out
+    Japanese documents long enough for both (shorter ones are skipped and said)."""
+    if not args.speed_prompts:
+        return []
+    texts, _ = read_texts(args.eval_files_ja)
+    need = args.speed_prompt_characters + args.speed_reference_characters
+    long_enough = [text for text in texts if len(text) >= need]
+    pairs = [(text[: args.speed_prompt_characters], text[args.speed_prompt_characters: need])
+             for text in long_enough[: args.speed_prompts]]
+    if len(pairs) < args.speed_prompts:
+        print(f"decoding speed: {len(pairs)} of the {args.speed_prompts} prompts asked for "
+              f"({len(texts) - len(long_enough)} documents are shorter than {need} characters)", flush=True)
+    if not pairs:
+        raise ValueError(f"--eval_files_ja {args.eval_files_ja}: no document of {need} characters for the "
+                         "decoding-speed measurement; lower --speed_prompt_characters/--speed_reference_characters")
+    return pairs
+
+
 LOWER_IS_BETTER = {"bits_per_character", "bits_per_byte"}
 RATIO_METRICS = {"bits_per_character", "bits_per_byte"}
 
@@ -322,22 +367,33 @@ def compare(names, effects, results, primary, args):
                "values": {name: float(np.mean(per_seed[name])) for name in names},
                "values_per_seed": per_seed, "effects": {}}
         for effect, minuend, subtrahend in effects:
-            figures = bootstrap_difference([run[key] for run in results[subtrahend]],
-                                           [run[key] for run in results[minuend]], statistic=statistic,
-                                           num_samples=args.bootstrap_samples, seed=args.seed)
+            first, second = [run[key] for run in results[subtrahend]], [run[key] for run in results[minuend]]
+            interval = bootstrap_difference(first, second, statistic=statistic, num_samples=args.bootstrap_samples,
+                                            seed=args.seed)["ci95"]
+            p_value = paired_permutation_p(first, second, ratio=metric in RATIO_METRICS,
+                                           permutations=args.permutations, seed=args.seed)
             difference = row["values"][minuend] - row["values"][subtrahend]
-            low, high = figures["ci95"]
-            row["effects"][effect] = {"difference": difference, **figures, "p_holm": None, "survives_holm": None,
-                                      "verdict": reading(low, high, difference, higher_is_better)}
+            verdict = (TOO_FEW if row["examples"] < args.min_items_for_verdict
+                       else reading(*interval, difference, higher_is_better))
+            row["effects"][effect] = {"difference": difference, "ci95": interval, "p_value": p_value, "p_holm": None,
+                                      "survives_holm": None, "verdict": verdict}
         rows.append(row)
-    for effect, _, _ in effects:
-        counted = [row for row in rows if row["primary"]]
-        for row, adjusted in zip(counted, holm_adjust([row["effects"][effect]["p_value"] for row in counted])):
-            entry = row["effects"][effect]
-            entry["p_holm"], entry["survives_holm"] = adjusted, adjusted < args.alpha
-            if not entry["survives_holm"]:
-                entry["verdict"] = "within noise"
+    holm_families(rows, effects, args.alpha, args.min_items_for_verdict)
     return rows
+
+
+def holm_families(rows, effects, alpha, min_items):
+    """Holm's correction per effect and family (Japanese tasks, English retention), over the
+    primary rows with enough items for a verdict; the others keep p_holm None."""
+    for effect, _, _ in effects:
+        for family in ("japanese", "english"):
+            counted = [row for row in rows if row["primary"] and row["examples"] >= min_items
+                       and task_family(row["task"]) == family]
+            for row, adjusted in zip(counted, holm_adjust([row["effects"][effect]["p_value"] for row in counted])):
+                entry = row["effects"][effect]
+                entry["p_holm"], entry["survives_holm"] = adjusted, adjusted < alpha
+                if not entry["survives_holm"]:
+                    entry["verdict"] = "within noise"
 
 
 def reading(low, high, difference, higher_is_better):
@@ -346,7 +402,7 @@ def reading(low, high, difference, higher_is_better):
     return "better" if (difference > 0) == higher_is_better else "worse"
 
 
-def verdict_paragraph(names, effects, rows, speed, alpha):
+def verdict_paragraph(names, effects, rows, speed, alpha, min_items=20):
     if len(names) < 2:
         return f"Only one model ({names[0]}) was evaluated: nothing to compare."
     counted = [row for row in rows if row["primary"]]
@@ -359,19 +415,23 @@ def verdict_paragraph(names, effects, rows, speed, alpha):
                     + (f" ({', '.join(worse)})" if worse else "")
                     + f" after Holm's correction at {alpha:g}; no detectable difference on the rest.")
         if minuend in speed and subtrahend in speed:
-            fast, slow = speed[minuend]["characters_per_second"], speed[subtrahend]["characters_per_second"]
-            sentence += (f" Generation speed: {fast:.1f} vs {slow:.1f} characters/s ({fast / slow:.2f}x; "
-                         f"{speed[minuend]['characters_per_token']:.2f} vs "
-                         f"{speed[subtrahend]['characters_per_token']:.2f} characters/token).")
+            ratio = speed_ratio(speed, minuend, subtrahend)
+            sentence += (f" Decoding speed on the same reference text: {speed[minuend]['characters_per_second']:.1f} "
+                         f"vs {speed[subtrahend]['characters_per_second']:.1f} characters/s "
+                         f"({ratio['characters_per_second']:.2f}x = {ratio['tokens_per_second']:.2f}x tokens/s "
+                         f"× {ratio['characters_per_token']:.2f}x characters/token).")
         sentences.append(sentence)
     sizes = sorted({r["examples"] for r in counted})
     sentences.append(f"One primary metric per task is counted; related figures are shown, not counted. Each task has "
-                     f"{sizes[0]}-{sizes[-1]} examples: small home-made tasks over Debian manuals, not public "
-                     "benchmarks, so read \"no detectable difference\" as \"these tasks, at this size, cannot tell\".")
+                     f"{sizes[0]}-{sizes[-1]} items: read \"no detectable difference\" as \"these tasks, at this size, "
+                     "cannot tell\".")
+    too_few = sorted({row["task"] for row in counted if row["examples"] < min_items})
+    if too_few:
+        sentences.append(f"Too few items to tell (under {min_items}, no verdict): {', '.join(too_few)}.")
     return " ".join(sentences)
 
 
-def markdown_table(names, effects, rows, speed, contamination):
+def markdown_table(names, effects, rows, speed, contamination, written=None):
     header = ["task", "metric", "n"] + names
     for effect, _, _ in effects:
         header += [f"{effect}", "95% CI", "p (Holm)", "reading"]
@@ -383,27 +443,56 @@ def markdown_table(names, effects, rows, speed, contamination):
         cells = [row["task"], metric, str(row["examples"])] + [f"{row['values'][n]:.3f}" for n in names]
         for effect, _, _ in effects:
             entry = row["effects"][effect]
-            holm = (f"{entry['p_holm']:.3f}" + (" ✓" if entry["survives_holm"] else "")) if row["primary"] else "not counted"
+            holm = ("not counted" if not row["primary"] else "–" if entry["p_holm"] is None
+                    else f"{entry['p_holm']:.3f}" + (" ✓" if entry["survives_holm"] else ""))
             cells += [f"{entry['difference']:+.3f}", f"[{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]", holm,
                       entry["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n\nBold: the task's primary metric, the only one counted; ✓: the difference survives " \
-                             "Holm's correction across the tasks of that effect.\n"
-    if speed:
-        text += ("\n| generation speed | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
-                 + "| characters/s | " + " | ".join(f"{speed[n]['characters_per_second']:.1f}" for n in names) + " |\n"
-                 + "| tokens/s | " + " | ".join(f"{speed[n]['tokens_per_second']:.1f}" for n in names) + " |\n"
-                 + "| characters/token | " + " | ".join(f"{speed[n]['characters_per_token']:.2f}" for n in names)
-                 + " |\n")
-        first = speed[names[0]]
-        text += (f"\nGreedy generation, EOS suppressed, {first['new_characters']} new characters for each of "
-                 f"{first['prompts']} held-out Japanese prompts, batch {first['batch_size']}, on {first['device']}, "
-                 f"median of {first['repeats']} runs.\n")
+    text = "\n".join(lines) + "\n\nBold: the task's primary metric, the only one counted; n: items; ✓: the difference " \
+                             "survives Holm's correction across the tasks of that effect and family (Japanese tasks; " \
+                             "English retention); –: too few items for a verdict. p: paired sign-flip permutation " \
+                             "test over items, seeds as blocks; interval: paired bootstrap over seeds and items.\n"
+    text += speed_tables(names, effects, speed, written)
     if contamination:
         text += (f"\n| contamination ({contamination['ngram']}-gram overlap with the pretraining mix, "
                  f"{contamination['documents_scanned']:,} documents) | items | overlapping |\n|---|---:|---:|\n")
         for task, entry in contamination["tasks"].items():
             text += f"| {task} | {entry['items']} | {entry['items_overlapping']} |\n"
+    return text
+
+
+def speed_tables(names, effects, speed, written):
+    """Forced-decoding speed (with each effect's ratio and its two factors) and, apart, what each
+    arm wrote by itself (descriptive: no speed or effect from it)."""
+    text = ""
+    if speed:
+        text += ("\n| decoding speed (same reference text) | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names)
+                 + "\n| reference characters/s | "
+                 + " | ".join(f"{speed[n]['characters_per_second']:.1f}" for n in names) + " |\n"
+                 + "| tokens/s | " + " | ".join(f"{speed[n]['tokens_per_second']:.1f}" for n in names) + " |\n"
+                 + "| characters/token (reference text) | "
+                 + " | ".join(f"{speed[n]['characters_per_token']:.2f}" for n in names) + " |\n")
+        ratios = [(effect, speed_ratio(speed, a, b)) for effect, a, b in effects if a in speed and b in speed]
+        if ratios:
+            text += ("\n| effect | characters/s ratio | tokens/s ratio × characters/token ratio |\n|---|---:|---:|\n"
+                     + "".join(f"| {effect} | {r['characters_per_second']:.2f}x | {r['tokens_per_second']:.2f}x × "
+                               f"{r['characters_per_token']:.2f}x = "
+                               f"{r['tokens_per_second'] * r['characters_per_token']:.2f}x |\n" for effect, r in ratios))
+        first = speed[names[0]]
+        text += (f"\nForced decoding: each of {first['prompts']} held-out Japanese prompts, then its next "
+                 f"{first['reference_characters']} characters of reference text fed one token at a time (KV cache), "
+                 f"batch {first['batch_size']}, on {first['device']}, median of {first['repeats']} interleaved rounds.\n")
+    if written:
+        text += ("\n| free generation (described, not timed) | " + " | ".join(names) + " |\n|---|"
+                 + "---:|" * len(names) + "\n| characters written | "
+                 + " | ".join(str(written[n]["characters"]) for n in names) + " |\n"
+                 + "| tokens written | " + " | ".join(str(written[n]["tokens"]) for n in names) + " |\n"
+                 + "| characters/token written | "
+                 + " | ".join(f"{written[n]['characters_per_token']:.2f}" for n in names) + " |\n")
+        first = written[names[0]]
+        text += (f"\nGreedy, EOS suppressed, {first['new_characters']} characters after each of {first['prompts']} "
+                 "prompts; U+FFFD (a character cut by the budget) not counted. What each model chose to write, so "
+                 "no speed or effect is computed from it.\n")
     return text
 
 
@@ -435,7 +524,7 @@ def bar_chart(names, effects, rows, speed, path):
     if speed:
         axis = list(axes.flat)[len(shown)]
         axis.bar(names, [speed[n]["characters_per_second"] for n in names], color=colours)
-        axis.set_title("generation speed\ncharacters/s ↑", fontsize=7)
+        axis.set_title("decoding speed (forced)\nreference characters/s ↑", fontsize=7)
         axis.tick_params(labelsize=7)
     for axis in list(axes.flat)[panels:]:
         axis.axis("off")
@@ -453,7 +542,8 @@ def contamination_report(tasks, patterns, n):
     that overlap; pass 2 indexes those documents and asks which items they overlap.
     """
     index = EvalNgramIndex(n)
-    items = {task.name: read_eval_items(task.path) for task in tasks}
+    # only the items evaluated (--max_task_examples keeps the first ones of each file)
+    items = {task.name: read_eval_items(task.path)[: len(task.examples)] for task in tasks}
     for name, texts in items.items():
         index.add(name, texts)
     paths = expand_paths(patterns)
@@ -509,7 +599,7 @@ def main():
         require_eos(AutoTokenizer.from_pretrained(assets.resolve(model)), model)
     tasks = read_tasks(args.task_dir, args.tasks, args.max_task_examples)
     heldout = {"ja": heldout_texts(args.eval_files_ja, args), "en": heldout_texts(args.eval_files_en, args)}
-    speed_prompts = [text[: args.speed_prompt_characters] for text in heldout["ja"][: args.speed_prompts]]
+    speed_texts = reference_texts(args)
     metric_modules = {name: load_metric(name) for name in ("exact_match", "char_f1")}
     contamination = None
     if args.contamination_files:
@@ -544,17 +634,25 @@ def main():
             timings[f"evaluate_{entry['name']}_seed{run['seed']}"] = time.time() - started
             del model
             gc.collect()
-    if speed_prompts:  # every arm's first fine-tune in memory at once, timed in interleaved rounds
+    written = {}
+    if speed_texts:  # every arm's first fine-tune in memory at once, timed in interleaved rounds
         started = time.time()
         arms = {entry["name"]: load_model(entry["runs"][0]["evaluated"]) for entry in models}
-        speed = generation_speeds(arms, speed_prompts, new_characters=args.speed_new_characters,
-                                  batch_size=args.generation_batch_size, repeats=args.speed_repeats)
+        prompts, references = zip(*speed_texts)
+        speed = forced_decoding_speeds(arms, list(prompts), list(references), batch_size=args.generation_batch_size,
+                                       repeats=args.speed_repeats)
+        timings["decoding_speed"] = time.time() - started
+        if args.speed_new_characters:
+            started = time.time()
+            written = {name: free_generation(model, tokenizer, list(prompts), args.speed_new_characters,
+                                             batch_size=args.generation_batch_size)
+                       for name, (model, tokenizer) in arms.items()}
+            timings["free_generation"] = time.time() - started
         del arms
         gc.collect()
-        timings["generation_speed"] = time.time() - started
 
     rows = compare(names, effects, results, primary, args)
-    verdict = verdict_paragraph(names, effects, rows, speed, args.alpha)
+    verdict = verdict_paragraph(names, effects, rows, speed, args.alpha, args.min_items_for_verdict)
     if settings.finetune:
         seen = {(run["seed"], run["finetune_report"]["examples"], run["finetune_report"]["steps"],
                  run["finetune_report"]["truncated"]) for m in models for run in m["runs"]}
@@ -565,20 +663,24 @@ def main():
                                     for m in models for run in m["runs"]) + ".")
     else:
         verdict += " The models were evaluated as given (no --finetune)."
-    speed_ratios = {effect: speed[a]["characters_per_second"] / speed[b]["characters_per_second"]
-                    for effect, a, b in effects if a in speed and b in speed}
-    table = markdown_table(names, effects, rows, speed, contamination)
+    speed_ratios = {effect: speed_ratio(speed, a, b) for effect, a, b in effects if a in speed and b in speed}
+    table = markdown_table(names, effects, rows, speed, contamination, written)
     (output / "ablation_table.md").write_text(table + "\n" + verdict + "\n", encoding="utf-8")
     bar_chart(names, effects, rows, speed, output / "ablation_chart.png")
     write_json_atomic(output / "ablation_results.json", {
         "models": models, "baseline": names[0],
         "effects": [{"name": e, "minuend": a, "subtrahend": b} for e, a, b in effects], "seeds": seeds,
-        "metrics": rows, "generation_speed": speed, "speed_ratios": speed_ratios, "contamination": contamination,
+        "metrics": rows, "decoding_speed": speed, "speed_ratios": speed_ratios, "free_generation": written,
+        "contamination": contamination,
         "verdict": verdict, "settings": {**asdict(args), **asdict(settings)},
         "tasks": [{"name": t.name, "kind": t.kind, "path": t.path, "examples": len(t.examples),
                    "primary_metric": t.primary_metric} for t in tasks],
         "bootstrap": {"samples": args.bootstrap_samples, "seed": args.seed, "confidence": 0.95,
                       "alpha": args.alpha, "correction": "holm", "resampled": "seeds and examples"},
+        "test": {"name": "paired sign-flip permutation test over items, seeds kept as blocks (scipy.stats."
+                         "permutation_test); exact when the sign patterns are at most the permutations",
+                 "permutations": args.permutations, "min_items_for_verdict": args.min_items_for_verdict,
+                 "families": ["japanese", "english"], "alpha": args.alpha, "correction": "holm"},
         "timings_seconds": timings,
     })
     print("\n" + table + "\n" + verdict)

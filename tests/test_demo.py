@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,26 @@ def test_the_demo_runs_three_arms_on_the_same_characters():
     assert models == ["offline:smollm2-135m", "outputs/demo/pretrain-base", "outputs/demo/pretrain"]
     assert "data=continued:base" in ablation and "tokenizer=extended:continued" in ablation
     assert "--max_new_tokens" not in ablation and value(ablation, "--max_new_characters") == "40"
+
+
+def test_key_figures_show_the_speed_ratio_with_both_factors_and_what_each_arm_wrote(tmp_path):
+    effect = {"difference": 0.0, "ci95": [-0.1, 0.1], "p_value": 0.5, "p_holm": None, "survives_holm": None,
+              "verdict": "too few items to tell"}
+    speeds = {name: {"characters_per_second": cps, "tokens_per_second": tps, "characters_per_token": cps / tps}
+              for name, cps, tps in (("continued", 20.0, 20.0), ("extended", 36.0, 18.0))}
+    report = {"models": [{"name": "continued"}, {"name": "extended"}], "baseline": "continued",
+              "effects": [{"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}],
+              "metrics": [{"task": "heading_mc", "metric": "accuracy", "primary": True, "examples": 6,
+                           "values": {"continued": 0.5, "extended": 0.5}, "effects": {"tokenizer": effect}}],
+              "decoding_speed": speeds,
+              "speed_ratios": {"tokenizer": {"characters_per_second": 1.8, "tokens_per_second": 0.9,
+                                             "characters_per_token": 2.0}},
+              "free_generation": {"continued": {"characters_per_token": 0.66}, "extended": {"characters_per_token": 1.0}}}
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "ablation_results.json").write_text(json.dumps(report))
+    rows = dict(demo.key_figures(tmp_path))
+    assert rows["speed ratio (tokenizer)"] == ("1.80x reference characters/s; tokens/s ratio x characters/token ratio "
+                                               "= 0.90 x 2.00 = 1.80 (0.0% apart)")
+    assert rows["characters/token extended"] == ("2.00 on the reference text (the tokenizer's capacity), 1.00 in what "
+                                                 "it wrote (free generation)")
+    assert "too few items to tell" in rows["heading_mc (accuracy)"]

