@@ -34,7 +34,8 @@ budgets in characters, never tokens (a token budget gives a denser tokenizer mor
    a 13-character n-gram with it (`toolkit.decontamination`).
 
 The verdict counts ONE primary metric per task (declared in the task file; bits per
-character for held-out text; the first metric for lm-eval tasks); bits per byte, ROUGE-L,
+character for held-out text; for lm-eval tasks the YAML's `metadata.primary_metric`, e.g.
+balanced accuracy for MARC-ja and JNLI, char-F1 for JSQuAD, else its first); bits per byte, ROUGE-L,
 exact match and the EOS rate are shown, not counted. Each effect gets a paired bootstrap
 95% interval over seeds and examples and a p-value; Holm's correction runs across the
 tasks of each effect, and the table marks the differences that survive it.
@@ -99,7 +100,7 @@ from toolkit.chat import chat_template, require_eos
 from toolkit.corpus import expand_paths, iter_records, read_texts
 from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, read_eval_items
 from toolkit.evaluation import (
-    bootstrap_difference, generate_answers, generation_speeds, holm_adjust, lm_eval_tasks, load_metric,
+    CORPUS_METRICS, bootstrap_difference, generate_answers, generation_speeds, holm_adjust, lm_eval_tasks, load_metric,
     ratio_of_sums, read_tasks, score_multiple_choice,
 )
 from toolkit.metrics import bits_per_character
@@ -296,16 +297,24 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
         for task, samples in results["samples"].items():
             for metric, values in samples.items():
                 per_example[(f"lm_eval:{task}", metric)] = values
-            # the task's first metric is primary (acc before acc_norm; exact_match for JSQuAD)
-            primary[f"lm_eval:{task}"] = next(iter(samples))
+            # the metric the task's YAML declares primary (metadata.primary_metric), else its first
+            primary[f"lm_eval:{task}"] = results["primary"].get(task) or next(iter(samples))
     with open(predictions_path, "w", encoding="utf-8") as stream:
         for row in predictions:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     return per_example, primary
 
 
+def statistic_of(metric):
+    """What a figure is over its per-example rows: a ratio of sums (bits per character), a
+    figure over all (gold, predicted) rows (balanced accuracy, macro-F1), or a mean."""
+    if metric in RATIO_METRICS:
+        return ratio_of_sums
+    return CORPUS_METRICS.get(metric, np.mean)
+
+
 def aggregate(metric, values):
-    return ratio_of_sums(values) if metric in RATIO_METRICS else float(np.mean(values))
+    return float(statistic_of(metric)(values))
 
 
 def compare(names, effects, results, primary, args):
@@ -314,7 +323,7 @@ def compare(names, effects, results, primary, args):
     rows = []
     for key in results[names[0]][0]:
         task, metric = key
-        statistic = ratio_of_sums if metric in RATIO_METRICS else np.mean
+        statistic = statistic_of(metric)
         higher_is_better = metric not in LOWER_IS_BETTER
         per_seed = {name: [aggregate(metric, run[key]) for run in results[name]] for name in names}
         row = {"task": task, "metric": metric, "primary": primary.get(task) == metric,

@@ -14,7 +14,8 @@ from extended_tokenizers import extend_with_merges
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import (
     CharacterBudget, TaskError, bootstrap_difference, continuation_logprobs, generate_answers, generation_speeds,
-    holm_adjust, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task, score_multiple_choice,
+    balanced_accuracy_of_rows, holm_adjust, lm_eval_tasks, load_metric, macro_f1_of_rows, paired_bootstrap,
+    ratio_of_sums, read_task, score_multiple_choice,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,6 +380,7 @@ def test_bundled_tasks_declare_one_primary_metric(sample_data):
 
 JGLUE_PREFIX = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet"
 JGLUE_TASKS = ["ja_jglue_jcommonsenseqa", "ja_jglue_jnli", "ja_jglue_marc_ja", "ja_jglue_jsquad"]
+TASK_YAMLS = REPO / "sample_data/tasks/lm_eval"
 
 
 def jglue_rows(config, count):
@@ -387,38 +389,85 @@ def jglue_rows(config, count):
         return [{"q_id": i, "question": f"質問{i}はどれですか。", **{f"choice{k}": f"選択肢{k}" for k in range(5)},
                  "label": i % 5} for i in range(count)]
     if config == "JNLI":
-        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": "男性が歩いている。",
+        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": f"男性{i}が歩いている。",
                  "sentence2": "人が歩いている。", "label": i % 3} for i in range(count)]
     if config == "MARC-ja":
-        return [{"sentence": "とても良い商品でした。", "label": i % 2, "review_id": f"R{i}"} for i in range(count)]
+        return [{"sentence": f"とても良い商品でした{i}。", "label": int(i % 4 == 3), "review_id": f"R{i}"}
+                for i in range(count)]
     return [{"id": f"q{i}", "title": "東京", "context": "東京 [SEP] 東京は日本の首都である。", "question": "日本の首都はどこ？",
              "answers": {"text": ["東京"], "answer_start": [0]}, "is_impossible": False} for i in range(count)]
 
 
+def local_task(include, task, data_files, **overrides):
+    """A task YAML in `include` that includes the shipped YAML of `task` and reads local files
+    instead of the Hub: the shipped prompt, metrics, filters and functions, other data."""
+    import yaml
+
+    shipped = TASK_YAMLS / f"{task}.yaml"
+    config = {"include": str(shipped), "task": task, "dataset_kwargs": {"data_files": data_files}, **overrides}
+    text = shipped.read_text(encoding="utf-8")
+    assert "hf://datasets/" in text and "@" in text.split("hf://datasets/")[1].split("\n")[0]  # the Hub, a revision
+    (include / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+
+
+SHORT_GENERATION = {"generation_kwargs": {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 4}}
+
+
 def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
-    """Every JGLUE task YAML, with only its parquet URLs pointed at local files, runs in lm-eval."""
+    """Every JGLUE task YAML, with only its data pointed at local parquet, runs in lm-eval and
+    reports the harnesses' metrics: balanced accuracy first for MARC-ja and JNLI, char-F1 for JSQuAD."""
     from datasets import Dataset
 
     model, tokenizer = tiny
-    data = tmp_path / "JGLUE"
-    for config in ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD"):
-        for split, count in (("train", 4), ("validation", 3)):
-            (data / config / split).mkdir(parents=True)
-            Dataset.from_list(jglue_rows(config, count)).to_parquet(str(data / config / split / "0000.parquet"))
     include = tmp_path / "lm_eval"
     include.mkdir()
-    shutil.copy(REPO / "sample_data/tasks/lm_eval/jglue.py", include / "jglue.py")
-    for task in JGLUE_TASKS:
-        text = (REPO / f"sample_data/tasks/lm_eval/{task}.yaml").read_text(encoding="utf-8")
-        assert text.count(JGLUE_PREFIX) == 2 and "dataset_path: parquet" in text  # the shipped files, URLs aside
-        text = text.replace(JGLUE_PREFIX, str(data)).replace("  do_sample: false", "  do_sample: false\n  max_gen_toks: 4")
-        (include / f"{task}.yaml").write_text(text, encoding="utf-8")
-    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=2, samples=True)
-    for task in JGLUE_TASKS[:3]:
-        assert 0.0 <= output["results"][task]["acc,none"] <= 1.0
-        assert len(output["samples"][task]["acc"]) == 2
-    assert 0.0 <= output["results"]["ja_jglue_jsquad"]["exact_match,whitespaces"] <= 1.0
-    assert len(output["samples"]["ja_jglue_jsquad"]["exact_match"]) == 2
+    for task, config in zip(JGLUE_TASKS, ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD")):
+        files = {}
+        for split, count in (("train", 6), ("validation", 4)):
+            files[split] = str(tmp_path / config / f"{split}.parquet")
+            (tmp_path / config).mkdir(exist_ok=True)
+            Dataset.from_list(jglue_rows(config, count)).to_parquet(files[split])
+        local_task(include, task, files, **(SHORT_GENERATION if task == "ja_jglue_jsquad" else {}))
+    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=4, samples=True,
+                           include_defaults=False)
+    assert output["primary"] == {"ja_jglue_jcommonsenseqa": "acc", "ja_jglue_jnli": "balanced_acc",
+                                 "ja_jglue_marc_ja": "balanced_acc", "ja_jglue_jsquad": "char_f1"}
+    assert len(output["samples"]["ja_jglue_jcommonsenseqa"]["acc"]) == 4
+    for task in ("ja_jglue_jnli", "ja_jglue_marc_ja"):
+        pairs = output["samples"][task]["balanced_acc"]
+        golds = [int(gold) for gold, _ in pairs]
+        assert golds == [int(row["label"]) for row in jglue_rows("JNLI" if "jnli" in task else "MARC-ja", 4)]
+        # lm-eval's aggregate is scikit-learn's over the same (gold, predicted) rows as the ablation resamples
+        assert output["results"][task]["balanced_acc,none"] == pytest.approx(balanced_accuracy_of_rows(pairs))
+        assert output["results"][task]["macro_f1,none"] == pytest.approx(macro_f1_of_rows(pairs))
+        accuracy = np.mean([gold == predicted for gold, predicted in pairs])
+        assert output["results"][task]["acc,none"] == pytest.approx(accuracy)
+    jsquad = output["results"]["ja_jglue_jsquad"]
+    assert 0.0 <= jsquad["char_f1,character_budget"] <= 1.0 and 0.0 <= jsquad["exact_match,character_budget"] <= 1.0
+    assert len(output["samples"]["ja_jglue_jsquad"]["char_f1"]) == 4
+
+
+def test_balanced_accuracy_does_not_reward_the_majority_class():
+    always_positive = [(0, 0)] * 9 + [(1, 0)]  # MARC-ja-like: 90% one class, the model always says it
+    assert np.mean([g == p for g, p in always_positive]) == 0.9
+    assert balanced_accuracy_of_rows(always_positive) == 0.5
+    assert macro_f1_of_rows(always_positive) == pytest.approx(0.5 * 2 * 0.9 / 1.9)
+
+
+def test_jnli_few_shot_examples_cycle_through_the_labels():
+    sys.path.insert(0, str(TASK_YAMLS))
+    try:
+        from ja_tasks import LabelStratifiedSampler
+    finally:
+        sys.path.remove(str(TASK_YAMLS))
+    pool = [{"id": i, "label": label} for i, label in enumerate([0] * 20 + [1] * 3 + [2] * 3)]
+    sampler = LabelStratifiedSampler(pool, rnd=0)
+    for draw in range(20):
+        shots = sampler.sample(3, eval_doc=pool[draw])
+        assert sorted(shot["label"] for shot in shots) == [0, 1, 2] and pool[draw] not in shots
+    assert [shot["label"] for shot in sampler.sample(5)].count(0) <= 2  # 5 shots over 3 labels: 2, 2, 1
+    with pytest.raises(ValueError, match="per label"):
+        sampler.sample(12)  # 4 of each label; labels 1 and 2 have 3 examples each
 
 
 def test_the_model_card_shows_both_effects_speed_and_contamination():
