@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from toolkit import assets, data_engine, mixing, token_shards
 from toolkit.corpus import CorpusError
+from toolkit.decontamination import cached_index, materialize_lm_eval_tasks, split_overlap_counts
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
@@ -49,6 +50,13 @@ class MixArguments:
     skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed lines (reported)."})
     overwrite_lang: bool = field(default=False, metadata={
         "help": "Set \"lang\" to ja/en on every record (default: a record's own \"lang\" is kept)."})
+    decontaminate_against: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation files (task JSONL: one item per record; any other file: one item) or lm-eval task/group "
+                "names (lm_eval:NAME or NAME). Every document of EITHER language sharing a character n-gram with an "
+                "item is dropped, counted per task in the report (selection only sees the Japanese)."})
+    decontamination_ngram: int = field(default=13, metadata={"help": "Characters per n-gram of --decontaminate_against."})
+    lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={
+        "help": "Folder of local lm-eval task YAMLs for lm-eval names in --decontaminate_against."})
     shuffle_buckets: int = field(default=16, metadata={
         "help": "Output shards of the shuffle; one of them must fit in a task's memory (corpus size / this)."})
 
@@ -74,6 +82,7 @@ def main(argv=None):
     overlap = set(japanese_paths) & set(english_paths)
     if overlap:
         raise SystemExit(f"{sorted(overlap)[0]} is both a Japanese and an English input")
+    decontaminate_against = decontamination_files(args)
     tokenizer_path = assets.resolve(args.tokenizer)
     tokenizer = mixing.load_tokenizer(tokenizer_path)  # a wrong name fails here, not in a task
     executor_args = executor_args.resolved(len(japanese_paths) + len(english_paths))
@@ -82,6 +91,9 @@ def main(argv=None):
     #    the scattered records are temporary under a key that adds seed, share and buckets.
     fingerprints = {"japanese_files": data_engine.file_fingerprint(japanese_paths),
                     "english_files": data_engine.file_fingerprint(english_paths)}
+    if decontaminate_against:
+        fingerprints["decontaminate_against"] = data_engine.file_fingerprint(decontaminate_against)
+        fingerprints["decontamination_ngram"] = args.decontamination_ngram
     count_key = data_engine.stable_key({**fingerprints, "tokenizer": token_shards.tokenizer_fingerprint(tokenizer_path),
                                         "text_field": args.text_field, "skip_bad_records": args.skip_bad_records,
                                         "tasks": executor_args.tasks})
@@ -98,6 +110,7 @@ def main(argv=None):
         shuffle_buckets=args.shuffle_buckets, text_field=args.text_field, skip_bad_records=args.skip_bad_records,
         overwrite_lang=args.overwrite_lang, cache_dir=cache_dir,
         tmp_dir=os.path.join(args.output_dir, ".tmp", mix_key), output_dir=args.output_dir,
+        decontaminate_against=tuple(decontaminate_against), decontamination_ngram=args.decontamination_ngram,
         report={"inputs": {**fingerprints, "tokenizer": args.tokenizer, "tokenizer_path": tokenizer_path,
                            "vocab_size": len(tokenizer)},
                 "settings": {**settings, "executor": executor_args.executor, "tasks": executor_args.tasks,
@@ -121,11 +134,30 @@ def main(argv=None):
     report["token_shards"] = {label or "training": os.path.join(args.output_dir, f"tokens-{label}" if label else "tokens")
                               for label in ["", *extra_tokenizers]}
     report["timing_s"] = {"total": round(time.time() - started, 3), "stages_s": stage_seconds}
+    dropped = {}
+    for side, skipped in report["skipped_bad_records"].items():
+        report["skipped_bad_records"][side], dropped[side] = split_overlap_counts(skipped)
+    report["decontamination"] = {"against": decontaminate_against, "ngram": args.decontamination_ngram,
+                                 "documents_dropped_per_task": dropped} if decontaminate_against else None
     write_json_atomic(report_path, report)
     share = report["english_share"]
     print(f"{report['documents']['ja']} ja + {report['documents']['en']} en documents, {report['tokens']['ja']:,} + "
           f"{report['tokens']['en']:,} tokens, English share {share['achieved']:.4f} (target {share['target']}) "
           f"-> {plan.text_dir}")
+
+
+def decontamination_files(args) -> list:
+    """The evaluation files of --decontaminate_against (lm-eval task names written out as JSONL
+    under OUT/decontamination/), read once now: a bad file is an error before any heavy work."""
+    if not args.decontaminate_against:
+        return []
+    if args.decontamination_ngram < 1:
+        raise SystemExit(f"--decontamination_ngram must be at least 1, got {args.decontamination_ngram}")
+    entries = materialize_lm_eval_tasks(args.decontaminate_against, os.path.join(args.output_dir, "decontamination"),
+                                        args.lm_eval_include_path)
+    files = data_engine.resolve_inputs(entries, formats=None)
+    cached_index(tuple(files), args.decontamination_ngram)
+    return files
 
 
 def parse_extra_tokenizers(entries) -> dict:

@@ -428,8 +428,7 @@ def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
             (tmp_path / config).mkdir(exist_ok=True)
             Dataset.from_list(jglue_rows(config, count)).to_parquet(files[split])
         local_task(include, task, files, **(SHORT_GENERATION if task == "ja_jglue_jsquad" else {}))
-    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=4, samples=True,
-                           include_defaults=False)
+    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=4, samples=True)
     assert output["primary"] == {"ja_jglue_jcommonsenseqa": "acc", "ja_jglue_jnli": "balanced_acc",
                                  "ja_jglue_marc_ja": "balanced_acc", "ja_jglue_jsquad": "char_f1"}
     assert len(output["samples"]["ja_jglue_jcommonsenseqa"]["acc"]) == 4

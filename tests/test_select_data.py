@@ -270,6 +270,20 @@ def test_documents_sharing_a_13_gram_with_an_eval_item_are_dropped_before_the_fi
         run(tmp_path, "--decontaminate_against", task_a, "--decontamination_ngram", "0", raw=[raw], k=5, out="bad")
 
 
+def test_an_lm_eval_task_name_decontaminates_against_the_documents_it_evaluates(tmp_path, ja_texts,
+                                                                             lm_eval_task_yaml):
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"text": t} for t in ja_texts[:120]])
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    lm_eval_task_yaml(include, "quiz", [{"question": ja_texts[7][60:90], "answer": "はい"}, {"question": "短い", "answer": "x"}])
+    out, report = run(tmp_path, "--decontaminate_against", "lm_eval:quiz", "--lm_eval_include_path", include,
+                      raw=[raw], k=30)
+    assert report["decontamination"]["documents_dropped_per_task"] == {"quiz": 1}
+    assert ja_texts[7] not in {json.loads(line)["text"] for line in selected_lines(out)}
+    items = (out / "decontamination" / "quiz.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(items) == 2 and ja_texts[7][60:90] in json.loads(items[0])["text"]
+
+
 # ----- inputs: formats and the Hub -----------------------------------------------------------------
 def test_zstd_and_parquet_inputs_select_the_same_documents(tmp_path, sample_data):
     import pyarrow as pa

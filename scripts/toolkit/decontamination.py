@@ -12,7 +12,9 @@ same on every process and machine); a collision between an unrelated 13-gram and
 the few million evaluation n-grams is ~1e-12 per n-gram, far below anything a report shows.
 """
 
+import functools
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -153,3 +155,88 @@ class EvalNgramIndex:
             hits = self._hashes[positions] == hashes
             np.bitwise_or.at(found, owners[hits], self._masks[positions[hits]])
         return [[task for bit, task in enumerate(self.tasks) if int(mask) >> bit & 1] for mask in found]
+
+
+# ----- lm-evaluation-harness tasks as evaluation items -------------------------------------------
+LM_EVAL_PREFIX = "lm_eval:"
+
+
+def is_lm_eval_task(entry: str) -> bool:
+    """`lm_eval:NAME`, or a bare NAME (letters, digits, _ and -; no path, extension or glob)
+    that is not an existing file: an lm-eval task or group, not an evaluation file."""
+    if entry.startswith(LM_EVAL_PREFIX):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9_\-]+", entry) is not None and not Path(entry).exists()
+
+
+def lm_eval_task_items(names, include_path=None, limit=None) -> dict:
+    """{task: [item text]}: the documents each lm-eval task evaluates (a group: each of its tasks),
+    the first `limit` of them as `--lm_eval_limit` takes, every string field of a document joined
+    (question, context, choices, answers), as for a task JSONL record. Loads the tasks' data
+    (the Hub, or the local files their YAMLs name) through lm-eval itself."""
+    from itertools import islice
+
+    from toolkit.evaluation import lm_eval_task_manager_for
+
+    names = [name.removeprefix(LM_EVAL_PREFIX) for name in names]
+    loaded = lm_eval_task_manager_for(names, include_path).load_task_or_group(names)
+    items = {}
+
+    def collect(tree):
+        for name, value in tree.items():
+            if isinstance(value, dict):  # a group: {ConfigurableGroup: {task: Task}}
+                collect(value)
+            else:
+                items[name] = ["\n".join(_item_texts(dict(doc))) for doc in islice(value.eval_docs, limit)]
+
+    collect(loaded)
+    return items
+
+
+def materialize_lm_eval_tasks(entries, folder, include_path=None) -> list:
+    """`--decontaminate_against` entries with every lm-eval task (or group) name replaced by a
+    JSONL file of its items, `folder/<name>.jsonl` (one record per document; a group's tasks in
+    one file, named after the group). The file is rewritten only when its items change, so a
+    cache keyed on its modification time stays valid."""
+    resolved = []
+    for entry in entries:
+        if not is_lm_eval_task(entry):
+            resolved.append(entry)
+            continue
+        name = entry.removeprefix(LM_EVAL_PREFIX)
+        items = [text for texts in lm_eval_task_items([name], include_path).values() for text in texts]
+        if not items:
+            raise CorpusError(f"--decontaminate_against {entry}: the lm-eval task has no documents to evaluate")
+        path = Path(folder) / f"{name}.jsonl"
+        content = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in items)
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".jsonl.tmp")
+            temporary.write_text(content, encoding="utf-8")
+            temporary.replace(path)
+        resolved.append(str(path))
+    return resolved
+
+
+# The reason a data stage counts a dropped document under: OVERLAP_REASON + the first task it overlaps.
+OVERLAP_REASON = "overlaps_eval:"
+
+
+@functools.lru_cache(maxsize=4)
+def cached_index(files: tuple, n: int = DEFAULT_NGRAM) -> EvalNgramIndex:
+    """The n-gram index of evaluation files, built once per worker process."""
+    return EvalNgramIndex.from_files(list(files), n)
+
+
+def overlap_reason(index, text):
+    """None if `text` shares no n-gram with an evaluation item, else the reason to count its drop under."""
+    found = index.overlapping_tasks([text])[0]
+    return OVERLAP_REASON + found[0] if found else None
+
+
+def split_overlap_counts(skipped: dict) -> tuple:
+    """({reason: count} without overlaps, {task: documents dropped}) from a stage's skip counts."""
+    kept = {reason: count for reason, count in skipped.items() if not reason.startswith(OVERLAP_REASON)}
+    dropped = {reason.removeprefix(OVERLAP_REASON): count for reason, count in skipped.items()
+               if reason.startswith(OVERLAP_REASON)}
+    return kept, dropped

@@ -397,6 +397,16 @@ def lm_eval_task_manager(include_path=None, include_defaults=True):
     return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
 
 
+def lm_eval_task_manager_for(names, include_path=None):
+    """The TaskManager that knows `names`: the local YAMLs alone when they hold them all (no
+    need to index lm-eval's own tasks), else lm-eval's tasks plus the local ones."""
+    if include_path:
+        local = lm_eval_task_manager(str(include_path), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    return lm_eval_task_manager(str(include_path) if include_path else None)
+
+
 def lm_eval_primary_metrics(configs):
     """{task: the metric its YAML declares primary (`metadata.primary_metric`)}."""
     return {task: (config.get("metadata") or {}).get("primary_metric") for task, config in configs.items()
@@ -411,7 +421,7 @@ def _sample_value(value):
 
 
 def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=4,
-                  samples=False, include_defaults=True):
+                  samples=False):
     """Run lm-evaluation-harness tasks on an in-memory model.
 
     `tasks` are lm-eval task or group names (e.g. the JGLUE tasks of `japanese_leaderboard`:
@@ -421,12 +431,12 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
     aggregate results} and, with `samples=True`, "samples": {task: {metric: [per-question
     values in doc_id order]}} for paired comparisons (a value is a number, or a (gold,
     predicted) row for the CORPUS_METRICS), and "primary": {task: the metric its YAML
-    declares primary}. `include_defaults=False` indexes only `include_path` (fast).
+    declares primary}. lm-eval's own tasks are indexed only when a name is not found locally.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = lm_eval_task_manager(str(include_path) if include_path else None, include_defaults)
+    manager = lm_eval_task_manager_for(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(
         model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,

@@ -31,6 +31,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
+from toolkit.decontamination import cached_index, overlap_reason
 from toolkit.data_engine import (Stage, atomic_output, file_key, iter_raw_lines, line_hashes, load_arrays, load_cached,
                                  read_json, save_arrays, units_of_rank, write_json)
 
@@ -58,6 +59,8 @@ class MixPlan:
     tmp_dir: str
     output_dir: str
     report: dict
+    decontaminate_against: tuple = ()  # evaluation files; documents sharing an n-gram with an item are dropped
+    decontamination_ngram: int = 13
 
     @property
     def paths(self):
@@ -106,14 +109,21 @@ def count_tokens(tokenizer, texts):
 
 
 def _records(plan, unit):
-    """(line, record or None, reason) of one unit; a bad line raises unless skip_bad_records."""
+    """(line, record or None, reason) of one unit; a bad line raises unless skip_bad_records; a
+    document sharing an n-gram with an evaluation item (--decontaminate_against) is dropped,
+    both languages, counted under `decontamination.OVERLAP_REASON` + task."""
+    index = cached_index(tuple(plan.decontaminate_against), plan.decontamination_ngram) \
+        if plan.decontaminate_against else None
     for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts):
         try:
-            yield line_number, parse_line(raw, plan.text_field), None
+            record = parse_line(raw, plan.text_field)
         except BadRecord as bad:
             if not plan.skip_bad_records:
                 raise bad_record_error(unit.path, line_number, bad) from None
             yield line_number, None, bad.reason
+            continue
+        reason = overlap_reason(index, record[plan.text_field]) if index is not None else None
+        yield line_number, (None if reason else record), reason
 
 
 class CountTokens(_Step):
