@@ -98,7 +98,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from toolkit import assets
 from toolkit.chat import chat_template, require_eos
 from toolkit.corpus import expand_paths, iter_records, read_texts
-from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, read_eval_items
+from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, item_text, lm_eval_task_items
 from toolkit.evaluation import (
     CORPUS_METRICS, bootstrap_difference, generate_answers, generation_speeds, holm_adjust, lm_eval_tasks, load_metric,
     ratio_of_sums, read_tasks, score_multiple_choice,
@@ -455,46 +455,63 @@ def bar_chart(names, effects, rows, speed, path):
     plt.close(figure)
 
 
-def contamination_report(tasks, patterns, n):
-    """Per task: items sharing an n-gram with the mix, and mix documents sharing one with the task.
+def contamination_report(items, patterns, n):
+    """Per evaluated task ({name: [item text]}): items sharing an n-gram with the mix, and mix
+    documents sharing one with the task.
 
-    Pass 1 streams the mix against an index of all task items and keeps the (few) documents
-    that overlap; pass 2 indexes those documents and asks which items they overlap.
+    Pass 1 streams the mix against an index of all task items (64 tasks per index: one pass
+    per 64) and keeps the (few) documents that overlap; pass 2 indexes those documents and
+    asks which items they overlap.
     """
-    index = EvalNgramIndex(n)
-    items = {task.name: read_eval_items(task.path) for task in tasks}
-    for name, texts in items.items():
-        index.add(name, texts)
     paths = expand_paths(patterns)
     if not paths:
         raise FileNotFoundError(f"--contamination_files {patterns}: no such files")
-    flagged, documents, per_task_documents = [], 0, {name: 0 for name in items}
-    batch = []
+    names = list(items)
+    flagged, per_task_documents = {}, {name: 0 for name in names}
+    documents = 0
+    for first in range(0, len(names), 64):
+        index = EvalNgramIndex(n)
+        for name in names[first:first + 64]:
+            index.add(name, items[name])
+        documents = 0
+        batch = []
 
-    def scan(batch):
-        for text, overlapping in zip(batch, index.overlapping_tasks(batch)):
-            for name in overlapping:
-                per_task_documents[name] += 1
-            if overlapping:
-                flagged.append(text)
+        def scan(batch, start):
+            for offset, (text, overlapping) in enumerate(zip(batch, index.overlapping_tasks(batch))):
+                for name in overlapping:
+                    per_task_documents[name] += 1
+                if overlapping:
+                    flagged[start + offset] = text
 
-    for path in tqdm(paths, desc="contamination", leave=False):
-        for _, record in iter_records(path):
-            batch.append(record["text"])
-            documents += 1
-            if len(batch) == 2000:
-                scan(batch)
-                batch = []
-    if batch:
-        scan(batch)
+        for path in tqdm(paths, desc="contamination", leave=False):
+            for _, record in iter_records(path):
+                batch.append(record["text"])
+                documents += 1
+                if len(batch) == 2000:
+                    scan(batch, documents - len(batch))
+                    batch = []
+        if batch:
+            scan(batch, documents - len(batch))
     mix_index = EvalNgramIndex(n)
-    mix_index.add("mix", flagged)
+    mix_index.add("mix", list(flagged.values()))
     report = {}
-    for name, texts in items.items():
-        overlapping = sum(bool(found) for found in mix_index.overlapping_tasks(texts)) if flagged else 0
-        report[name] = {"items": len(texts), "items_overlapping": overlapping,
+    for name in names:
+        overlapping = sum(bool(found) for found in mix_index.overlapping_tasks(items[name])) if flagged else 0
+        report[name] = {"items": len(items[name]), "items_overlapping": overlapping,
                         "mix_documents_overlapping": per_task_documents[name]}
     return {"ngram": n, "files": [str(p) for p in paths], "documents_scanned": documents, "tasks": report}
+
+
+def evaluated_items(tasks, heldout, args):
+    """{task: [item text]} of everything the ablation evaluates: the task files' items (the first
+    --max_task_examples), the held-out documents, and each lm-eval task's documents (the first
+    --lm_eval_limit) as `lm_eval:<task>`."""
+    items = {task.name: [item_text(example) for example in task.examples] for task in tasks}
+    items.update({f"heldout_{language}": list(texts) for language, texts in heldout.items()})
+    if args.lm_eval_tasks and args.lm_eval_tasks != ["none"]:
+        for name, texts in lm_eval_task_items(args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_limit).items():
+            items[f"lm_eval:{name}"] = texts
+    return items
 
 
 def main():
@@ -523,7 +540,8 @@ def main():
     contamination = None
     if args.contamination_files:
         started = time.time()
-        contamination = contamination_report(tasks, args.contamination_files, args.contamination_ngram)
+        contamination = contamination_report(evaluated_items(tasks, heldout, args), args.contamination_files,
+                                             args.contamination_ngram)
         timings["contamination"] = time.time() - started
 
     models = []

@@ -14,8 +14,8 @@ from extended_tokenizers import extend_with_merges
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import (
     CharacterBudget, TaskError, bootstrap_difference, continuation_logprobs, generate_answers, generation_speeds,
-    balanced_accuracy_of_rows, holm_adjust, lm_eval_tasks, load_metric, macro_f1_of_rows, paired_bootstrap,
-    ratio_of_sums, read_task, score_multiple_choice,
+    balanced_accuracy_of_rows, holm_adjust, lm_eval_task_manager_for, lm_eval_tasks, load_metric, macro_f1_of_rows,
+    paired_bootstrap, ratio_of_sums, read_task, score_multiple_choice,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,14 +167,32 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
     assert set(results["generation_speed"]) == {"base", "continued", "extended"}
     assert all(s["characters_per_second"] > 0 and s["tokens_per_second"] > 0 for s in results["generation_speed"].values())
     assert set(results["speed_ratios"]) == {"data", "tokenizer"}
-    contamination = results["contamination"]["tasks"]
-    assert contamination["heading_mc"]["items_overlapping"] >= 1 and contamination["heading_mc"]["items"] == 81
-    assert contamination["manpage_mc"]["items_overlapping"] == 0
+    contamination = results["contamination"]["tasks"]  # a row for every evaluated task, over its evaluated items
+    assert set(contamination) == {"continuation_mc", "heading_generation", "heading_mc", "manpage_mc", "heldout_ja",
+                                  "heldout_en", "lm_eval:ja_debian_heading_mc"}
+    assert contamination["heading_mc"]["items_overlapping"] == 1 and contamination["heading_mc"]["items"] == 3
+    assert contamination["lm_eval:ja_debian_heading_mc"] == {"items": 2, "items_overlapping": 1,
+                                                              "mix_documents_overlapping": 1}
+    assert contamination["manpage_mc"]["items_overlapping"] == 0 and contamination["heldout_ja"]["items"] == 2
     table = (tmp_path / "out" / "ablation_table.md").read_text()
     assert "| heading_mc | **accuracy** ↑ | 3 |" in table and "characters/s" in table and "not counted" in table
     assert (tmp_path / "out" / "ablation_chart.png").stat().st_size > 0
     predictions = (tmp_path / "out" / "base" / "as-given" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 3 * 4  # 3 questions per task file
+
+
+def test_the_contamination_report_tells_more_than_64_tasks_apart(tmp_path):
+    from evaluate_ablation import contamination_report
+
+    items = {f"task{i:02d}": [f"設問{i:02d}番：" + "あいうえおかきくけこ"[i % 10:] + f"{i:02d}さしすせそたちつてと"]
+             for i in range(70)}
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text("\n".join(json.dumps({"text": text}, ensure_ascii=False)
+                             for text in ["前置き" + items["task66"][0], "無関係な文章。" * 4]) + "\n", encoding="utf-8")
+    report = contamination_report(items, [str(mix)], 13)
+    assert report["documents_scanned"] == 2 and len(report["tasks"]) == 70
+    assert {name for name, entry in report["tasks"].items() if entry["items_overlapping"]} == {"task66"}
+    assert report["tasks"]["task66"]["mix_documents_overlapping"] == 1
 
 
 def test_a_model_without_eos_is_refused_before_any_work(tmp_path, tiny_mistral_path):
@@ -508,3 +526,82 @@ def test_the_model_card_shows_both_effects_speed_and_contamination():
     # a label named "items" must not resolve to the dict method in Jinja
     assert "| Task | Items | Overlapping |" in english and "| タスク | 設問数 | 重複あり |" in japanese
     assert "built-in method" not in card
+
+
+def upstream_rows(task, split, count):
+    """A few rows in the schema of the Hub datasets behind lm-eval's japanese_leaderboard tasks."""
+    if task == "ja_mgsm":
+        return [{"question": f"問題：りんごが{i}個と{i + 2}個あります。全部で何個ですか。",
+                 "answer": f"ステップごとの答え：{i}+{i + 2}={2 * i + 2}。答えは{2 * i + 2}です。" if split == "train" else None,
+                 "answer_number": 2 * i + 2, "equation_solution": f"{i}+{i + 2}"} for i in range(count)]
+    if task == "ja_jaqket_v2":
+        return [{"qid": f"QA{i}", "question": f"日本で一番高い山は{i}？", "answers": {"text": ["富士山"]},
+                 "ctxs": {"id": [0, 1], "title": ["富士山", "山"], "text": [f"富士山は日本一高い山である{i}。", "山は高い。"],
+                          "has_answer": [True, False]}} for i in range(count)]
+    if task == "ja_xlsum":
+        return [{"id": str(i), "url": f"https://example.org/{i}", "title": f"記事{i}",
+                 "summary": "東京で大雨が降った。", "text": f"東京では{i}日、大雨が降った。交通に影響が出ている。"}
+                for i in range(count)]
+    return [{"sentence1": f"太郎は花子に本を渡した。彼女は喜んだ{i}。", "sentence2": f"太郎は花子に本を渡した。彼は喜んだ{i}。",
+             "answer": "1" if i % 2 == 0 else "2"} for i in range(count)]
+
+
+def _jaqket_features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"qid": Value("string"), "question": Value("string"), "answers": Sequence({"text": Value("string")}),
+                     "ctxs": Sequence({"id": Value("int64"), "title": Value("string"), "text": Value("string"),
+                                       "has_answer": Value("bool")})})
+
+
+UPSTREAM = {"ja_mgsm": ("ja_leaderboard_mgsm", ("train", "test")),
+            "ja_jaqket_v2": ("ja_leaderboard_jaqket_v2", ("train", "validation")),
+            "ja_xlsum": ("ja_leaderboard_xlsum", ("train", "test")), "ja_xwinograd": ("ja_leaderboard_xwinograd", ("test",))}
+
+
+def test_our_yamls_of_lm_evals_japanese_tasks_score_as_lm_eval_does(tiny, tmp_path):
+    """ja_mgsm, ja_jaqket_v2, ja_xlsum and ja_xwinograd against lm-eval's own japanese_leaderboard YAMLs
+    on the same local parquet: the same prompts, answers and per-question scores (with a token budget
+    too small for the character budget to bind); our YAMLs only add figures and the budget."""
+    import yaml
+    from datasets import Dataset
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    import lm_eval
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    upstream_dir = Path(lm_eval.__file__).parent / "tasks" / "japanese_leaderboard"
+    for ours, (theirs, splits) in UPSTREAM.items():
+        files = {}
+        for split in splits:
+            files[split] = str(tmp_path / f"{ours}-{split}.parquet")
+            # typed like the Hub's files: MGSM's test answers are null in a string column
+            features = _jaqket_features() if ours == "ja_jaqket_v2" else Dataset.from_list(upstream_rows(ours, splits[0], 1)).features
+            Dataset.from_list(upstream_rows(ours, split, 6 if split == "train" else 3), features=features).to_parquet(
+                files[split])
+        generation = {} if ours == "ja_xwinograd" else SHORT_GENERATION
+        local_task(include, ours, files, **generation)
+        (include / f"upstream_{ours}.yaml").write_text(yaml.safe_dump(
+            {"include": str(upstream_dir / f"{theirs}.yaml"), "task": f"upstream_{ours}", "dataset_path": "parquet",
+             "dataset_name": None, "dataset_kwargs": {"data_files": files}, **generation}, allow_unicode=True))
+    names = [name for ours in UPSTREAM for name in (ours, f"upstream_{ours}")]
+    output = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=names,
+                             task_manager=lm_eval_task_manager_for(names, include), limit=3, log_samples=True,
+                             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                             fewshot_random_seed=0)
+    shared = {"ja_mgsm": ["acc"], "ja_jaqket_v2": ["exact_match"], "ja_xlsum": [], "ja_xwinograd": ["acc"]}
+    for ours, metrics in shared.items():
+        mine = sorted(output["samples"][ours], key=lambda s: s["doc_id"])
+        theirs = sorted(output["samples"][f"upstream_{ours}"], key=lambda s: s["doc_id"])
+        assert len(mine) == len(theirs) == 3
+        for a, b in zip(mine, theirs):
+            assert a["arguments"] == b["arguments"]  # the same prompt, few-shot examples and choices
+            assert a["filtered_resps"] == b["filtered_resps"]
+            assert all(a[metric] == b[metric] for metric in metrics)
+    results = output["results"]
+    assert results["ja_mgsm"]["acc,character_budget"] == results["upstream_ja_mgsm"]["acc,none"]
+    assert results["ja_jaqket_v2"]["exact_match,character_budget"] == results["upstream_ja_jaqket_v2"]["exact_match,whitespaces"]
+    assert results["ja_xwinograd"]["acc,none"] == results["upstream_ja_xwinograd"]["acc,none"]
+    assert results["ja_xlsum"]["rouge2,character_budget"] == pytest.approx(results["upstream_ja_xlsum"]["rouge2,whitespaces"])

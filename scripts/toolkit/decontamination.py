@@ -77,6 +77,12 @@ def _item_texts(value):
             yield from _item_texts(inner)
 
 
+def item_text(record) -> str:
+    """The text of one evaluation item: every string of the record (prompts, choices, references,
+    contexts, chat turns) joined by newlines; bookkeeping keys (id, label, ...) left out."""
+    return "\n".join(_item_texts(record))
+
+
 def read_eval_items(path):
     """The items of one evaluation file: a JSONL(.gz) file gives one item per record (all its
     text fields joined), any other file is one item (its whole text)."""
@@ -90,7 +96,7 @@ def read_eval_items(path):
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise CorpusError(f"{name}:{line_number}: not a valid JSON line ({error})") from None
-            items.append("\n".join(_item_texts(record)))
+            items.append(item_text(record))
         return items
     try:
         return [Path(name).read_text(encoding="utf-8")]
@@ -187,7 +193,7 @@ def lm_eval_task_items(names, include_path=None, limit=None) -> dict:
             if isinstance(value, dict):  # a group: {ConfigurableGroup: {task: Task}}
                 collect(value)
             else:
-                items[name] = ["\n".join(_item_texts(dict(doc))) for doc in islice(value.eval_docs, limit)]
+                items[name] = [item_text(dict(doc)) for doc in islice(value.eval_docs, limit)]
 
     collect(loaded)
     return items

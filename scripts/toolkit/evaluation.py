@@ -414,10 +414,12 @@ def lm_eval_primary_metrics(configs):
 
 
 def _sample_value(value):
-    """A logged per-question value: a number, or a row such as (gold, predicted)."""
-    if isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    return float(value)
+    """A logged per-question value: a number, a row such as (gold, predicted), or None when it
+    is not numeric (e.g. XL-Sum's (reference, summary) pairs that only lm-eval aggregates)."""
+    try:
+        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=4,
@@ -449,8 +451,8 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
         for task, logged in output["samples"].items():
             metrics = [m for m in output["results"][task] if "," in m and "stderr" not in m]
             ordered = sorted(logged, key=lambda sample: sample["doc_id"])
-            result["samples"][task] = {
-                metric.split(",")[0]: [_sample_value(sample[metric.split(",")[0]]) for sample in ordered]
-                for metric in metrics if metric.split(",")[0] in ordered[0]
-            }
+            values = {metric.split(",")[0]: [_sample_value(sample[metric.split(",")[0]]) for sample in ordered]
+                      for metric in metrics if metric.split(",")[0] in ordered[0]}
+            # a metric without numeric per-question values stays in "results" only
+            result["samples"][task] = {metric: rows for metric, rows in values.items() if None not in rows}
     return result

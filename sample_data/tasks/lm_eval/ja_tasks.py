@@ -106,3 +106,26 @@ def char_f1(references, predictions, **kwargs):
     if _CHAR_F1 is None:
         _CHAR_F1 = _char_f1_module()
     return _CHAR_F1.f1(predictions[0], references[0])
+
+
+# ----- lm-eval's own japanese_leaderboard functions, re-exported (their scoring is lm-eval's) --------
+from lm_eval.tasks.japanese_leaderboard import (  # noqa: E402  (needs fugashi, unidic-lite, neologdn, emoji)
+    ja_leaderboard_mgsm, ja_leaderboard_xlsum, ja_leaderboard_xwinograd,
+)
+
+process_xwinograd = ja_leaderboard_xwinograd.process_docs
+process_mgsm_results = ja_leaderboard_mgsm.process_results
+rouge2 = ja_leaderboard_xlsum.rouge2  # per question: (reference, answer); aggregated by rouge2_agg
+rouge2_agg = ja_leaderboard_xlsum.rouge2_agg  # MeCab-tokenised ROUGE-2 F, bootstrap median of the mean
+_ROUGE2_SCORER = None
+
+
+def rouge2_f(references, predictions, **kwargs):
+    """MeCab-tokenised ROUGE-2 F of one summary, with lm-eval's own tokenizer and scorer: a
+    per-question figure (mean = what rouge2_agg estimates) that the ablation can resample."""
+    global _ROUGE2_SCORER
+    if _ROUGE2_SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE2_SCORER = rouge_scorer.RougeScorer(["rouge2"], tokenizer=ja_leaderboard_xlsum.MecabTokenizer())
+    return _ROUGE2_SCORER.score(references[0], predictions[0])["rouge2"].fmeasure
