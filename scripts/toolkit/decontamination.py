@@ -5,14 +5,22 @@ copies of public test sets. Two stages need the same test: selection drops every
 document that shares a character n-gram (default 13) with an evaluation item, and the
 ablation reports, per task, how many of its items share one with the pretraining mix.
 
-Text is compared after NFKC, lowercasing and removing all whitespace (Japanese has no
-spaces, and a web copy differs from a benchmark's file mostly in spacing and width). Every
-n-gram is hashed to 64 bits with a polynomial over code points (vectorised numpy, the
-same on every process and machine); a collision between an unrelated 13-gram and one of
-the few million evaluation n-grams is ~1e-12 per n-gram, far below anything a report shows.
+The n-gram's unit fits the language: a character, except that a run of ASCII letters and
+digits (an English word, a number, a command name) is one unit. So 13 units are 13 Japanese
+characters or 13 English words (the 13-gram of GPT-3's and lm-eval's decontamination): with
+a unit per character, one 13-letter word ("documentation", "configuration") would mark an
+English page as a copy of a Debian-manual question (in the demo, 907 of 1,871 English pool
+documents). Text is compared after NFKC, lowercasing and removing all whitespace (Japanese
+has no spaces, and a web copy differs from a benchmark's file mostly in spacing and width):
+each word first becomes one private-use character (a 64-bit hash of the word folded onto
+the 131,068 code points of planes 15-16). Every n-gram is hashed to 64 bits with a
+polynomial over code points (vectorised numpy, the same on every process and machine); a
+collision between an unrelated 13-gram and one of the few million evaluation n-grams is
+~1e-12 per n-gram, far below anything a report shows.
 """
 
 import functools
+import hashlib
 import json
 import re
 import unicodedata
@@ -31,9 +39,20 @@ _S31, _S27 = np.uint64(31), np.uint64(27)
 _NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang", "primary_metric"}
 
 
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+_WORD_PLANES = 0xF0000, 0x20000 - 4  # U+F0000..U+10FFFB: supplementary private use areas A and B
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _word_unit(word: str) -> str:
+    digest = int.from_bytes(hashlib.blake2b(word.encode("ascii"), digest_size=8).digest(), "little")
+    return chr(_WORD_PLANES[0] + digest % _WORD_PLANES[1])
+
+
 def normalize_for_overlap(text: str) -> str:
-    """NFKC, lowercase, no whitespace at all."""
-    return "".join(unicodedata.normalize("NFKC", text).lower().split())
+    """NFKC, lowercase, each run of ASCII letters/digits as one character, no whitespace at all."""
+    lowered = unicodedata.normalize("NFKC", text).lower()
+    return "".join(_ASCII_WORD.sub(lambda word: _word_unit(word.group()), lowered).split())
 
 
 def ngram_hashes(normalized_texts, n: int):
