@@ -424,7 +424,10 @@ def local_task(include, task, data_files, **overrides):
     shipped = TASK_YAMLS / f"{task}.yaml"
     config = {"include": str(shipped), "task": task, "dataset_kwargs": {"data_files": data_files}, **overrides}
     text = shipped.read_text(encoding="utf-8")
-    assert "hf://datasets/" in text and "@" in text.split("hf://datasets/")[1].split("\n")[0]  # the Hub, a revision
+    if "hf://datasets/" in text:  # the Hub, at a named revision
+        assert all("@" in url.split("/")[1] for url in text.split("hf://datasets/")[1:])
+    else:  # files that a pinned package writes (sacrebleu's test sets)
+        assert "sacrebleu" in text
     (include / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
 
 
@@ -563,11 +566,9 @@ def test_our_yamls_of_lm_evals_japanese_tasks_score_as_lm_eval_does(tiny, tmp_pa
     """ja_mgsm, ja_jaqket_v2, ja_xlsum and ja_xwinograd against lm-eval's own japanese_leaderboard YAMLs
     on the same local parquet: the same prompts, answers and per-question scores (with a token budget
     too small for the character budget to bind); our YAMLs only add figures and the budget."""
+    import lm_eval
     import yaml
     from datasets import Dataset
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    import lm_eval
 
     model, tokenizer = tiny
     include = tmp_path / "lm_eval"
@@ -587,10 +588,7 @@ def test_our_yamls_of_lm_evals_japanese_tasks_score_as_lm_eval_does(tiny, tmp_pa
             {"include": str(upstream_dir / f"{theirs}.yaml"), "task": f"upstream_{ours}", "dataset_path": "parquet",
              "dataset_name": None, "dataset_kwargs": {"data_files": files}, **generation}, allow_unicode=True))
     names = [name for ours in UPSTREAM for name in (ours, f"upstream_{ours}")]
-    output = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=names,
-                             task_manager=lm_eval_task_manager_for(names, include), limit=3, log_samples=True,
-                             bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                             fewshot_random_seed=0)
+    output = simple_lm_eval(model, tokenizer, names, include, limit=3)
     shared = {"ja_mgsm": ["acc"], "ja_jaqket_v2": ["exact_match"], "ja_xlsum": [], "ja_xwinograd": ["acc"]}
     for ours, metrics in shared.items():
         mine = sorted(output["samples"][ours], key=lambda s: s["doc_id"])
@@ -605,3 +603,72 @@ def test_our_yamls_of_lm_evals_japanese_tasks_score_as_lm_eval_does(tiny, tmp_pa
     assert results["ja_jaqket_v2"]["exact_match,character_budget"] == results["upstream_ja_jaqket_v2"]["exact_match,whitespaces"]
     assert results["ja_xwinograd"]["acc,none"] == results["upstream_ja_xwinograd"]["acc,none"]
     assert results["ja_xlsum"]["rouge2,character_budget"] == pytest.approx(results["upstream_ja_xlsum"]["rouge2,whitespaces"])
+
+
+def test_wmt20_yamls_score_bleu_as_sacrebleu_and_chrf_per_sentence(tiny, tmp_path):
+    from sacrebleu.metrics import BLEU
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    rows = [{"id": f"wmt20-{i}", "source": f"The station is {i} minutes away.", "reference": f"駅まで{i}分です。"}
+            for i in range(6)]
+    data = tmp_path / "en-ja.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    for task in ("ja_wmt20_en_ja", "ja_wmt20_ja_en"):
+        local_task(include, task, {"test": str(data)}, num_fewshot=2, **SHORT_GENERATION)
+    output = simple_lm_eval(model, tokenizer, ["ja_wmt20_en_ja", "ja_wmt20_ja_en"], include, limit=3)
+    for task, tokenize in (("ja_wmt20_en_ja", "ja-mecab"), ("ja_wmt20_ja_en", "13a")):
+        samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
+        assert [s["doc"]["id"] for s in samples] == ["wmt20-0", "wmt20-1", "wmt20-2"]
+        assert all("The station is" in s["arguments"][0][0] for s in samples)  # 2 shots, then the sentence
+        translations = [s["filtered_resps"][0] for s in samples]
+        references = [s["doc"]["reference"] for s in samples]
+        expected = BLEU(tokenize=tokenize).corpus_score(translations, [references]).score
+        assert output["results"][task]["bleu_items,character_budget"] == pytest.approx(expected)
+        assert all(0 <= s["chrf"] <= 100 for s in samples)
+
+
+def simple_lm_eval(model, tokenizer, names, include, limit):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    return simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=names,
+                           task_manager=lm_eval_task_manager_for(names, include), limit=limit, log_samples=True,
+                           bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                           fewshot_random_seed=0)
+
+
+def shipped_task_configs():
+    """{task: its YAML} for every task YAML shipped in sample_data/tasks/lm_eval/ (!function kept as text)."""
+    import yaml
+
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
+    configs = {}
+    for path in sorted(TASK_YAMLS.glob("*.yaml")):
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        configs[path.stem] = config
+    return configs
+
+
+def test_every_shipped_task_says_its_harness_primary_metric_and_character_budget():
+    from toolkit.evaluation import token_cap
+
+    configs = shipped_task_configs()
+    group = configs.pop("ja_swallow")
+    assert set(group["task"]) <= set(configs)  # `--tasks ja_swallow` names only shipped tasks
+    for name, config in configs.items():
+        text = (TASK_YAMLS / f"{name}.yaml").read_text(encoding="utf-8")
+        assert "Follows" in text or "(not a public" in text, name  # which harness, and where it differs
+        assert config["metadata"]["primary_metric"], name
+        if config["output_type"] == "generate_until":  # the budget in characters; tokens only a safety cap
+            steps = [step for f in config["filter_list"] for step in f["filter"]]
+            budget = next(step["max_characters"] for step in steps if "FirstCharacters" in str(step["function"]))
+            assert config["generation_kwargs"]["max_gen_toks"] == token_cap(budget), name
+
+
+def test_the_ja_swallow_group_resolves_to_its_tasks():
+    manager = lm_eval_task_manager_for(["ja_swallow"], TASK_YAMLS)
+    assert "ja_swallow" in manager.all_groups
+    assert {"ja_jglue_jsquad", "ja_mgsm", "ja_wmt20_en_ja", "ja_xwinograd"} <= set(manager.all_subtasks)

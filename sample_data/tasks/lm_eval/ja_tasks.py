@@ -129,3 +129,48 @@ def rouge2_f(references, predictions, **kwargs):
 
         _ROUGE2_SCORER = rouge_scorer.RougeScorer(["rouge2"], tokenizer=ja_leaderboard_xlsum.MecabTokenizer())
     return _ROUGE2_SCORER.score(references[0], predictions[0])["rouge2"].fmeasure
+
+
+# ----- WMT20 en-ja / ja-en: BLEU as sacrebleu computes it, chrF per sentence ---------------------
+def bleu_items(references, predictions, **kwargs):
+    """Per sentence: (reference, translation), for the corpus BLEU below."""
+    return references[0], predictions[0]
+
+
+def _corpus_bleu(items, tokenize):
+    from sacrebleu.metrics import BLEU
+
+    references, translations = zip(*items)
+    return BLEU(tokenize=tokenize).corpus_score(list(translations), [list(references)]).score
+
+
+def bleu_ja(items):
+    """Corpus BLEU into Japanese with sacrebleu's ja-mecab tokenizer (MeCab + IPAdic)."""
+    return _corpus_bleu(items, "ja-mecab")
+
+
+def bleu_en(items):
+    """Corpus BLEU into English with sacrebleu's default 13a tokenizer."""
+    return _corpus_bleu(items, "13a")
+
+
+def chrf(references, predictions, **kwargs):
+    """sacrebleu's chrF (character n-gram F-score, no word segmentation) of one translation: a
+    per-sentence figure the ablation can resample, in [0, 100]."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().sentence_score(predictions[0], [references[0]]).score
+
+
+def wmt20_documents(language_pair):
+    """The WMT20 news test set of `language_pair` (en-ja or ja-en) as sacrebleu 2.6.0 downloads and
+    checksums it: [{"id", "source", "reference"}], to write as the JSONL the WMT20 YAMLs read."""
+    from sacrebleu.dataset import DATASETS
+
+    dataset = DATASETS["wmt20"]
+    dataset.process_to_text(language_pair)
+    sources = dataset.get_source_file(language_pair)
+    references = dataset.get_reference_files(language_pair)[0]
+    with open(sources, encoding="utf-8") as source, open(references, encoding="utf-8") as reference:
+        return [{"id": f"wmt20-{language_pair}-{i}", "source": s.rstrip("\n"), "reference": r.rstrip("\n")}
+                for i, (s, r) in enumerate(zip(source, reference))]
