@@ -629,6 +629,27 @@ def test_wmt20_yamls_score_bleu_as_sacrebleu_and_chrf_per_sentence(tiny, tmp_pat
         assert all(0 <= s["chrf"] <= 100 for s in samples)
 
 
+def test_jemhopqa_yaml_scores_char_f1_on_parquet_in_the_hub_schema(tiny, tmp_path):
+    from datasets import Dataset
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    files = {}
+    for split, count in (("train", 5), ("validation", 3)):
+        rows = [{"qid": f"{split}{i}", "type": "compositional", "question": f"『作品{i}』の作者の出身地はどこ？",
+                 "answer": "東京都", "derivations": [["作品", "作者", "某"], ["某", "出身地", "東京都"]],
+                 "page_ids": [str(i)], "time_dependent": False} for i in range(count)]
+        files[split] = str(tmp_path / f"jemhopqa-{split}.parquet")
+        Dataset.from_list(rows).to_parquet(files[split])
+    local_task(include, "ja_jemhopqa", files, **SHORT_GENERATION)
+    output = lm_eval_tasks(model, tokenizer, ["ja_jemhopqa"], include_path=include, limit=3, samples=True)
+    assert output["primary"] == {"ja_jemhopqa": "char_f1"}
+    assert len(output["samples"]["ja_jemhopqa"]["char_f1"]) == 3
+    assert output["results"]["ja_jemhopqa"]["char_f1,character_budget"] == pytest.approx(
+        np.mean(output["samples"]["ja_jemhopqa"]["char_f1"]))
+
+
 def simple_lm_eval(model, tokenizer, names, include, limit):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
