@@ -52,9 +52,10 @@ class MixArguments:
         "help": "Set \"lang\" to ja/en on every record (default: a record's own \"lang\" is kept)."})
     decontaminate_against: list[str] = field(default_factory=list, metadata={
         "help": "Evaluation files (task JSONL: one item per record; any other file: one item) or lm-eval task/group "
-                "names (lm_eval:NAME or NAME). Every document of EITHER language sharing a character n-gram with an "
-                "item is dropped, counted per task in the report (selection only sees the Japanese)."})
-    decontamination_ngram: int = field(default=13, metadata={"help": "Characters per n-gram of --decontaminate_against."})
+                "names (lm_eval:NAME or NAME). Every document of EITHER language sharing an n-gram (characters; an ASCII "
+                "word is one unit) with an item is dropped, counted per task in the report (selection only sees the Japanese)."})
+    decontamination_ngram: int = field(default=13, metadata={"help": "Units per n-gram of --decontaminate_against (a "
+                                                             "character; an ASCII word is one unit)."})
     lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={
         "help": "Folder of local lm-eval task YAMLs for lm-eval names in --decontaminate_against."})
     shuffle_buckets: int = field(default=16, metadata={

@@ -65,11 +65,12 @@ class SelectionArguments:
         "help": "Count and skip malformed lines (reported) instead of stopping at the first one."})
     decontaminate_against: list[str] = field(default_factory=list, metadata={
         "help": "Evaluation files (task JSONL: one item per record; any other file: one item) or lm-eval task/group "
-                "names (lm_eval:NAME or NAME: the documents it evaluates). Every raw document sharing a character "
-                "n-gram with an item is dropped before the fit, counted per task."})
+                "names (lm_eval:NAME or NAME: the documents it evaluates). Every raw document sharing an n-gram "
+                "(characters; an ASCII word is one unit) with an item is dropped before the fit, counted per task."})
     lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={
         "help": "Folder of local lm-eval task YAMLs for lm-eval names in --decontaminate_against."})
-    decontamination_ngram: int = field(default=13, metadata={"help": "Characters per n-gram of --decontaminate_against."})
+    decontamination_ngram: int = field(default=13, metadata={"help": "Units per n-gram of --decontaminate_against (a "
+                                                             "character; an ASCII word is one unit)."})
     download: bool = field(default=False, metadata={
         "help": "Copy the matching hf:// files to the local HF cache first (snapshot_download) instead of streaming."})
     hub_revision: str = field(default=None, metadata={"help": "Revision (branch, tag, commit) of the hf:// datasets."})
