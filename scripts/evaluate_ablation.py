@@ -30,8 +30,9 @@ budgets in characters, never tokens (a token budget gives a denser tokenizer mor
    `sample_data/tasks/lm_eval/` (parquet, so they load with datasets 5; network);
 4. generation speed: characters and tokens per second of greedy generation, on the same
    prompts, batch and device for every model: the practical gain of the extension;
-5. with `--contamination_files` (the pretraining mix), how many items of each task share
-   a 13-character n-gram with it (`toolkit.decontamination`).
+5. with `--contamination_files` (the pretraining mix), how many evaluated items of every task
+   (held-out documents and lm-eval tasks included) share a 13-unit n-gram with it
+   (`toolkit.decontamination`: 13 Japanese characters or 13 English words).
 
 The verdict counts ONE primary metric per task (declared in the task file; bits per
 character for held-out text; for lm-eval tasks the YAML's `metadata.primary_metric`, e.g.
@@ -73,8 +74,9 @@ Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation
                            "new_characters", "repeats", "device", ...}},
       "speed_ratios": {effect name: characters/s of the minuend / of the subtrahend},
       "contamination": null | {"ngram": int, "files": [str], "documents_scanned": int,
-                       "tasks": {task: {"items": int, "items_overlapping": int,
-                                        "mix_documents_overlapping": int}}},
+                       "tasks": {task: {"items": int, "items_overlapping": int,   # every evaluated task: the
+                                        "mix_documents_overlapping": int}}},     # evaluated items, held-out
+                                        # documents (heldout_ja/en), lm-eval documents (lm_eval:<task>)
       "verdict": str,                       # the answer, effect by effect
       "settings": {...}, "bootstrap": {"samples", "seed", "confidence", "alpha", "correction"},
       "timings_seconds": {...}

@@ -462,6 +462,9 @@ def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
         assert output["results"][task]["macro_f1,none"] == pytest.approx(macro_f1_of_rows(pairs))
         accuracy = np.mean([gold == predicted for gold, predicted in pairs])
         assert output["results"][task]["acc,none"] == pytest.approx(accuracy)
+    jnli = lm_eval_task_manager_for(["ja_jglue_jnli"], include).load_task_or_group(["ja_jglue_jnli"])["ja_jglue_jnli"]
+    assert type(jnli.sampler).__name__ == "LabelStratifiedSampler"  # the YAML's fewshot_config reaches lm-eval
+    assert sorted(shot["label"] for shot in jnli.sampler.sample(3)) == [0, 1, 2]
     jsquad = output["results"]["ja_jglue_jsquad"]
     assert 0.0 <= jsquad["char_f1,character_budget"] <= 1.0 and 0.0 <= jsquad["exact_match,character_budget"] <= 1.0
     assert len(output["samples"]["ja_jglue_jsquad"]["char_f1"]) == 4
