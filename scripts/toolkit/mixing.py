@@ -19,8 +19,9 @@
   the requested share of all tokens (the first document that reaches it included). The shuffle
   bucket count is the kept bytes / --shuffle_bucket_mb (at least MIN_BUCKETS), unless given.
 - scatter: each kept record (plus "lang", unless it has one; the count's reason codes say which
-  are dropped) is streamed to the unit's record file; a small index (bucket = hash(seed, file, line) mod B, the 64-bit sort key from the same
-  hash, line, byte offset, length) is saved in bucket order.
+  are dropped) is streamed to the unit's record file; a small index (bucket = hash(seed, file,
+  line) mod B, the 64-bit sort key from the same hash, line, byte offset, length) is saved in
+  bucket order.
 - shuffle: bucket b gathers the index entries of its records from every unit, orders them by
   key and copies the records, one by one, into OUT/text/NNNNN.jsonl.gz. Memory is the index of
   one bucket (40 bytes a record), never the records; the output depends on the seed and the
