@@ -88,7 +88,9 @@ def stages(out, base_model):
             ["python", "scripts/mix_corpus.py", "--japanese_files", f"{out}/selection/selected/*.jsonl.gz",
              "--english_files", f"{SAMPLE}/pool/data/en/en_clean_0000.jsonl.gz",
              "--tokenizer", f"{out}/tokenizer", "--extra_tokenizers", f"base={base_model}",
-             "--english_token_share", "0.1", "--output_dir", f"{out}/mix"],
+             "--english_token_share", "0.1", "--output_dir", f"{out}/mix",
+             # selection decontaminated the Japanese; the mix checks both languages (the English too)
+             "--decontaminate_against", f"{SAMPLE}/tasks/*.jsonl"],
             "mix/mix_report.json",
         ),
         Stage(

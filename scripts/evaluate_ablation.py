@@ -33,11 +33,13 @@ budgets in characters, never tokens (a token budget gives a denser tokenizer mor
    in interleaved rounds; the figure is reference characters per second (= tokens/s x the
    tokenizer's characters/token on that text). What each arm writes by itself (free greedy
    generation) is described (characters/token written), never timed into an effect;
-5. with `--contamination_files` (the pretraining mix), how many items of each task share
-   a 13-character n-gram with it (`toolkit.decontamination`).
+5. with `--contamination_files` (the pretraining mix), how many evaluated items of every task
+   (held-out documents and lm-eval tasks included) share a 13-unit n-gram with it
+   (`toolkit.decontamination`: 13 Japanese characters or 13 English words).
 
 The verdict counts ONE primary metric per task (declared in the task file; bits per
-character for held-out text; the first metric for lm-eval tasks); bits per byte, ROUGE-L,
+character for held-out text; for lm-eval tasks the YAML's `metadata.primary_metric`, e.g.
+balanced accuracy for MARC-ja and JNLI, char-F1 for JSQuAD, else its first); bits per byte, ROUGE-L,
 exact match and the EOS rate are shown, not counted. Each effect gets a paired bootstrap
 95% interval over seeds and examples (its size) and the p-value of a paired sign-flip
 permutation test over items, seeds kept as blocks (`toolkit.statistics`); Holm's correction
@@ -83,8 +85,9 @@ Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation
       "free_generation": {model name: {"characters", "tokens", "characters_per_token" (written,
                           U+FFFD excluded), "replacement_characters", "texts", ...}},  # descriptive
       "contamination": null | {"ngram": int, "files": [str], "documents_scanned": int,
-                       "tasks": {task: {"items": int, "items_overlapping": int,
-                                        "mix_documents_overlapping": int}}},
+                       "tasks": {task: {"items": int, "items_overlapping": int,   # every evaluated task: the
+                                        "mix_documents_overlapping": int}}},     # evaluated items, held-out
+                                        # documents (heldout_ja/en), lm-eval documents (lm_eval:<task>)
       "verdict": str,                       # the answer, effect by effect
       "settings": {...}, "bootstrap": {"samples", "seed", "confidence", "alpha", "correction"},
       "test": {"name", "permutations", "min_items_for_verdict", "families", "alpha"},
@@ -109,15 +112,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from toolkit import assets
 from toolkit.chat import chat_template, require_eos
 from toolkit.corpus import expand_paths, iter_records, read_texts
-from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, read_eval_items
+from toolkit.decontamination import DEFAULT_NGRAM, EvalNgramIndex, item_text, lm_eval_task_items
 from toolkit.evaluation import (
-    bootstrap_difference, generate_answers, holm_adjust, lm_eval_tasks, load_metric,
+    CORPUS_METRICS, bootstrap_difference, generate_answers, holm_adjust, lm_eval_tasks, load_metric,
     ratio_of_sums, read_tasks, score_multiple_choice,
 )
 from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.speed import forced_decoding_speeds, free_generation, speed_ratio
-from toolkit.statistics import DEFAULT_PERMUTATIONS, TOO_FEW, paired_permutation_p, task_family
+from toolkit.statistics import DEFAULT_PERMUTATIONS, TOO_FEW, paired_permutation_p, paired_swap_p, task_family
 from toolkit.quiet import quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -341,16 +344,24 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
         for task, samples in results["samples"].items():
             for metric, values in samples.items():
                 per_example[(f"lm_eval:{task}", metric)] = values
-            # the task's first metric is primary (acc before acc_norm; exact_match for JSQuAD)
-            primary[f"lm_eval:{task}"] = next(iter(samples))
+            # the metric the task's YAML declares primary (metadata.primary_metric), else its first
+            primary[f"lm_eval:{task}"] = results["primary"].get(task) or next(iter(samples))
     with open(predictions_path, "w", encoding="utf-8") as stream:
         for row in predictions:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
     return per_example, primary
 
 
+def statistic_of(metric):
+    """What a figure is over its per-example rows: a ratio of sums (bits per character), a
+    figure over all (gold, predicted) rows (balanced accuracy, macro-F1), or a mean."""
+    if metric in RATIO_METRICS:
+        return ratio_of_sums
+    return CORPUS_METRICS.get(metric, np.mean)
+
+
 def aggregate(metric, values):
-    return ratio_of_sums(values) if metric in RATIO_METRICS else float(np.mean(values))
+    return float(statistic_of(metric)(values))
 
 
 def compare(names, effects, results, primary, args):
@@ -359,7 +370,7 @@ def compare(names, effects, results, primary, args):
     rows = []
     for key in results[names[0]][0]:
         task, metric = key
-        statistic = ratio_of_sums if metric in RATIO_METRICS else np.mean
+        statistic = statistic_of(metric)
         higher_is_better = metric not in LOWER_IS_BETTER
         per_seed = {name: [aggregate(metric, run[key]) for run in results[name]] for name in names}
         row = {"task": task, "metric": metric, "primary": primary.get(task) == metric,
@@ -370,8 +381,11 @@ def compare(names, effects, results, primary, args):
             first, second = [run[key] for run in results[subtrahend]], [run[key] for run in results[minuend]]
             interval = bootstrap_difference(first, second, statistic=statistic, num_samples=args.bootstrap_samples,
                                             seed=args.seed)["ci95"]
-            p_value = paired_permutation_p(first, second, ratio=metric in RATIO_METRICS,
-                                           permutations=args.permutations, seed=args.seed)
+            if metric in CORPUS_METRICS:  # a figure over all items: swap the two models' rows of an item
+                p_value = paired_swap_p(first, second, statistic, permutations=args.permutations, seed=args.seed)
+            else:
+                p_value = paired_permutation_p(first, second, ratio=metric in RATIO_METRICS,
+                                               permutations=args.permutations, seed=args.seed)
             difference = row["values"][minuend] - row["values"][subtrahend]
             verdict = (TOO_FEW if row["examples"] < args.min_items_for_verdict
                        else reading(*interval, difference, higher_is_better))
@@ -535,47 +549,63 @@ def bar_chart(names, effects, rows, speed, path):
     plt.close(figure)
 
 
-def contamination_report(tasks, patterns, n):
-    """Per task: items sharing an n-gram with the mix, and mix documents sharing one with the task.
+def contamination_report(items, patterns, n):
+    """Per evaluated task ({name: [item text]}): items sharing an n-gram with the mix, and mix
+    documents sharing one with the task.
 
-    Pass 1 streams the mix against an index of all task items and keeps the (few) documents
-    that overlap; pass 2 indexes those documents and asks which items they overlap.
+    Pass 1 streams the mix against an index of all task items (64 tasks per index: one pass
+    per 64) and keeps the (few) documents that overlap; pass 2 indexes those documents and
+    asks which items they overlap.
     """
-    index = EvalNgramIndex(n)
-    # only the items evaluated (--max_task_examples keeps the first ones of each file)
-    items = {task.name: read_eval_items(task.path)[: len(task.examples)] for task in tasks}
-    for name, texts in items.items():
-        index.add(name, texts)
     paths = expand_paths(patterns)
     if not paths:
         raise FileNotFoundError(f"--contamination_files {patterns}: no such files")
-    flagged, documents, per_task_documents = [], 0, {name: 0 for name in items}
-    batch = []
+    names = list(items)
+    flagged, per_task_documents = {}, {name: 0 for name in names}
+    documents = 0
+    for first in range(0, len(names), 64):
+        index = EvalNgramIndex(n)
+        for name in names[first:first + 64]:
+            index.add(name, items[name])
+        documents = 0
+        batch = []
 
-    def scan(batch):
-        for text, overlapping in zip(batch, index.overlapping_tasks(batch)):
-            for name in overlapping:
-                per_task_documents[name] += 1
-            if overlapping:
-                flagged.append(text)
+        def scan(batch, start):
+            for offset, (text, overlapping) in enumerate(zip(batch, index.overlapping_tasks(batch))):
+                for name in overlapping:
+                    per_task_documents[name] += 1
+                if overlapping:
+                    flagged[start + offset] = text
 
-    for path in tqdm(paths, desc="contamination", leave=False):
-        for _, record in iter_records(path):
-            batch.append(record["text"])
-            documents += 1
-            if len(batch) == 2000:
-                scan(batch)
-                batch = []
-    if batch:
-        scan(batch)
+        for path in tqdm(paths, desc="contamination", leave=False):
+            for _, record in iter_records(path):
+                batch.append(record["text"])
+                documents += 1
+                if len(batch) == 2000:
+                    scan(batch, documents - len(batch))
+                    batch = []
+        if batch:
+            scan(batch, documents - len(batch))
     mix_index = EvalNgramIndex(n)
-    mix_index.add("mix", flagged)
+    mix_index.add("mix", list(flagged.values()))
     report = {}
-    for name, texts in items.items():
-        overlapping = sum(bool(found) for found in mix_index.overlapping_tasks(texts)) if flagged else 0
-        report[name] = {"items": len(texts), "items_overlapping": overlapping,
+    for name in names:
+        overlapping = sum(bool(found) for found in mix_index.overlapping_tasks(items[name])) if flagged else 0
+        report[name] = {"items": len(items[name]), "items_overlapping": overlapping,
                         "mix_documents_overlapping": per_task_documents[name]}
     return {"ngram": n, "files": [str(p) for p in paths], "documents_scanned": documents, "tasks": report}
+
+
+def evaluated_items(tasks, heldout, args):
+    """{task: [item text]} of everything the ablation evaluates: the task files' items (the first
+    --max_task_examples), the held-out documents, and each lm-eval task's documents (the first
+    --lm_eval_limit) as `lm_eval:<task>`."""
+    items = {task.name: [item_text(example) for example in task.examples] for task in tasks}
+    items.update({f"heldout_{language}": list(texts) for language, texts in heldout.items()})
+    if args.lm_eval_tasks and args.lm_eval_tasks != ["none"]:
+        for name, texts in lm_eval_task_items(args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_limit).items():
+            items[f"lm_eval:{name}"] = texts
+    return items
 
 
 def main():
@@ -604,7 +634,8 @@ def main():
     contamination = None
     if args.contamination_files:
         started = time.time()
-        contamination = contamination_report(tasks, args.contamination_files, args.contamination_ngram)
+        contamination = contamination_report(evaluated_items(tasks, heldout, args), args.contamination_files,
+                                             args.contamination_ngram)
         timings["contamination"] = time.time() - started
 
     models = []

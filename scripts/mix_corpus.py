@@ -24,6 +24,7 @@ from transformers import HfArgumentParser
 
 from toolkit import assets, data_engine, mixing, token_shards
 from toolkit.corpus import CorpusError
+from toolkit.decontamination import cached_index, materialize_lm_eval_tasks
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
@@ -49,6 +50,14 @@ class MixArguments:
     skip_bad_records: bool = field(default=False, metadata={"help": "Count and skip malformed lines (reported)."})
     overwrite_lang: bool = field(default=False, metadata={
         "help": "Set \"lang\" to ja/en on every record (default: a record's own \"lang\" is kept)."})
+    decontaminate_against: list[str] = field(default_factory=list, metadata={
+        "help": "Evaluation files (task JSONL: one item per record; any other file: one item) or lm-eval task/group "
+                "names (lm_eval:NAME or NAME). Every document of EITHER language sharing an n-gram (characters; an ASCII "
+                "word is one unit) with an item is dropped, counted per task in the report (selection only sees the Japanese)."})
+    decontamination_ngram: int = field(default=13, metadata={"help": "Units per n-gram of --decontaminate_against (a "
+                                                             "character; an ASCII word is one unit)."})
+    lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={
+        "help": "Folder of local lm-eval task YAMLs for lm-eval names in --decontaminate_against."})
     shuffle_bucket_mb: float = field(default=256, metadata={
         "help": "Megabytes of records per shuffle bucket (one text shard and one token shard each): the bucket "
                 "count is the mix's size / this, at least 16. A shuffle task holds an index of 40 bytes per record "
@@ -86,6 +95,7 @@ def main(argv=None):
             raise SystemExit(f"{path} is both a Japanese (as {japanese_identity[data_engine.input_identity(path)]}) "
                              f"and an English input")
     data_engine.check_output_dir(args.output_dir, japanese_paths + english_paths)
+    decontaminate_against, decontamination_tasks = decontamination_files(args)
     tokenizer_path, tokenizer = load_tokenizer_or_exit(args.tokenizer, "--tokenizer")  # not in a task
     executor_args = executor_args.resolved(len(japanese_paths) + len(english_paths))
 
@@ -93,6 +103,9 @@ def main(argv=None):
     #    the scattered records are temporary under a key that adds seed, share and buckets.
     fingerprints = {"japanese_files": data_engine.file_fingerprint(japanese_paths),
                     "english_files": data_engine.file_fingerprint(english_paths)}
+    if decontaminate_against:
+        fingerprints["decontaminate_against"] = data_engine.file_fingerprint(decontaminate_against)
+        fingerprints["decontamination_ngram"] = args.decontamination_ngram
     # The counts are cached per file and part (any --tasks reuses them); the mix key adds the settings
     # and the task count (the temporary scatter files are per task).
     count_key = data_engine.stable_key({**fingerprints, "tokenizer": token_shards.tokenizer_fingerprint(tokenizer_path),
@@ -113,6 +126,8 @@ def main(argv=None):
         tmp_dir=os.path.join(args.output_dir, ".tmp", mix_key), output_dir=args.output_dir,
         names=[data_engine.canonical_name(path) for path in japanese_paths + english_paths],
         shuffle_bucket_mb=args.shuffle_bucket_mb,
+        decontaminate_against=tuple(decontaminate_against), decontamination_ngram=args.decontamination_ngram,
+        decontamination_tasks=tuple(decontamination_tasks),
         report={"inputs": {**fingerprints, "tokenizer": args.tokenizer, "tokenizer_path": tokenizer_path,
                            "vocab_size": len(tokenizer), "duplicates_ignored": duplicates},
                 "settings": {**settings, "executor": executor_args.executor, "tasks": executor_args.tasks,
@@ -151,6 +166,20 @@ def load_tokenizer_or_exit(name, flag):
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SystemExit(f"{flag} {name}: cannot load a tokenizer ({first})") from None
+
+
+def decontamination_files(args) -> tuple:
+    """(evaluation files, their task names in index order) of --decontaminate_against (lm-eval task
+    names written out as JSONL under OUT/decontamination/), read once now: a bad file is an error
+    before any heavy work."""
+    if not args.decontaminate_against:
+        return [], []
+    if args.decontamination_ngram < 1:
+        raise SystemExit(f"--decontamination_ngram must be at least 1, got {args.decontamination_ngram}")
+    entries = materialize_lm_eval_tasks(args.decontaminate_against, os.path.join(args.output_dir, "decontamination"),
+                                        args.lm_eval_include_path)
+    files = data_engine.resolve_inputs(entries, formats=None)
+    return files, cached_index(tuple(files), args.decontamination_ngram).tasks
 
 
 def parse_extra_tokenizers(entries) -> dict:

@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 
 from toolkit import data_engine, selection
 from toolkit.corpus import CorpusError
+from toolkit.decontamination import materialize_lm_eval_tasks
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.quiet import quiet_by_default
 
@@ -63,9 +64,13 @@ class SelectionArguments:
     skip_bad_records: bool = field(default=False, metadata={
         "help": "Count and skip malformed lines (reported) instead of stopping at the first one."})
     decontaminate_against: list[str] = field(default_factory=list, metadata={
-        "help": "Evaluation files (task JSONL: one item per record; any other file: one item). Every raw document "
-                "sharing a character n-gram with an item is dropped before the fit, counted per task."})
-    decontamination_ngram: int = field(default=13, metadata={"help": "Characters per n-gram of --decontaminate_against."})
+        "help": "Evaluation files (task JSONL: one item per record; any other file: one item) or lm-eval task/group "
+                "names (lm_eval:NAME or NAME: the documents it evaluates). Every raw document sharing an n-gram "
+                "(characters; an ASCII word is one unit) with an item is dropped before the fit, counted per task."})
+    lm_eval_include_path: str = field(default="sample_data/tasks/lm_eval", metadata={
+        "help": "Folder of local lm-eval task YAMLs for lm-eval names in --decontaminate_against."})
+    decontamination_ngram: int = field(default=13, metadata={"help": "Units per n-gram of --decontaminate_against (a "
+                                                             "character; an ASCII word is one unit)."})
     download: bool = field(default=False, metadata={
         "help": "Copy the matching hf:// files to the local HF cache first (snapshot_download) instead of streaming."})
     hub_revision: str = field(default=None, metadata={"help": "Revision (branch, tag, commit) of the hf:// datasets."})
@@ -101,8 +106,9 @@ def main(argv=None):
     duplicates = {"raw_datasets": data_engine.warn_duplicates(raw_repeats, "raw files"),
                   "target_datasets": data_engine.warn_duplicates(target_repeats, "target files")}
     data_engine.check_output_dir(args.output_dir, raw_paths + target_paths)
-    decontaminate_against = data_engine.resolve_inputs(args.decontaminate_against, **inputs, formats=None) \
-        if args.decontaminate_against else []
+    decontaminate_against = data_engine.resolve_inputs(
+        materialize_lm_eval_tasks(args.decontaminate_against, os.path.join(args.output_dir, "decontamination"),
+                                  args.lm_eval_include_path), **inputs, formats=None) if args.decontaminate_against else []
     if decontaminate_against:  # read now: a bad evaluation file is an error before any heavy work
         from toolkit.decontamination import EvalNgramIndex
 

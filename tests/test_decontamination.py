@@ -63,3 +63,16 @@ def test_bad_eval_file_names_file_and_line(tmp_path):
         EvalNgramIndex.from_files([str(tmp_path / "missing*.jsonl")])
     with pytest.raises(ValueError, match=">= 1"):
         EvalNgramIndex(0)
+
+
+def test_an_english_word_is_one_unit_so_thirteen_shared_letters_are_not_a_copy():
+    """13 units: 13 Japanese characters, or 13 English words (not 13 letters of one word)."""
+    index = EvalNgramIndex(13)
+    index.add("manual", ["設定ファイルの documentation を読んでください。/usr/share/doc/debian を見ること。"])
+    assert index.overlapping_tasks(["This documentation explains the configuration."]) == [[]]
+    sentence = "the quick brown fox jumps over the lazy dog while the cat sleeps on the mat"
+    index.add("english", [f"Q: {sentence}?"])
+    copied = f"A blog post: THE  quick brown fox jumps over\nthe lazy dog while the cat sleeps on it."
+    assert index.overlapping_tasks([copied, " ".join(sentence.split()[:12]) + " today"]) == [["english"], []]
+    # width and case do not matter, and a word is one unit
+    assert normalize_for_overlap("ABC def") == normalize_for_overlap("ａｂｃ  DEF") and len(normalize_for_overlap("ABC def")) == 2

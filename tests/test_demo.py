@@ -44,6 +44,8 @@ def test_the_demo_runs_three_arms_on_the_same_characters():
     assert value(base, "--train_token_dir") == "outputs/demo/mix/tokens-base"
     assert value(base, "--tokenizer_name") == value(base, "--model_name_or_path") == "offline:smollm2-135m"
     assert "base=offline:smollm2-135m" in stages["mix"]
+    # both languages of the mix are decontaminated against the same task items as the selection
+    assert value(stages["mix"], "--decontaminate_against") == value(stages["select"], "--decontaminate_against")
     differing = {flag for flag in ("--max_train_characters", "--block_size", "--per_device_train_batch_size",
                                    "--learning_rate", "--max_train_steps") if flag in extended or flag in base
                  if flag not in extended or flag not in base or value(extended, flag) != value(base, flag)}

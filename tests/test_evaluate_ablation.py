@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from extended_tokenizers import extend_with_merges
 from toolkit.chat import chat_template, prompt_text
 from toolkit.evaluation import (
-    CharacterBudget, TaskError, bootstrap_difference, continuation_logprobs, generate_answers, holm_adjust, lm_eval_tasks, load_metric, paired_bootstrap, ratio_of_sums, read_task, score_multiple_choice,
+    CharacterBudget, TaskError, bootstrap_difference, continuation_logprobs, generate_answers,
+    balanced_accuracy_of_rows, holm_adjust, lm_eval_task_manager_for, lm_eval_tasks, load_metric, macro_f1_of_rows,
+    paired_bootstrap, ratio_of_sums, read_task, score_multiple_choice,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,9 +174,13 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
     assert results["speed_ratios"]["data"]["characters_per_token"] == 1.0
     # 3 items per task, 2 held-out documents: every row is under --min_items_for_verdict
     assert all(e["verdict"] == "too few items to tell" for row in results["metrics"] for e in row["effects"].values())
-    contamination = results["contamination"]["tasks"]
-    assert contamination["heading_mc"]["items_overlapping"] >= 1 and contamination["heading_mc"]["items"] == 3  # the items evaluated
-    assert contamination["manpage_mc"]["items_overlapping"] == 0
+    contamination = results["contamination"]["tasks"]  # a row for every evaluated task, over its evaluated items
+    assert set(contamination) == {"continuation_mc", "heading_generation", "heading_mc", "manpage_mc", "heldout_ja",
+                                  "heldout_en", "lm_eval:ja_debian_heading_mc"}
+    assert contamination["heading_mc"]["items_overlapping"] == 1 and contamination["heading_mc"]["items"] == 3
+    assert contamination["lm_eval:ja_debian_heading_mc"] == {"items": 2, "items_overlapping": 1,
+                                                              "mix_documents_overlapping": 1}
+    assert contamination["manpage_mc"]["items_overlapping"] == 0 and contamination["heldout_ja"]["items"] == 2
     table = (tmp_path / "out" / "ablation_table.md").read_text()
     assert "| heading_mc | **accuracy** ↑ | 3 |" in table and "not counted" in table
     assert "reference characters/s" in table and "tokens/s ratio × characters/token ratio" in table
@@ -182,6 +188,20 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
     assert (tmp_path / "out" / "ablation_chart.png").stat().st_size > 0
     predictions = (tmp_path / "out" / "base" / "as-given" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 3 * 4  # 3 questions per task file
+
+
+def test_the_contamination_report_tells_more_than_64_tasks_apart(tmp_path):
+    from evaluate_ablation import contamination_report
+
+    items = {f"task{i:02d}": [f"設問{i:02d}番：" + "あいうえおかきくけこ"[i % 10:] + f"{i:02d}さしすせそたちつてと"]
+             for i in range(70)}
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text("\n".join(json.dumps({"text": text}, ensure_ascii=False)
+                             for text in ["前置き" + items["task66"][0], "無関係な文章。" * 4]) + "\n", encoding="utf-8")
+    report = contamination_report(items, [str(mix)], 13)
+    assert report["documents_scanned"] == 2 and len(report["tasks"]) == 70
+    assert {name for name, entry in report["tasks"].items() if entry["items_overlapping"]} == {"task66"}
+    assert report["tasks"]["task66"]["mix_documents_overlapping"] == 1
 
 
 def test_a_model_without_eos_is_refused_before_any_work(tmp_path, tiny_mistral_path):
@@ -389,6 +409,7 @@ def test_bundled_tasks_declare_one_primary_metric(sample_data):
 
 JGLUE_PREFIX = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet"
 JGLUE_TASKS = ["ja_jglue_jcommonsenseqa", "ja_jglue_jnli", "ja_jglue_marc_ja", "ja_jglue_jsquad"]
+TASK_YAMLS = REPO / "sample_data/tasks/lm_eval"
 
 
 def jglue_rows(config, count):
@@ -397,38 +418,90 @@ def jglue_rows(config, count):
         return [{"q_id": i, "question": f"質問{i}はどれですか。", **{f"choice{k}": f"選択肢{k}" for k in range(5)},
                  "label": i % 5} for i in range(count)]
     if config == "JNLI":
-        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": "男性が歩いている。",
+        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": f"男性{i}が歩いている。",
                  "sentence2": "人が歩いている。", "label": i % 3} for i in range(count)]
     if config == "MARC-ja":
-        return [{"sentence": "とても良い商品でした。", "label": i % 2, "review_id": f"R{i}"} for i in range(count)]
+        return [{"sentence": f"とても良い商品でした{i}。", "label": int(i % 4 == 3), "review_id": f"R{i}"}
+                for i in range(count)]
     return [{"id": f"q{i}", "title": "東京", "context": "東京 [SEP] 東京は日本の首都である。", "question": "日本の首都はどこ？",
              "answers": {"text": ["東京"], "answer_start": [0]}, "is_impossible": False} for i in range(count)]
 
 
+def local_task(include, task, data_files, **overrides):
+    """A task YAML in `include` that includes the shipped YAML of `task` and reads local files
+    instead of the Hub: the shipped prompt, metrics, filters and functions, other data."""
+    import yaml
+
+    shipped = TASK_YAMLS / f"{task}.yaml"
+    config = {"include": str(shipped), "task": task, "dataset_kwargs": {"data_files": data_files}, **overrides}
+    text = shipped.read_text(encoding="utf-8")
+    if "hf://datasets/" in text:  # the Hub, at a named revision
+        assert all("@" in url.split("/")[1] for url in text.split("hf://datasets/")[1:])
+    else:  # files that a pinned package writes (sacrebleu's test sets)
+        assert "sacrebleu" in text
+    (include / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+
+
+SHORT_GENERATION = {"generation_kwargs": {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 4}}
+
+
 def test_jglue_yamls_load_parquet_in_the_same_schema_offline(tiny, tmp_path):
-    """Every JGLUE task YAML, with only its parquet URLs pointed at local files, runs in lm-eval."""
+    """Every JGLUE task YAML, with only its data pointed at local parquet, runs in lm-eval and
+    reports the harnesses' metrics: balanced accuracy first for MARC-ja and JNLI, char-F1 for JSQuAD."""
     from datasets import Dataset
 
     model, tokenizer = tiny
-    data = tmp_path / "JGLUE"
-    for config in ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD"):
-        for split, count in (("train", 4), ("validation", 3)):
-            (data / config / split).mkdir(parents=True)
-            Dataset.from_list(jglue_rows(config, count)).to_parquet(str(data / config / split / "0000.parquet"))
     include = tmp_path / "lm_eval"
     include.mkdir()
-    shutil.copy(REPO / "sample_data/tasks/lm_eval/jglue.py", include / "jglue.py")
-    for task in JGLUE_TASKS:
-        text = (REPO / f"sample_data/tasks/lm_eval/{task}.yaml").read_text(encoding="utf-8")
-        assert text.count(JGLUE_PREFIX) == 2 and "dataset_path: parquet" in text  # the shipped files, URLs aside
-        text = text.replace(JGLUE_PREFIX, str(data)).replace("  do_sample: false", "  do_sample: false\n  max_gen_toks: 4")
-        (include / f"{task}.yaml").write_text(text, encoding="utf-8")
-    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=2, samples=True)
-    for task in JGLUE_TASKS[:3]:
-        assert 0.0 <= output["results"][task]["acc,none"] <= 1.0
-        assert len(output["samples"][task]["acc"]) == 2
-    assert 0.0 <= output["results"]["ja_jglue_jsquad"]["exact_match,whitespaces"] <= 1.0
-    assert len(output["samples"]["ja_jglue_jsquad"]["exact_match"]) == 2
+    for task, config in zip(JGLUE_TASKS, ("JCommonsenseQA", "JNLI", "MARC-ja", "JSQuAD")):
+        files = {}
+        for split, count in (("train", 6), ("validation", 4)):
+            files[split] = str(tmp_path / config / f"{split}.parquet")
+            (tmp_path / config).mkdir(exist_ok=True)
+            Dataset.from_list(jglue_rows(config, count)).to_parquet(files[split])
+        local_task(include, task, files, **(SHORT_GENERATION if task == "ja_jglue_jsquad" else {}))
+    output = lm_eval_tasks(model, tokenizer, JGLUE_TASKS, include_path=include, limit=4, samples=True)
+    assert output["primary"] == {"ja_jglue_jcommonsenseqa": "acc", "ja_jglue_jnli": "balanced_acc",
+                                 "ja_jglue_marc_ja": "balanced_acc", "ja_jglue_jsquad": "char_f1"}
+    assert len(output["samples"]["ja_jglue_jcommonsenseqa"]["acc"]) == 4
+    for task in ("ja_jglue_jnli", "ja_jglue_marc_ja"):
+        pairs = output["samples"][task]["balanced_acc"]
+        golds = [int(gold) for gold, _ in pairs]
+        assert golds == [int(row["label"]) for row in jglue_rows("JNLI" if "jnli" in task else "MARC-ja", 4)]
+        # lm-eval's aggregate is scikit-learn's over the same (gold, predicted) rows as the ablation resamples
+        assert output["results"][task]["balanced_acc,none"] == pytest.approx(balanced_accuracy_of_rows(pairs))
+        assert output["results"][task]["macro_f1,none"] == pytest.approx(macro_f1_of_rows(pairs))
+        accuracy = np.mean([gold == predicted for gold, predicted in pairs])
+        assert output["results"][task]["acc,none"] == pytest.approx(accuracy)
+    jnli = lm_eval_task_manager_for(["ja_jglue_jnli"], include).load_task_or_group(["ja_jglue_jnli"])["ja_jglue_jnli"]
+    assert type(jnli.sampler).__name__ == "LabelStratifiedSampler"  # the YAML's fewshot_config reaches lm-eval
+    assert sorted(shot["label"] for shot in jnli.sampler.sample(3)) == [0, 1, 2]
+    jsquad = output["results"]["ja_jglue_jsquad"]
+    assert 0.0 <= jsquad["char_f1,character_budget"] <= 1.0 and 0.0 <= jsquad["exact_match,character_budget"] <= 1.0
+    assert len(output["samples"]["ja_jglue_jsquad"]["char_f1"]) == 4
+
+
+def test_balanced_accuracy_does_not_reward_the_majority_class():
+    always_positive = [(0, 0)] * 9 + [(1, 0)]  # MARC-ja-like: 90% one class, the model always says it
+    assert np.mean([g == p for g, p in always_positive]) == 0.9
+    assert balanced_accuracy_of_rows(always_positive) == 0.5
+    assert macro_f1_of_rows(always_positive) == pytest.approx(0.5 * 2 * 0.9 / 1.9)
+
+
+def test_jnli_few_shot_examples_cycle_through_the_labels():
+    sys.path.insert(0, str(TASK_YAMLS))
+    try:
+        from ja_tasks import LabelStratifiedSampler
+    finally:
+        sys.path.remove(str(TASK_YAMLS))
+    pool = [{"id": i, "label": label} for i, label in enumerate([0] * 20 + [1] * 3 + [2] * 3)]
+    sampler = LabelStratifiedSampler(pool, rnd=0)
+    for draw in range(20):
+        shots = sampler.sample(3, eval_doc=pool[draw])
+        assert sorted(shot["label"] for shot in shots) == [0, 1, 2] and pool[draw] not in shots
+    assert [shot["label"] for shot in sampler.sample(5)].count(0) <= 2  # 5 shots over 3 labels: 2, 2, 1
+    with pytest.raises(ValueError, match="per label"):
+        sampler.sample(12)  # 4 of each label; labels 1 and 2 have 3 examples each
 
 
 def test_the_model_card_shows_both_effects_speed_and_contamination():
@@ -491,3 +564,167 @@ def test_the_model_card_shows_both_effects_speed_and_contamination():
     # a label named "items" must not resolve to the dict method in Jinja
     assert "| Task | Items | Overlapping |" in english and "| タスク | 設問数 | 重複あり |" in japanese
     assert "built-in method" not in card
+
+
+def upstream_rows(task, split, count):
+    """A few rows in the schema of the Hub datasets behind lm-eval's japanese_leaderboard tasks."""
+    if task == "ja_mgsm":
+        return [{"question": f"問題：りんごが{i}個と{i + 2}個あります。全部で何個ですか。",
+                 "answer": f"ステップごとの答え：{i}+{i + 2}={2 * i + 2}。答えは{2 * i + 2}です。" if split == "train" else None,
+                 "answer_number": 2 * i + 2, "equation_solution": f"{i}+{i + 2}"} for i in range(count)]
+    if task == "ja_jaqket_v2":
+        return [{"qid": f"QA{i}", "question": f"日本で一番高い山は{i}？", "answers": {"text": ["富士山"]},
+                 "ctxs": {"id": [0, 1], "title": ["富士山", "山"], "text": [f"富士山は日本一高い山である{i}。", "山は高い。"],
+                          "has_answer": [True, False]}} for i in range(count)]
+    if task == "ja_xlsum":
+        return [{"id": str(i), "url": f"https://example.org/{i}", "title": f"記事{i}",
+                 "summary": "東京で大雨が降った。", "text": f"東京では{i}日、大雨が降った。交通に影響が出ている。"}
+                for i in range(count)]
+    return [{"sentence1": f"太郎は花子に本を渡した。彼女は喜んだ{i}。", "sentence2": f"太郎は花子に本を渡した。彼は喜んだ{i}。",
+             "answer": "1" if i % 2 == 0 else "2"} for i in range(count)]
+
+
+def _jaqket_features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"qid": Value("string"), "question": Value("string"), "answers": Sequence({"text": Value("string")}),
+                     "ctxs": Sequence({"id": Value("int64"), "title": Value("string"), "text": Value("string"),
+                                       "has_answer": Value("bool")})})
+
+
+UPSTREAM = {"ja_mgsm": ("ja_leaderboard_mgsm", ("train", "test")),
+            "ja_jaqket_v2": ("ja_leaderboard_jaqket_v2", ("train", "validation")),
+            "ja_xlsum": ("ja_leaderboard_xlsum", ("train", "test")), "ja_xwinograd": ("ja_leaderboard_xwinograd", ("test",))}
+
+
+def test_our_yamls_of_lm_evals_japanese_tasks_score_as_lm_eval_does(tiny, tmp_path):
+    """ja_mgsm, ja_jaqket_v2, ja_xlsum and ja_xwinograd against lm-eval's own japanese_leaderboard YAMLs
+    on the same local parquet: the same prompts, answers and per-question scores (with a token budget
+    too small for the character budget to bind); our YAMLs only add figures and the budget."""
+    import lm_eval
+    import yaml
+    from datasets import Dataset
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    upstream_dir = Path(lm_eval.__file__).parent / "tasks" / "japanese_leaderboard"
+    for ours, (theirs, splits) in UPSTREAM.items():
+        files = {}
+        for split in splits:
+            files[split] = str(tmp_path / f"{ours}-{split}.parquet")
+            # typed like the Hub's files: MGSM's test answers are null in a string column
+            features = _jaqket_features() if ours == "ja_jaqket_v2" else Dataset.from_list(upstream_rows(ours, splits[0], 1)).features
+            Dataset.from_list(upstream_rows(ours, split, 6 if split == "train" else 3), features=features).to_parquet(
+                files[split])
+        generation = {} if ours == "ja_xwinograd" else SHORT_GENERATION
+        local_task(include, ours, files, **generation)
+        (include / f"upstream_{ours}.yaml").write_text(yaml.safe_dump(
+            {"include": str(upstream_dir / f"{theirs}.yaml"), "task": f"upstream_{ours}", "dataset_path": "parquet",
+             "dataset_name": None, "dataset_kwargs": {"data_files": files}, **generation}, allow_unicode=True))
+    names = [name for ours in UPSTREAM for name in (ours, f"upstream_{ours}")]
+    output = simple_lm_eval(model, tokenizer, names, include, limit=3)
+    shared = {"ja_mgsm": ["acc"], "ja_jaqket_v2": ["exact_match"], "ja_xlsum": [], "ja_xwinograd": ["acc"]}
+    for ours, metrics in shared.items():
+        mine = sorted(output["samples"][ours], key=lambda s: s["doc_id"])
+        theirs = sorted(output["samples"][f"upstream_{ours}"], key=lambda s: s["doc_id"])
+        assert len(mine) == len(theirs) == 3
+        for a, b in zip(mine, theirs):
+            assert a["arguments"] == b["arguments"]  # the same prompt, few-shot examples and choices
+            assert a["filtered_resps"] == b["filtered_resps"]
+            assert all(a[metric] == b[metric] for metric in metrics)
+    results = output["results"]
+    assert results["ja_mgsm"]["acc,character_budget"] == results["upstream_ja_mgsm"]["acc,none"]
+    assert results["ja_jaqket_v2"]["exact_match,character_budget"] == results["upstream_ja_jaqket_v2"]["exact_match,whitespaces"]
+    assert results["ja_xwinograd"]["acc,none"] == results["upstream_ja_xwinograd"]["acc,none"]
+    assert results["ja_xlsum"]["rouge2,character_budget"] == pytest.approx(results["upstream_ja_xlsum"]["rouge2,whitespaces"])
+
+
+def test_wmt20_yamls_score_bleu_as_sacrebleu_and_chrf_per_sentence(tiny, tmp_path):
+    from sacrebleu.metrics import BLEU
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    rows = [{"id": f"wmt20-{i}", "source": f"The station is {i} minutes away.", "reference": f"駅まで{i}分です。"}
+            for i in range(6)]
+    data = tmp_path / "en-ja.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    for task in ("ja_wmt20_en_ja", "ja_wmt20_ja_en"):
+        local_task(include, task, {"test": str(data)}, num_fewshot=2, **SHORT_GENERATION)
+    output = simple_lm_eval(model, tokenizer, ["ja_wmt20_en_ja", "ja_wmt20_ja_en"], include, limit=3)
+    for task, tokenize in (("ja_wmt20_en_ja", "ja-mecab"), ("ja_wmt20_ja_en", "13a")):
+        samples = sorted(output["samples"][task], key=lambda s: s["doc_id"])
+        assert [s["doc"]["id"] for s in samples] == ["wmt20-0", "wmt20-1", "wmt20-2"]
+        assert all("The station is" in s["arguments"][0][0] for s in samples)  # 2 shots, then the sentence
+        translations = [s["filtered_resps"][0] for s in samples]
+        references = [s["doc"]["reference"] for s in samples]
+        expected = BLEU(tokenize=tokenize).corpus_score(translations, [references]).score
+        assert output["results"][task]["bleu_items,character_budget"] == pytest.approx(expected)
+        assert all(0 <= s["chrf"] <= 100 for s in samples)
+
+
+def test_jemhopqa_yaml_scores_char_f1_on_parquet_in_the_hub_schema(tiny, tmp_path):
+    from datasets import Dataset
+
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    files = {}
+    for split, count in (("train", 5), ("validation", 3)):
+        rows = [{"qid": f"{split}{i}", "type": "compositional", "question": f"『作品{i}』の作者の出身地はどこ？",
+                 "answer": "東京都", "derivations": [["作品", "作者", "某"], ["某", "出身地", "東京都"]],
+                 "page_ids": [str(i)], "time_dependent": False} for i in range(count)]
+        files[split] = str(tmp_path / f"jemhopqa-{split}.parquet")
+        Dataset.from_list(rows).to_parquet(files[split])
+    local_task(include, "ja_jemhopqa", files, **SHORT_GENERATION)
+    output = lm_eval_tasks(model, tokenizer, ["ja_jemhopqa"], include_path=include, limit=3, samples=True)
+    assert output["primary"] == {"ja_jemhopqa": "char_f1"}
+    assert len(output["samples"]["ja_jemhopqa"]["char_f1"]) == 3
+    assert output["results"]["ja_jemhopqa"]["char_f1,character_budget"] == pytest.approx(
+        np.mean(output["samples"]["ja_jemhopqa"]["char_f1"]))
+
+
+def simple_lm_eval(model, tokenizer, names, include, limit):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    return simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=names,
+                           task_manager=lm_eval_task_manager_for(names, include), limit=limit, log_samples=True,
+                           bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                           fewshot_random_seed=0)
+
+
+def shipped_task_configs():
+    """{task: its YAML} for every task YAML shipped in sample_data/tasks/lm_eval/ (!function kept as text)."""
+    import yaml
+
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
+    configs = {}
+    for path in sorted(TASK_YAMLS.glob("*.yaml")):
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        configs[path.stem] = config
+    return configs
+
+
+def test_every_shipped_task_says_its_harness_primary_metric_and_character_budget():
+    from toolkit.evaluation import token_cap
+
+    configs = shipped_task_configs()
+    group = configs.pop("ja_swallow")
+    assert set(group["task"]) <= set(configs)  # `--tasks ja_swallow` names only shipped tasks
+    for name, config in configs.items():
+        text = (TASK_YAMLS / f"{name}.yaml").read_text(encoding="utf-8")
+        assert "Follows" in text or "(not a public" in text, name  # which harness, and where it differs
+        assert config["metadata"]["primary_metric"], name
+        if config["output_type"] == "generate_until":  # the budget in characters; tokens only a safety cap
+            steps = [step for f in config["filter_list"] for step in f["filter"]]
+            budget = next(step["max_characters"] for step in steps if "FirstCharacters" in str(step["function"]))
+            assert config["generation_kwargs"]["max_gen_toks"] == token_cap(budget), name
+
+
+def test_the_ja_swallow_group_resolves_to_its_tasks():
+    manager = lm_eval_task_manager_for(["ja_swallow"], TASK_YAMLS)
+    assert "ja_swallow" in manager.all_groups
+    assert {"ja_jglue_jsquad", "ja_mgsm", "ja_wmt20_en_ja", "ja_xwinograd"} <= set(manager.all_subtasks)

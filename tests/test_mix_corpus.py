@@ -170,6 +170,46 @@ def test_token_shards_of_the_training_and_the_extra_tokenizers(tmp_path, mistral
     assert base["vocab_size"] == len(AutoTokenizer.from_pretrained(smollm2_path)) != training["vocab_size"]
 
 
+def test_documents_of_both_languages_overlapping_an_eval_item_are_dropped(tmp_path, mistral_tokenizer_path,
+                                                                         small_inputs, lm_eval_task_yaml):
+    """--decontaminate_against drops Japanese and English documents that share a 13-unit n-gram with a
+    task item, whether the task is a JSONL file or an lm-eval task (here a local YAML over a JSONL)."""
+    english = [json.loads(line)["text"] for line in open(small_inputs["en"], encoding="utf-8")]
+    japanese = [json.loads(line)["text"] for line in open(small_inputs["ja"], encoding="utf-8")]
+    quote = " ".join(english[2].split()[5:25])  # 20 English words
+    task = tmp_path / "home_task.jsonl"
+    start = next(i for i in range(len(japanese[4])) if all(ord(c) > 127 for c in japanese[4][i:i + 20]))
+    task.write_text(json.dumps({"prompt": "Q: " + quote, "reference": japanese[4][start:start + 20]},
+                               ensure_ascii=False) + "\n", encoding="utf-8")  # 20 Japanese characters
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    lm_eval_task_yaml(include, "tiny_lm_eval_task", [{"question": " ".join(english[5].split()[3:20]).upper(), "answer": "x"}])
+    out_dir, records, report = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"],
+                                   "--english_token_share", "0.2", "--decontaminate_against", str(task),
+                                   "tiny_lm_eval_task", "--lm_eval_include_path", str(include))
+    texts = {record["text"] for record in records}
+    assert japanese[4] not in texts and english[2] not in texts and english[5] not in texts
+    assert report["decontamination"]["documents_dropped_per_task"] == {
+        "ja": {"home_task": 1}, "en": {"home_task": 1, "tiny_lm_eval_task": 1}}
+    assert report["skipped_bad_records"] == {"ja": {}, "en": {}}  # drops are not bad records
+    assert report["documents"]["ja"] == 59 and english[3] in texts  # the English goes on past the dropped ones
+    assert (out_dir / "decontamination" / "tiny_lm_eval_task.jsonl").is_file()
+    # the English share counts only the English kept: the dropped documents' tokens are not in it
+    tokenizer = AutoTokenizer.from_pretrained(mistral_tokenizer_path)
+    kept_english = [record["text"] for record in records if record["lang"] == "en"]
+    assert report["tokens"]["en"] == sum(len(ids) for ids in tokenizer(kept_english, add_special_tokens=False)[
+        "input_ids"])
+    assert report["english_share"]["achieved"] >= 0.2
+    last_used = max(english.index(text) for text in kept_english)  # read = kept + dropped, up to the cutoff
+    assert last_used + 1 == report["documents"]["en"] + 2
+    # the same mix, text and token shards, from another task split
+    other, _, _ = run(tmp_path, mistral_tokenizer_path, small_inputs["ja"], small_inputs["en"], "--english_token_share",
+                      "0.2", "--decontaminate_against", str(task), "tiny_lm_eval_task", "--lm_eval_include_path",
+                      str(include), out="three_tasks", tasks=3, workers=2)
+    assert text_files(other) == text_files(out_dir)
+    assert token_files(other / "tokens")[0] == token_files(out_dir / "tokens")[0]
+
+
 # ----- issue 20: the mix at MADLAD scale ---------------------------------------------------------
 POOL_JA = "sample_data/pool/data/ja/ja_clean_0000.jsonl.gz"
 POOL_EN = "sample_data/pool/data/en/en_clean_0000.jsonl.gz"

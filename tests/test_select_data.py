@@ -256,11 +256,11 @@ def test_default_featurizer_stays_selectable_with_its_word_filter(tmp_path, ja_t
 # ----- decontamination ----------------------------------------------------------------------------
 def test_documents_sharing_a_13_gram_with_an_eval_item_are_dropped_before_the_fit(tmp_path, ja_texts):
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"text": t} for t in ja_texts[:200]])
-    # two tasks: one quotes 20 characters of document 5 (with other spacing), one quotes document 9 and 5
+    # two tasks: one quotes 20 characters of document 5 (with other spacing), one quotes document 9 and 5 (18 units: "FTP" is one)
     task_a = write_jsonl(tmp_path / "jcqa.jsonl", [{"question": ja_texts[5][100:120].replace("", " ").strip(),
                                                      "choices": ["はい", "いいえ"], "label": 0}])
     task_b = tmp_path / "summaries.txt"
-    task_b.write_text(ja_texts[9][50:80] + "\n無関係な文です。" + ja_texts[5][200:215], encoding="utf-8")
+    task_b.write_text(ja_texts[9][50:80] + "\n無関係な文です。" + ja_texts[5][200:222], encoding="utf-8")
     out, report = run(tmp_path, "--decontaminate_against", task_a, task_b, raw=[raw], k=50, tasks=2, workers=2)
     assert report["documents"]["filtered"] == {"contaminated": 2}
     assert report["decontamination"]["documents_dropped_per_task"] == {"jcqa": 1, "summaries": 2}
@@ -269,6 +269,20 @@ def test_documents_sharing_a_13_gram_with_an_eval_item_are_dropped_before_the_fi
     assert ja_texts[5] not in texts and ja_texts[9] not in texts
     with pytest.raises(SystemExit, match="--decontamination_ngram"):
         run(tmp_path, "--decontaminate_against", task_a, "--decontamination_ngram", "0", raw=[raw], k=5, out="bad")
+
+
+def test_an_lm_eval_task_name_decontaminates_against_the_documents_it_evaluates(tmp_path, ja_texts,
+                                                                             lm_eval_task_yaml):
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"text": t} for t in ja_texts[:120]])
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    lm_eval_task_yaml(include, "quiz", [{"question": ja_texts[7][60:90], "answer": "はい"}, {"question": "短い", "answer": "x"}])
+    out, report = run(tmp_path, "--decontaminate_against", "lm_eval:quiz", "--lm_eval_include_path", include,
+                      raw=[raw], k=30)
+    assert report["decontamination"]["documents_dropped_per_task"] == {"quiz": 1}
+    assert ja_texts[7] not in {json.loads(line)["text"] for line in selected_lines(out)}
+    items = (out / "decontamination" / "quiz.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(items) == 2 and ja_texts[7][60:90] in json.loads(items[0])["text"]
 
 
 # ----- inputs: formats and the Hub -----------------------------------------------------------------

@@ -94,3 +94,38 @@ def test_rows_under_the_minimum_read_too_few_items_and_holm_runs_per_family(monk
     table = evaluate_ablation.markdown_table(["a", "b"], [("e", "b", "a")], list(
         evaluate_ablation.compare(["a", "b"], [("e", "b", "a")], results, primary, args)), {}, None)
     assert f"| small | **accuracy** ↑ | 2 | 0.500 | 0.500 | +0.000 |" in table and TOO_FEW in table
+
+
+def test_a_figure_over_all_items_is_tested_by_swapping_the_models_rows():
+    from toolkit.evaluation import balanced_accuracy_of_rows
+    from toolkit.statistics import paired_swap_p
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, size=40)
+    right = np.stack([gold, gold], axis=1)  # always right
+    guess = np.stack([gold, rng.integers(0, 3, size=40)], axis=1)  # a third right
+    # a real difference is found, and it does not matter which model is first
+    assert paired_swap_p([guess], [right], balanced_accuracy_of_rows, permutations=999) < 0.01
+    assert paired_swap_p([right], [guess], balanced_accuracy_of_rows, permutations=999) < 0.01
+    # the same rows for both models: every swap gives the observed figure, nothing is found
+    assert paired_swap_p([guess], [guess.copy()], balanced_accuracy_of_rows, permutations=999) == 1.0
+    # exact at few items: 4 items have 16 swap patterns, so p is a multiple of 1/16 (2/16 at least)
+    p = paired_swap_p([guess[:4]], [right[:4]], balanced_accuracy_of_rows)
+    assert p * 16 == round(p * 16) and p >= 2 / 16
+    with pytest.raises(ValueError, match="same items"):
+        paired_swap_p([guess], [right[:10]], balanced_accuracy_of_rows)
+
+
+def test_the_swap_test_holds_its_level_under_the_null():
+    from toolkit.evaluation import balanced_accuracy_of_rows
+    from toolkit.statistics import paired_swap_p
+
+    rng = np.random.default_rng(1)
+    rejections = 0
+    trials = 200
+    for _ in range(trials):  # two models of the same skill: each item's prediction right with p 0.6
+        gold = rng.integers(0, 2, size=20)
+        first, second = ([np.stack([gold, np.where(rng.random(20) < 0.6, gold, 1 - gold)], axis=1)]
+                         for _ in range(2))
+        rejections += paired_swap_p(first, second, balanced_accuracy_of_rows, permutations=199, seed=0) < 0.05
+    assert rejections / trials <= 0.08  # 5% expected; 200 trials: a binomial 95% bound of ~8%

@@ -5,14 +5,24 @@ copies of public test sets. Two stages need the same test: selection drops every
 document that shares a character n-gram (default 13) with an evaluation item, and the
 ablation reports, per task, how many of its items share one with the pretraining mix.
 
-Text is compared after NFKC, lowercasing and removing all whitespace (Japanese has no
-spaces, and a web copy differs from a benchmark's file mostly in spacing and width). Every
-n-gram is hashed to 64 bits with a polynomial over code points (vectorised numpy, the
-same on every process and machine); a collision between an unrelated 13-gram and one of
-the few million evaluation n-grams is ~1e-12 per n-gram, far below anything a report shows.
+The n-gram's unit fits the language: a character, except that a run of ASCII letters and
+digits (an English word, a number, a command name) is one unit. So 13 units are 13 Japanese
+characters or 13 English words (the 13-gram of GPT-3's and lm-eval's decontamination): with
+a unit per character, one 13-letter word ("documentation", "configuration") would mark an
+English page as a copy of a Debian-manual question (in the demo, 907 of 1,871 English pool
+documents). Text is compared after NFKC, lowercasing and removing all whitespace (Japanese
+has no spaces, and a web copy differs from a benchmark's file mostly in spacing and width):
+each word first becomes one private-use character (a 64-bit hash of the word folded onto
+the 131,068 code points of planes 15-16). Every n-gram is hashed to 64 bits with a
+polynomial over code points (vectorised numpy, the same on every process and machine); a
+collision between an unrelated 13-gram and one of the few million evaluation n-grams is
+~1e-12 per n-gram, far below anything a report shows.
 """
 
+import functools
+import hashlib
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -29,9 +39,20 @@ _S31, _S27 = np.uint64(31), np.uint64(27)
 _NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang", "primary_metric"}
 
 
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
+_WORD_PLANES = 0xF0000, 0x20000 - 4  # U+F0000..U+10FFFB: supplementary private use areas A and B
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _word_unit(word: str) -> str:
+    digest = int.from_bytes(hashlib.blake2b(word.encode("ascii"), digest_size=8).digest(), "little")
+    return chr(_WORD_PLANES[0] + digest % _WORD_PLANES[1])
+
+
 def normalize_for_overlap(text: str) -> str:
-    """NFKC, lowercase, no whitespace at all."""
-    return "".join(unicodedata.normalize("NFKC", text).lower().split())
+    """NFKC, lowercase, each run of ASCII letters/digits as one character, no whitespace at all."""
+    lowered = unicodedata.normalize("NFKC", text).lower()
+    return "".join(_ASCII_WORD.sub(lambda word: _word_unit(word.group()), lowered).split())
 
 
 def ngram_hashes(normalized_texts, n: int):
@@ -75,6 +96,12 @@ def _item_texts(value):
             yield from _item_texts(inner)
 
 
+def item_text(record) -> str:
+    """The text of one evaluation item: every string of the record (prompts, choices, references,
+    contexts, chat turns) joined by newlines; bookkeeping keys (id, label, ...) left out."""
+    return "\n".join(_item_texts(record))
+
+
 def read_eval_items(path):
     """The items of one evaluation file: a JSONL(.gz) file gives one item per record (all its
     text fields joined), any other file is one item (its whole text)."""
@@ -88,7 +115,7 @@ def read_eval_items(path):
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise CorpusError(f"{name}:{line_number}: not a valid JSON line ({error})") from None
-            items.append("\n".join(_item_texts(record)))
+            items.append(item_text(record))
         return items
     try:
         return [Path(name).read_text(encoding="utf-8")]
@@ -153,3 +180,88 @@ class EvalNgramIndex:
             hits = self._hashes[positions] == hashes
             np.bitwise_or.at(found, owners[hits], self._masks[positions[hits]])
         return [[task for bit, task in enumerate(self.tasks) if int(mask) >> bit & 1] for mask in found]
+
+
+# ----- lm-evaluation-harness tasks as evaluation items -------------------------------------------
+LM_EVAL_PREFIX = "lm_eval:"
+
+
+def is_lm_eval_task(entry: str) -> bool:
+    """`lm_eval:NAME`, or a bare NAME (letters, digits, _ and -; no path, extension or glob)
+    that is not an existing file: an lm-eval task or group, not an evaluation file."""
+    if entry.startswith(LM_EVAL_PREFIX):
+        return True
+    return re.fullmatch(r"[A-Za-z0-9_\-]+", entry) is not None and not Path(entry).exists()
+
+
+def lm_eval_task_items(names, include_path=None, limit=None) -> dict:
+    """{task: [item text]}: the documents each lm-eval task evaluates (a group: each of its tasks),
+    the first `limit` of them as `--lm_eval_limit` takes, every string field of a document joined
+    (question, context, choices, answers), as for a task JSONL record. Loads the tasks' data
+    (the Hub, or the local files their YAMLs name) through lm-eval itself."""
+    from itertools import islice
+
+    from toolkit.evaluation import lm_eval_task_manager_for
+
+    names = [name.removeprefix(LM_EVAL_PREFIX) for name in names]
+    loaded = lm_eval_task_manager_for(names, include_path).load_task_or_group(names)
+    items = {}
+
+    def collect(tree):
+        for name, value in tree.items():
+            if isinstance(value, dict):  # a group: {ConfigurableGroup: {task: Task}}
+                collect(value)
+            else:
+                items[name] = [item_text(dict(doc)) for doc in islice(value.eval_docs, limit)]
+
+    collect(loaded)
+    return items
+
+
+def materialize_lm_eval_tasks(entries, folder, include_path=None) -> list:
+    """`--decontaminate_against` entries with every lm-eval task (or group) name replaced by a
+    JSONL file of its items, `folder/<name>.jsonl` (one record per document; a group's tasks in
+    one file, named after the group). The file is rewritten only when its items change, so a
+    cache keyed on its modification time stays valid."""
+    resolved = []
+    for entry in entries:
+        if not is_lm_eval_task(entry):
+            resolved.append(entry)
+            continue
+        name = entry.removeprefix(LM_EVAL_PREFIX)
+        items = [text for texts in lm_eval_task_items([name], include_path).values() for text in texts]
+        if not items:
+            raise CorpusError(f"--decontaminate_against {entry}: the lm-eval task has no documents to evaluate")
+        path = Path(folder) / f"{name}.jsonl"
+        content = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in items)
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".jsonl.tmp")
+            temporary.write_text(content, encoding="utf-8")
+            temporary.replace(path)
+        resolved.append(str(path))
+    return resolved
+
+
+# The reason a data stage counts a dropped document under: OVERLAP_REASON + the first task it overlaps.
+OVERLAP_REASON = "overlaps_eval:"
+
+
+@functools.lru_cache(maxsize=4)
+def cached_index(files: tuple, n: int = DEFAULT_NGRAM) -> EvalNgramIndex:
+    """The n-gram index of evaluation files, built once per worker process."""
+    return EvalNgramIndex.from_files(list(files), n)
+
+
+def overlap_reason(index, text):
+    """None if `text` shares no n-gram with an evaluation item, else the reason to count its drop under."""
+    found = index.overlapping_tasks([text])[0]
+    return OVERLAP_REASON + found[0] if found else None
+
+
+def split_overlap_counts(skipped: dict) -> tuple:
+    """({reason: count} without overlaps, {task: documents dropped}) from a stage's skip counts."""
+    kept = {reason: count for reason, count in skipped.items() if not reason.startswith(OVERLAP_REASON)}
+    dropped = {reason.removeprefix(OVERLAP_REASON): count for reason, count in skipped.items()
+               if reason.startswith(OVERLAP_REASON)}
+    return kept, dropped

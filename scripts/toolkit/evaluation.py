@@ -18,6 +18,7 @@
 - lm-evaluation-harness through its Python API on an in-memory model.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,63 @@ def ratio_of_sums(rows):
     return rows[:, 0].sum() / math.log(2) / rows[:, 1].sum()
 
 
+def balanced_accuracy_of_rows(rows):
+    """Balanced accuracy (mean recall over classes) of (gold, predicted) rows, as the JGLUE
+    task YAMLs aggregate `balanced_acc` (scikit-learn's, like lm-eval's own f1 / mcc)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rows = np.asarray(rows)
+    return float(balanced_accuracy_score(rows[:, 0], rows[:, 1]))
+
+
+def macro_f1_of_rows(rows):
+    """Macro-averaged F1 of (gold, predicted) rows (`macro_f1` of the JGLUE task YAMLs)."""
+    from sklearn.metrics import f1_score
+
+    rows = np.asarray(rows)
+    return float(f1_score(rows[:, 0], rows[:, 1], average="macro"))
+
+
+# lm-eval metrics whose figure is computed over all questions at once from per-question
+# (gold, predicted) rows, not a mean of per-question values: the statistic the paired
+# resampling applies to the drawn rows.
+CORPUS_METRICS = {"balanced_acc": balanced_accuracy_of_rows, "macro_f1": macro_f1_of_rows}
+
+
+@functools.lru_cache(maxsize=4)
+def lm_eval_task_manager(include_path=None, include_defaults=True):
+    """lm-eval's TaskManager, once per process: indexing lm-eval's ~10k task YAMLs takes
+    seconds, and the contamination report and the evaluation both need it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
+
+
+def lm_eval_task_manager_for(names, include_path=None):
+    """The TaskManager that knows `names`: the local YAMLs alone when they hold them all (no
+    need to index lm-eval's own tasks), else lm-eval's tasks plus the local ones."""
+    if include_path:
+        local = lm_eval_task_manager(str(include_path), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    return lm_eval_task_manager(str(include_path) if include_path else None)
+
+
+def lm_eval_primary_metrics(configs):
+    """{task: the metric its YAML declares primary (`metadata.primary_metric`)}."""
+    return {task: (config.get("metadata") or {}).get("primary_metric") for task, config in configs.items()
+            if (config.get("metadata") or {}).get("primary_metric")}
+
+
+def _sample_value(value):
+    """A logged per-question value: a number, a row such as (gold, predicted), or None when it
+    is not numeric (e.g. XL-Sum's (reference, summary) pairs that only lm-eval aggregates)."""
+    try:
+        return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fewshot=None, batch_size=4,
                   samples=False):
     """Run lm-evaluation-harness tasks on an in-memory model.
@@ -299,27 +357,28 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
     ja_leaderboard_jsquad, which download their data from the Hub) or local tasks found
     under `include_path` (a folder of task YAML files). Returns {"results": lm-eval's
     aggregate results} and, with `samples=True`, "samples": {task: {metric: [per-question
-    values in doc_id order]}} for paired comparisons.
+    values in doc_id order]}} for paired comparisons (a value is a number, or a (gold,
+    predicted) row for the CORPUS_METRICS), and "primary": {task: the metric its YAML
+    declares primary}. lm-eval's own tasks are indexed only when a name is not found locally.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = lm_eval_task_manager_for(tasks, include_path)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = simple_evaluate(
         model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
         log_samples=samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
         fewshot_random_seed=0,
     )
-    result = {"results": output["results"]}
+    result = {"results": output["results"], "primary": lm_eval_primary_metrics(output.get("configs", {}))}
     if samples:
         result["samples"] = {}
         for task, logged in output["samples"].items():
             metrics = [m for m in output["results"][task] if "," in m and "stderr" not in m]
             ordered = sorted(logged, key=lambda sample: sample["doc_id"])
-            result["samples"][task] = {
-                metric.split(",")[0]: [float(sample[metric.split(",")[0]]) for sample in ordered]
-                for metric in metrics if metric.split(",")[0] in ordered[0]
-            }
+            values = {metric.split(",")[0]: [_sample_value(sample[metric.split(",")[0]]) for sample in ordered]
+                      for metric in metrics if metric.split(",")[0] in ordered[0]}
+            # a metric without numeric per-question values stays in "results" only
+            result["samples"][task] = {metric: rows for metric, rows in values.items() if None not in rows}
     return result

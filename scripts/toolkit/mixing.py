@@ -5,7 +5,10 @@
 
 - count-ja: every Japanese document is counted in tokens of the training tokenizer
   (special-token parsing off: a document that spells "<s>" is those characters), with the
-  toolkit's bad-record accounting. Cached per file and part (any task count reuses it).
+  toolkit's bad-record accounting. A document of either language that shares an n-gram with an
+  evaluation item (--decontaminate_against) is dropped here, as a reason code per task (so
+  English dropped this way never counts toward the share). Cached per file and part (any task
+  count reuses it).
 - need: the English tokens the share needs.
 - count-en (1 task): English files in file and line order, counted only until the share is
   reached; its batches shrink as the need comes near (the documents still needed at the mean
@@ -15,14 +18,15 @@
 - plan: all Japanese is used; English is taken in file and line order until its tokens are
   the requested share of all tokens (the first document that reaches it included). The shuffle
   bucket count is the kept bytes / --shuffle_bucket_mb (at least MIN_BUCKETS), unless given.
-- scatter: each kept record (plus "lang", unless it has one) is streamed to the unit's record
-  file; a small index (bucket = hash(seed, file, line) mod B, the 64-bit sort key from the same
-  hash, line, byte offset, length) is saved in bucket order.
+- scatter: each kept record (plus "lang", unless it has one; the count's reason codes say which
+  are dropped) is streamed to the unit's record file; a small index (bucket = hash(seed, file,
+  line) mod B, the 64-bit sort key from the same hash, line, byte offset, length) is saved in
+  bucket order.
 - shuffle: bucket b gathers the index entries of its records from every unit, orders them by
   key and copies the records, one by one, into OUT/text/NNNNN.jsonl.gz. Memory is the index of
   one bucket (40 bytes a record), never the records; the output depends on the seed and the
   bucket count, never on the number of tasks.
-- report: mix_report.json.
+- report: mix_report.json (bad lines per reason; decontamination drops per language and task).
 - tokens: text shard b becomes token shard b (`toolkit.token_shards`), so the token shards are
   the same files for any task count and executor; manifest: token_shards.json.
 
@@ -47,6 +51,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from toolkit.corpus import BadRecord, CorpusError, bad_record_error, parse_line
+from toolkit.decontamination import OVERLAP_REASON, cached_index, overlap_reason, split_overlap_counts
 from toolkit.data_engine import (Stage, WorkUnit, atomic_output, file_key, final_files, iter_raw_lines, line_hashes,
                                  load_arrays, load_cached, read_json, reuse_unit_cache, save_arrays, unit_cache_path,
                                  units_of_rank, write_json)
@@ -55,7 +60,7 @@ SIDES = ("ja", "en")
 BATCH = 256
 MIN_BUCKETS = 16  # small mixes still get several shards (training draws blocks across files)
 BAD_REASONS = ("blank_line", "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string",
-               "lone_surrogate")  # per-line reason codes of the count cache: 0 = a record, i + 1 = BAD_REASONS[i]
+               "lone_surrogate")  # the first reason codes of the count caches (MixPlan.reasons)
 
 
 @dataclass
@@ -80,10 +85,20 @@ class MixPlan:
     report: dict
     names: list = None  # data_engine.canonical_name of each file: the key of its shuffle hash
     shuffle_bucket_mb: float = 256
+    decontaminate_against: tuple = ()  # evaluation files; documents sharing an n-gram with an item are dropped
+    decontamination_ngram: int = 13
+    decontamination_tasks: tuple = ()  # their task names in the index's order (overlap reason codes)
 
     @property
     def paths(self):
         return self.japanese_paths + self.english_paths
+
+    @property
+    def reasons(self):
+        """Per-line reason codes of the count caches: 0 = a record, i + 1 = reasons[i]: a bad line's
+        reasons, then one overlap reason per evaluation task (an EvalNgramIndex tells at most 64
+        apart, so int8 carries every code). The count cache key covers the evaluation files."""
+        return BAD_REASONS + tuple(OVERLAP_REASON + task for task in self.decontamination_tasks)
 
     def side(self, file_index):
         return "ja" if file_index < len(self.japanese_paths) else "en"
@@ -165,21 +180,28 @@ def count_tokens(tokenizer, texts):
     return [len(ids) for ids in encoded]
 
 
-def _records(plan, unit):
-    """(line, record or None, reason, bytes) of one unit; a bad line raises unless skip_bad_records."""
+def _records(plan, unit, check_overlap=True):
+    """(line, record or None, reason, bytes) of one unit; a bad line raises unless skip_bad_records; a
+    document sharing an n-gram with an evaluation item (--decontaminate_against) is dropped, in both
+    languages: no record, reason `decontamination.OVERLAP_REASON` + its first task."""
+    index = cached_index(plan.decontaminate_against, plan.decontamination_ngram) \
+        if plan.decontaminate_against and check_overlap else None
     for line_number, raw in iter_raw_lines(unit.path, unit.part, unit.parts, plan.text_field):
         try:
-            yield line_number, parse_line(raw, plan.text_field), None, len(raw)
+            record = parse_line(raw, plan.text_field)
         except BadRecord as bad:
             if not plan.skip_bad_records:
                 raise bad_record_error(unit.path, line_number, bad) from None
             yield line_number, None, bad.reason, len(raw)
+            continue
+        reason = overlap_reason(index, record[plan.text_field]) if index is not None else None
+        yield line_number, (None if reason else record), reason, len(raw)
 
 
 def _count_batches(plan, unit, tokenizer, batch_size=lambda: BATCH):
     """Per-line arrays of one unit, a batch at a time: lines, tokens, chars, bytes, reason (0: a record).
     `batch_size()` is asked before each batch (the English count shrinks its batches near the share)."""
-    batch, size = [], batch_size()
+    batch, size, reasons = [], batch_size(), plan.reasons
 
     def flush():
         texts = [record[plan.text_field] for _, record, _, _ in batch if record is not None]
@@ -190,7 +212,7 @@ def _count_batches(plan, unit, tokenizer, batch_size=lambda: BATCH):
             rows["tokens"].append(next(tokens) if record is not None else 0)
             rows["chars"].append(len(record[plan.text_field]) if record is not None else 0)
             rows["bytes"].append(size)
-            rows["reason"].append(0 if record is not None else BAD_REASONS.index(reason) + 1)
+            rows["reason"].append(0 if record is not None else reasons.index(reason) + 1)
         batch.clear()
         return {name: np.asarray(values, dtype=np.int8 if name == "reason" else np.int64)
                 for name, values in rows.items()}
@@ -249,7 +271,7 @@ class EnglishNeed(_Step):
             totals["tokens"] += int(counts["tokens"].sum())
             totals["characters"] += int(counts["chars"].sum())
             totals["bytes"] += int(counts["bytes"][good].sum())
-            skipped.update(BAD_REASONS[code - 1] for code in counts["reason"][~good].tolist())
+            skipped.update(plan.reasons[code - 1] for code in counts["reason"][~good].tolist())
         if totals["tokens"] == 0:
             raise CorpusError(f"no Japanese text in {plan.japanese_paths}")
         needed = plan.english_token_share / (1 - plan.english_token_share) * totals["tokens"]
@@ -361,7 +383,7 @@ class PlanMix(_Step):
             en["characters"] += int(counts["chars"][good][:take].sum())
             en["bytes"] += int(counts["bytes"][good][:take].sum())
             used = counts["lines"] <= lines[take - 1] if take < len(lines) else np.ones(len(good), dtype=bool)
-            skipped["en"].update(BAD_REASONS[code - 1] for code in counts["reason"][~good & used].tolist())
+            skipped["en"].update(plan.reasons[code - 1] for code in counts["reason"][~good & used].tolist())
             if take:
                 cutoff = [unit.file_index, int(lines[take - 1])]
             if en["tokens"] < needed and not bool(counts["complete"]):
@@ -378,7 +400,7 @@ class PlanMix(_Step):
         kept_bytes = totals["ja"]["bytes"] + en["bytes"]
         buckets = plan.shuffle_buckets or max(MIN_BUCKETS, math.ceil(kept_bytes / (plan.shuffle_bucket_mb * 2**20)))
         write_json(plan.plan_path, {
-            "totals": totals, "skipped_bad_records": {side: dict(skipped[side]) for side in SIDES},
+            "totals": totals, "dropped_by_reason": {side: dict(skipped[side]) for side in SIDES},
             "english_cutoff": cutoff, "english_tokens_needed": needed, "achieved": achieved, "reached": not short,
             "english_tokens_counted": counted, "kept_bytes": kept_bytes, "shuffle_buckets": buckets})
 
@@ -417,12 +439,22 @@ class ScatterRecords(_Step):
                     pass
             else:
                 kept_lines, offsets, lengths, kept_lang, position = [], [], [], 0, 0
+                # The count found the documents that overlap an evaluation item: its reason codes (one
+                # row per line read, in read order) drop them here without checking their n-grams again.
+                counted = (_japanese_counts(plan, unit) if side == "ja" else load_arrays(_english_cache(plan, unit))) \
+                    if plan.decontaminate_against else None
                 with atomic_output(f"{base}.jsonl") as stream:
-                    for line_number, record, _, _ in _records(plan, unit):
+                    for row, (line_number, record, _, _) in enumerate(_records(plan, unit, check_overlap=False)):
                         if side == "en" and line_number > cutoff[1] and unit.file_index == cutoff[0]:
                             break  # English past the cutoff: nothing more to read in this file
                         if record is None:
                             continue
+                        if counted is not None:
+                            if row >= len(counted["lines"]) or int(counted["lines"][row]) != line_number:
+                                raise CorpusError(f"{unit.path}:{line_number}: not the line the count read; the file "
+                                                  f"changed during the run. Run the same command again")
+                            if counted["reason"][row]:
+                                continue
                         if "lang" in record and not plan.overwrite_lang:
                             kept_lang += 1
                         else:
@@ -530,6 +562,9 @@ class WriteMixReport(_Step):
             raise AssertionError(f"{written} documents written to the mix, {expected} planned")
         ja, en = totals["ja"]["tokens"], totals["en"]["tokens"]
         shards = final_files(plan.text_dir)
+        skipped, dropped = {}, {}  # bad lines; documents that overlap an evaluation item, per task
+        for side in SIDES:
+            skipped[side], dropped[side] = split_overlap_counts(planned["dropped_by_reason"][side])
         write_json(os.path.join(plan.output_dir, "mix_report.json"), {
             "stage": "mix",
             **plan.report,
@@ -547,7 +582,9 @@ class WriteMixReport(_Step):
             "shuffle": {"buckets": planned["shuffle_buckets"], "kept_bytes": planned["kept_bytes"],
                         "bucket_mb": plan.shuffle_bucket_mb, "given": plan.shuffle_buckets is not None},
             "lang_field": {"existing_kept": kept_lang, "overwrite_lang": plan.overwrite_lang},
-            "skipped_bad_records": planned["skipped_bad_records"],
+            "skipped_bad_records": skipped,
+            "decontamination": {"against": list(plan.decontaminate_against), "ngram": plan.decontamination_ngram,
+                                "documents_dropped_per_task": dropped} if plan.decontaminate_against else None,
         })
 
 

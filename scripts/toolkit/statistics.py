@@ -74,6 +74,35 @@ def paired_permutation_p(first_runs, second_runs, ratio=False, permutations=DEFA
     return float(sign_flip_test(item_differences(first_runs, second_runs, ratio), permutations, seed))
 
 
+def paired_swap_p(first_runs, second_runs, statistic, permutations=DEFAULT_PERMUTATIONS, seed=0):
+    """p-value of the paired swap test for a figure computed over all items at once (balanced
+    accuracy, macro-F1 of (gold, predicted) rows), where per-item differences do not exist.
+
+    Under the null the two models' rows of an item are exchangeable, so a permutation swaps
+    the two models' rows of an item, on all its seeds at once (the seeds of an item are one
+    block, as in the sign-flip test); the statistic is the mean over seeds of
+    statistic(second) - statistic(first). `scipy.stats.permutation_test`'s paired "samples"
+    permutation does exactly that swap on two arrays of row indices; exact when the 2**items
+    patterns are at most `permutations`, else Monte Carlo with the add-one estimator.
+    """
+    first = [np.asarray(run) for run in first_runs]
+    second = [np.asarray(run) for run in second_runs]
+    if not first or len(first) != len(second):
+        raise ValueError("a paired test needs the same number (>= 1) of seeds for both models")
+    size = len(first[0])
+    if size == 0 or any(len(run) != size for run in first + second):
+        raise ValueError("a paired test needs non-empty arrays over the same items for every seed")
+    # rows 0..size-1 of a seed are the first model's, size..2*size-1 the second's
+    stacked = [np.concatenate([a, b]) for a, b in zip(first, second)]
+
+    def difference(first_rows, second_rows):
+        return np.mean([statistic(rows[second_rows]) - statistic(rows[first_rows]) for rows in stacked])
+
+    result = permutation_test((np.arange(size), np.arange(size, 2 * size)), difference, permutation_type="samples",
+                              n_resamples=permutations, alternative="two-sided", rng=seed)
+    return float(min(result.pvalue, 1.0))
+
+
 def smallest_p(items, permutations=DEFAULT_PERMUTATIONS):
     """The smallest two-sided p-value the test can give at this many items."""
     if items * math.log10(2) <= math.log10(permutations):  # exact: 2 of the 2**items patterns are as extreme
