@@ -128,7 +128,7 @@ def fitted(path, tokenizer_path, contexts, init="distill", steps=4):
     model = load(path)
     torch.manual_seed(0)  # the padding rows' draws (pretrain.py seeds with --seed)
     report = extend_embeddings(model, tokenizer, base_tokenizer, init=init, contexts=contexts,
-                               fit=FitSettings(steps=steps, target_layer=1))
+                               fit=FitSettings(steps=steps, target_layer=1, learning_rate=0.01, regularisation=0))
     return model, report
 
 

@@ -56,7 +56,9 @@ from dataclasses import dataclass
 
 import torch
 
-DATA_INITS = ("distill", "output_fit")  # need contexts from the training token shards
+DATA_INITS = ("distill", "output_fit")
+PIECE_SLOTS = 8  # output fit: weights for the first 7 pieces, the 8th holds the mean of the rest
+PIECE_LEARNING_RATE = 0.5  # need contexts from the training token shards
 INITS = DATA_INITS + ("subword_mean", "hf_mean", "random")
 
 
@@ -201,6 +203,11 @@ class FitSettings:
     steps: int = 30  # Adam steps over all contexts at once (full batch)
     learning_rate: float = 0.1  # x the RMS of the base rows: an Adam step moves a coordinate by about this share
     target_layer: int = 4  # hidden states compared after this many layers (the paper: the last, or an early one)
+    # pull towards subword_mean, worth this many contexts' cross-entropy: a row whose coordinates move by
+    # the RMS of the base rows costs as much as this many nats on one position (a row fitted to its few
+    # contexts otherwise memorises them)
+    regularisation: float = 4.0
+    fit_output: bool = True  # False: output rows stay subword_mean (untied heads; distill fits input rows only)
 
 
 def mine_contexts(token_dir, window=64, max_tokens=4096, seed=0):
@@ -323,30 +330,77 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
         seen[_all_gather_rows(ids.reshape(-1), world)] = True
         seen[:base_size] = False
         scale = base_output.pow(2).mean().sqrt()
-        new_output = output_weight.detach()[base_size:].float().clone().requires_grad_(True)
-        new_input = new_output if tied else input_weight.detach()[base_size:].float().clone().requires_grad_(distill)
-        free = [new_output] + ([new_input] if distill and not tied else [])
-        optimizer = torch.optim.Adam(free, lr=settings.learning_rate * float(scale))
+        initial_output = output_weight.detach()[base_size:].float().clone()
+        initial_input = input_weight.detach()[base_size:].float().clone()
+        # Output rows: a weighted sum of the output rows of the token's base pieces, plus an offset of
+        # its logit, with weights and offset shared by all tokens of the same number of pieces: few
+        # parameters, fitted on the contexts, and they serve every new token, seen in a context or not.
+        # Starts at subword_mean (equal weights, no offset). `u` turns an offset into a row: h.u ~ 1
+        # for the base model's hidden states (least squares), so row + b u raises the logit by ~b.
+        slots = PIECE_SLOTS
+        piece_rows = torch.zeros(rows - base_size, slots, initial_output.shape[1], device=device)
+        piece_count = torch.zeros(rows - base_size, dtype=torch.long, device=device)
+        for index, parts in decompositions.items():
+            if parts:
+                head, tail = parts[: slots - 1], parts[slots - 1:]
+                piece_rows[index - base_size, : len(head)] = base_output[head]
+                if tail:
+                    piece_rows[index - base_size, slots - 1] = base_output[tail].mean(0)
+                piece_count[index - base_size] = len(parts)
+        has_pieces = (piece_count > 0)[:, None]
+        bucket = piece_count.clamp(1, slots) - 1
+        initial_weights = torch.zeros(slots, slots, device=device)
+        for k in range(1, slots + 1):
+            initial_weights[k - 1, : min(k, slots - 1)] = 1.0 / k
+            if k >= slots:
+                initial_weights[k - 1, slots - 1] = (k - slots + 1) / k
+        piece_weights = initial_weights.clone().requires_grad_(True)
+        offsets = torch.zeros(slots, device=device, requires_grad=True)
+        with torch.no_grad():
+            gram = features.T @ features + 1e-3 * torch.eye(features.shape[1], device=device) * len(features)
+            unit = torch.linalg.solve(gram, features.sum(0))  # features @ unit ~ 1
+        fit_output = settings.fit_output or tied
+        free_rows = tied and distill  # a tied row is also an input row: distillation moves it per token
+        row_delta = torch.zeros_like(initial_output, requires_grad=free_rows)
+        new_input = initial_input.clone().requires_grad_(distill and not tied)
+        groups = []
+        if fit_output:
+            groups.append({"params": [piece_weights, offsets], "lr": PIECE_LEARNING_RATE})
+        if free_rows:
+            groups.append({"params": [row_delta], "lr": settings.learning_rate * float(scale)})
+        if distill and not tied:
+            groups.append({"params": [new_input], "lr": settings.learning_rate * float(scale)})
+        optimizer = torch.optim.Adam(groups)
         base_input = input_weight.detach()[:base_size].float()
         is_new = ids >= base_size
-        frozen_input = input_weight.detach()[base_size:].float()  # rows of tokens without contexts stay
-        keep_input = seen[base_size:, None]
+        keep_input = seen[base_size:, None]  # rows of tokens without contexts keep their input row
+
+        def output_rows():
+            weights = piece_weights[bucket]  # [new rows, slots]
+            rows_ = (weights[..., None] * piece_rows).sum(1) + offsets[bucket][:, None] * unit
+            rows_ = torch.where(has_pieces, rows_, initial_output) if fit_output else initial_output
+            return rows_ + torch.where(keep_input, row_delta, torch.zeros_like(row_delta)) if free_rows else rows_
 
         def objective():
-            logits = features @ new_output.T
+            current = output_rows()
+            logits = features @ current.T
             lse = torch.logaddexp(base_lse, torch.logsumexp(logits, dim=-1))
             target_logit = torch.where(target_is_new,
                                        logits.gather(1, (targets - base_size).clamp(min=0)[:, None])[:, 0],
                                        base_target_logit)
             cross_entropy = (lse - target_logit).mean()
+            change = torch.zeros((), device=device)
+            moved = row_delta if free_rows else (new_input - initial_input) if distill and not tied else None
+            if moved is not None:
+                change = moved.pow(2).mean(1).sum() / scale ** 2 / len(targets)
             mse = torch.zeros((), device=device)
             if distill:
-                table = torch.where(keep_input, new_input, frozen_input)
+                table = current if tied else torch.where(keep_input, new_input, initial_input)
                 embeds = torch.where(is_new[..., None], table[(ids - base_size).clamp(min=0)],
                                      base_input[ids.clamp(max=base_size - 1)])
                 student = _hidden_after(decoder, layers, inputs_embeds=embeds.to(input_weight.dtype))
                 mse = torch.nn.functional.mse_loss(student.float(), teacher_hidden)
-            return cross_entropy, mse
+            return cross_entropy, settings.regularisation * change, mse
 
         for parameter in parameters:
             parameter.requires_grad_(False)
@@ -354,14 +408,16 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
         try:
             for step in range(settings.steps + 1):
                 optimizer.zero_grad()
-                cross_entropy, mse = objective()
+                cross_entropy, penalty, mse = objective()
                 if world > 1:  # the distillation term is a mean over this process's contexts
                     mse_total = mse.detach().clone()
                     torch.distributed.all_reduce(mse_total)
                     mse_value = float(mse_total) / world
                 else:
                     mse_value = float(mse.detach())
-                figures = {"next_token_cross_entropy": float(cross_entropy.detach()), "hidden_state_mse": mse_value}
+                figures = {"next_token_cross_entropy": float(cross_entropy.detach()),
+                           "pull_to_subword_mean": float(penalty.detach()), "hidden_state_mse": mse_value}
+                cross_entropy = cross_entropy + penalty
                 if step == 0:
                     before = figures
                 if step == settings.steps:
@@ -369,14 +425,12 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
                     break
                 # the cross-entropy is the same on every process (gathered features); the distillation
                 # term is this process's share: summed over processes, the gradient is their mean
-                if tied:
-                    ((cross_entropy + mse) / world).backward()
-                    if world > 1:
-                        torch.distributed.all_reduce(new_output.grad)
-                else:
-                    (cross_entropy + mse / world).backward()
-                    if world > 1 and distill:
-                        torch.distributed.all_reduce(new_input.grad)
+                ((cross_entropy + mse) / world).backward()
+                if world > 1:
+                    for group in optimizer.param_groups:
+                        for tensor in group["params"]:
+                            if tensor.grad is not None:
+                                torch.distributed.all_reduce(tensor.grad)
                 optimizer.step()
                 progress.update(1)
                 progress.set_postfix(figures, refresh=False)
@@ -386,11 +440,11 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
             progress.close()
             model.train(was_training)
         with torch.no_grad():
-            final_input = torch.where(keep_input, new_input, frozen_input) if distill or tied else None
+            final_output = output_rows()
             if rank == 0 or not any(hasattr(p, "ds_id") for p in parameters):
-                output_weight[base_size:] = new_output.to(output_weight.dtype)
-                if final_input is not None and not tied:
-                    input_weight[base_size:] = final_input.to(input_weight.dtype)
+                output_weight[base_size:] = final_output.to(output_weight.dtype)
+                if distill and not tied:
+                    input_weight[base_size:] = torch.where(keep_input, new_input, initial_input).to(input_weight.dtype)
     new_tokens_seen = int(seen[base_size:base_size + len(decompositions)].sum())
     return {
         "method": ("token distillation (input) + " if distill else "subword_mean (input) + ")
@@ -405,6 +459,9 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
         "target_layer": layers if distill else None,
         "steps": settings.steps,
         "learning_rate": settings.learning_rate,
+        "output_rows": "weighted sum of the base pieces' output rows + a logit offset, per number of pieces"
+                       if settings.fit_output or tied else "subword_mean",
+        "logit_offset_by_number_of_pieces": [round(float(x), 3) for x in offsets.detach()],
         "objective_before": before,
         "objective_after": after,
         "processes": world,
