@@ -27,7 +27,6 @@ draws whatever the arms have logged so far (embedding_init_curve.png).
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shared toolkit lives in scripts/toolkit; this file runs standalone from the repo or anywhere.
@@ -47,7 +46,7 @@ from toolkit.corpus import read_texts  # noqa: E402
 from toolkit.embeddings import DATA_INITS, INITS, FitSettings, extend_embeddings, mine_contexts  # noqa: E402
 from toolkit.metrics import bits_per_character  # noqa: E402
 from toolkit.quiet import quiet_by_default  # noqa: E402
-from toolkit.reports import read_json, write_json_atomic  # noqa: E402
+from toolkit.reports import write_json_atomic  # noqa: E402
 from toolkit.token_shards import read_manifest  # noqa: E402
 
 REFERENCE_GPU_HOURS = 2400  # the reference recipe's continued pretraining (README)
@@ -64,6 +63,7 @@ class BenchArguments:
     eval_files_ja: str = field(default="sample_data/eval/ja_eval.jsonl.gz")
     eval_files_en: str = field(default="sample_data/eval/en_eval.jsonl.gz")
     max_eval_documents: int = field(default=4)
+    max_eval_characters: int = field(default=None, metadata={"help": "Keep the first N characters of each document."})
     max_length: int = field(default=256)
     context_tokens: int = field(default=4096, metadata={"help": "pretrain.py --embedding_init_context_tokens."})
     steps: int = field(default=FitSettings.steps)
@@ -86,9 +86,9 @@ class BenchArguments:
     curve_batch_size: int = field(default=2)
 
 
-def held_out(path, count):
+def held_out(path, count, characters=None):
     texts, _ = read_texts([path])
-    return [t for t in texts if t.strip()][:count]
+    return [t[:characters] for t in texts if t.strip()][:count]
 
 
 def init_flops_7b(args, base_to_extended_pieces):
@@ -110,8 +110,8 @@ def init_flops_7b(args, base_to_extended_pieces):
 
 def step0(args):
     torch.manual_seed(args.seed)
-    texts = {"ja": held_out(args.eval_files_ja, args.max_eval_documents),
-             "en": held_out(args.eval_files_en, args.max_eval_documents)}
+    texts = {"ja": held_out(args.eval_files_ja, args.max_eval_documents, args.max_eval_characters),
+             "en": held_out(args.eval_files_en, args.max_eval_documents, args.max_eval_characters)}
     tokenizer = AutoTokenizer.from_pretrained(assets.resolve(args.tokenizer_name))
     contexts = mine_contexts(args.train_token_dir, max_tokens=args.context_tokens, seed=args.seed)
     settings = FitSettings(steps=args.steps, target_layer=args.target_layer, learning_rate=args.learning_rate)

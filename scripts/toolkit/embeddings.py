@@ -16,20 +16,28 @@ marker stays a word-start marker; an added token (`tokenizer.add_tokens`) is enc
 its text, without a leading lone space piece the base tokenizer may prepend.
 
 Inits (`--embedding_init`), measured side by side in benchmarks/bench_embedding_init.py:
-- distill (default): data-aware, from contexts of the training token shards (`mine_contexts`),
+- distill: data-aware, from contexts of the training token shards (`mine_contexts`),
   starting from subword_mean, the model's body frozen. Input rows by token distillation (Dobler,
   Elliott, de Melo, arXiv 2505.20133): a new token's row is optimised so that the hidden states the
   model computes over a context written with the new tokens match, position by position, those the
   base model computes over the same text written with its base pieces (each extended position is
-  aligned with the base position of its token's last piece). Output rows are fitted to the base
-  model's own hidden states at those positions (computed once): the cross-entropy of the next
-  extended token over the whole vocabulary, with only the new output rows free, a convex fit. A
-  tied head has one row for both: the two objectives are summed. A new token that occurs in no
-  context keeps its subword_mean input row (counted in the report); every new output row takes
-  part in the fit's softmax.
+  aligned with the base position of its token's last piece); the hidden states after
+  `target_layer` layers are compared (the paper's `target_layer`), so a step runs only those. Output
+  rows are fitted to the base model's own final hidden states at those positions (computed once):
+  the cross-entropy of the next extended token over the whole vocabulary, base rows fixed. Free
+  per-token output rows memorise their few contexts (held-out bits/char worse than subword_mean,
+  BENCHMARKS.md), so a new output row is a weighted sum of its base pieces' output rows plus a logit
+  offset, the weights and offset shared by all tokens with the same number of pieces (8 x 9
+  numbers): it starts at subword_mean and serves tokens seen in no context too. A tied head has one
+  row: it is that output row plus a per-token distilled correction (regularised towards 0). A new
+  token that occurs in no context keeps its subword_mean input row (counted in the report).
 - output_fit: subword_mean input rows, output rows by the fit above (a tied head: the fitted rows
   serve as input rows too). No backward pass through the body: cheaper than distill.
-- subword_mean: each new row is the mean of the base model's rows for the token's base
+Both run on every process before `accelerator.prepare` (`fit_new_rows`): contexts are split over
+processes, the base model's features gathered and the gradients summed, so every process ends with
+the same rows; all parameters are gathered for it under zero3_init (GatheredParameters).
+- subword_mean (default; the data-aware inits did not beat it at step 0 on SmolLM2, BENCHMARKS.md):
+  each new row is the mean of the base model's rows for the token's base
   decomposition, in the input embedding and, separately, in an untied LM head (a tied
   head shares the input matrix, so it is set once). The model then starts where the base
   model was for those characters.
@@ -56,10 +64,10 @@ from dataclasses import dataclass
 
 import torch
 
-DATA_INITS = ("distill", "output_fit")
+DATA_INITS = ("distill", "output_fit")  # need contexts from the training token shards
+INITS = ("subword_mean",) + DATA_INITS + ("hf_mean", "random")
 PIECE_SLOTS = 8  # output fit: weights for the first 7 pieces, the 8th holds the mean of the rest
-PIECE_LEARNING_RATE = 0.5  # need contexts from the training token shards
-INITS = DATA_INITS + ("subword_mean", "hf_mean", "random")
+PIECE_LEARNING_RATE = 0.05  # Adam on the piece weights and offsets (0.5 diverges: BENCHMARKS.md)
 
 
 def check_extension(base_tokenizer, tokenizer, model=None, name="tokenizer", base_name="base tokenizer"):
