@@ -6,7 +6,8 @@
         --max_eval_documents 16 --max_length 256 --output_dir outputs/bench_pretrain
 
 Rows: the base model with its own tokenizer, then the model extended for `--tokenizer_name`
-under each `--embedding_init` (toolkit.embeddings), before any training. Bits per character
+under each data-free `--embedding_init` (toolkit.embeddings; the data-aware ones and their
+cost: bench_embedding_init.py), before any training. Bits per character
 (toolkit.metrics, sliding window of `--max_length`) compare models across tokenizers; the
 first `--max_eval_documents` documents are used, as in pretrain.py's evaluation, so a
 trained run's `final_eval` continues the same table. Writes bench_pretrain.json.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from toolkit import assets
 from toolkit.corpus import read_texts
-from toolkit.embeddings import INITS, extend_embeddings
+from toolkit.embeddings import DATA_INITS, INITS, extend_embeddings
 from toolkit.metrics import bits_per_character
 from toolkit.reports import write_json_atomic
 from toolkit.quiet import quiet_by_default
@@ -61,7 +62,7 @@ def main():
               flush=True)
 
     measure("base (own tokenizer)", AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), base_tokenizer)
-    for init in INITS:
+    for init in (i for i in INITS if i not in DATA_INITS):  # those need contexts: bench_embedding_init.py
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         extend_embeddings(model, tokenizer, base_tokenizer, init=init)

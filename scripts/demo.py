@@ -36,9 +36,9 @@ from toolkit.quiet import launch_environment, quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "sample_data"
-# Corpus characters each pretraining arm reads: ~8 steps of 1,024 tokens for the extended
-# tokenizer on the demo mix (2.56 characters/token), ~18 for the raw base's (1.11).
-DEMO_TRAIN_CHARACTERS = "20000"
+# Corpus characters each pretraining arm reads: ~4 steps of 1,024 tokens for the extended
+# tokenizer on the demo mix (2.56 characters/token), ~9 for the raw base's (1.11).
+DEMO_TRAIN_CHARACTERS = "10000"
 
 
 @dataclass

@@ -35,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 
 from toolkit import assets, packing, preflight, training
 from toolkit.corpus import CorpusError, expand_paths, read_texts
-from toolkit.embeddings import INITS, NewEmbeddingsOnlyStage, check_extension, extend_embeddings
+from toolkit.embeddings import (DATA_INITS, INITS, FitSettings, NewEmbeddingsOnlyStage, check_extension,
+                                extend_embeddings, mine_contexts)
 from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
 from toolkit.metrics import BitsPerCharacter, count_windows, text_nll, token_ids_with_bos
 from toolkit.reports import write_json_atomic
@@ -48,7 +49,16 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Base model: Hub id, local folder or offline:NAME."})
     tokenizer_name: str = field(metadata={"help": "The extended tokenizer (a folder from extend_tokenizer.py)."})
     base_tokenizer_name: str = field(default=None, metadata={"help": "The model's own tokenizer (default: the model's)."})
-    embedding_init: str = field(default="subword_mean", metadata={"help": f"New-token rows: {', '.join(INITS)}."})
+    embedding_init: str = field(
+        default="subword_mean",
+        metadata={"help": f"New-token rows: {', '.join(INITS)} (toolkit/embeddings.py; measured in BENCHMARKS.md). "
+                  f"{' and '.join(DATA_INITS)} fit them to the base model on contexts of --train_token_dir."})
+    embedding_init_context_tokens: int = field(
+        default=4096, metadata={"help": "Tokens of --train_token_dir the data-aware init reads (windows of 64)."})
+    embedding_init_steps: int = field(default=FitSettings.steps, metadata={"help": "Steps of the data-aware init."})
+    embedding_init_target_layer: int = field(
+        default=FitSettings.target_layer,
+        metadata={"help": "distill: hidden states are matched after this many layers (cost grows with it)."})
     pad_to_multiple_of: int = field(default=64, metadata={"help": "Embedding rows are padded to a multiple of this."})
     attn_implementation: str = field(
         default=None,
@@ -299,8 +309,12 @@ def main():
     with zero3_init(accelerator):
         model = AutoModelForCausalLM.from_pretrained(assets.resolve(model_args.model_name_or_path), dtype=dtype,
                                                      attn_implementation=attention)
-        embedding_report = extend_embeddings(model, tokenizer, base_tokenizer, init=model_args.embedding_init,
-                                             pad_to_multiple_of=model_args.pad_to_multiple_of)
+        contexts = mine_contexts(data_args.train_token_dir, max_tokens=model_args.embedding_init_context_tokens,
+                                 seed=args.seed) if model_args.embedding_init in DATA_INITS else None
+        embedding_report = extend_embeddings(
+            model, tokenizer, base_tokenizer, init=model_args.embedding_init, contexts=contexts,
+            pad_to_multiple_of=model_args.pad_to_multiple_of,
+            fit=FitSettings(steps=model_args.embedding_init_steps, target_layer=model_args.embedding_init_target_layer))
     accelerator.print(f"embeddings: {embedding_report}")
     if model_args.use_liger_kernel:
         apply_liger_kernels(model)

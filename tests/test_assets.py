@@ -66,6 +66,18 @@ def test_smollm2_is_a_real_pretrained_model(smollm2_path, sample_data):
     assert "Paris" in continuation
 
 
+def test_untied_smollm2_is_the_tied_model_with_a_separate_head(smollm2_path):
+    untied_path = assets.resolve("offline:smollm2-135m-untied")
+    tied, untied = AutoModelForCausalLM.from_pretrained(smollm2_path), AutoModelForCausalLM.from_pretrained(untied_path)
+    assert tied.config.tie_word_embeddings and not untied.config.tie_word_embeddings
+    head, embeddings = untied.get_output_embeddings().weight, untied.get_input_embeddings().weight
+    assert head.data_ptr() != embeddings.data_ptr()  # two parameters: new rows can differ
+    assert torch.equal(head, embeddings) and torch.equal(embeddings, tied.get_input_embeddings().weight)
+    ids = AutoTokenizer.from_pretrained(untied_path)("東京は日本の首都です。", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(untied(ids).logits, tied(ids).logits, rtol=0, atol=0)  # step 0 is identical
+
+
 def test_tiny_mistral_uses_the_real_tokenizer(tiny_mistral_path, mistral_tokenizer_path):
     config = AutoConfig.from_pretrained(tiny_mistral_path)
     assert config.model_type == "mistral" and config.hidden_size == 64 and config.num_hidden_layers == 2

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extended_tokenizers import WORDS, extend_with_added_tokens, extend_with_merges
-from toolkit.embeddings import check_extension, decompose_new_tokens, extend_embeddings
+from toolkit.embeddings import (DATA_INITS, FitSettings, check_extension, decompose_new_tokens, extend_embeddings,
+                                mine_contexts)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,128 @@ def test_not_an_extension_is_refused(tiny_mistral_path, smollm2_path):
     model = load(tiny_mistral_path)
     with pytest.raises(ValueError, match="not an extension"):
         extend_embeddings(model, AutoTokenizer.from_pretrained(smollm2_path), AutoTokenizer.from_pretrained(tiny_mistral_path))
+
+
+# --------------------------------------------------------------------------- data-aware inits
+
+
+@pytest.fixture(scope="module")
+def merged_shards(sample_data, mistral_merged, tmp_path_factory):
+    """Token shards of 12 JA documents for the merged tokenizer: contexts of the data-aware inits."""
+    import gzip
+
+    from toolkit.token_shards import tokenize_locally
+
+    with gzip.open(sample_data / "pool/data/ja/ja_clean_0000.jsonl.gz", "rt") as stream:
+        lines = [next(stream) for _ in range(12)]
+    folder = tmp_path_factory.mktemp("merged_shards")
+    (folder / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    tokenize_locally([folder / "train.jsonl"], str(mistral_merged), folder / "tokens")
+    return folder / "tokens"
+
+
+def fitted(path, tokenizer_path, contexts, init="distill", steps=4):
+    base_tokenizer, tokenizer = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(tokenizer_path)
+    model = load(path)
+    torch.manual_seed(0)  # the padding rows' draws (pretrain.py seeds with --seed)
+    report = extend_embeddings(model, tokenizer, base_tokenizer, init=init, contexts=contexts,
+                               fit=FitSettings(steps=steps, target_layer=1, learning_rate=0.01, regularisation=0))
+    return model, report
+
+
+@pytest.mark.parametrize("init", DATA_INITS)
+def test_data_aware_init_lowers_its_objective_and_keeps_base_rows(init, tiny_mistral_path, mistral_merged,
+                                                                  merged_shards):
+    contexts = mine_contexts(merged_shards, window=32, max_tokens=512, seed=0)
+    assert contexts.shape == (16, 32)
+    reference, _ = fitted(tiny_mistral_path, mistral_merged, contexts, init="subword_mean")
+    model, report = fitted(tiny_mistral_path, mistral_merged, contexts, init=init)
+    fit = report["fit"]
+    assert fit["contexts"] == 16 and fit["context_tokens"] == 512 and fit["processes"] == 1
+    assert fit["new_tokens_with_contexts"] > 0
+    assert fit["new_tokens_with_contexts"] + fit["new_tokens_without_contexts"] == report["new_tokens"]
+    before, after = fit["objective_before"], fit["objective_after"]
+    assert after["next_token_cross_entropy"] < before["next_token_cross_entropy"]
+    if init == "distill":
+        assert 0 < after["hidden_state_mse"] < before["hidden_state_mse"]
+    else:
+        assert after["hidden_state_mse"] == before["hidden_state_mse"] == 0
+    for matrix in ("get_input_embeddings", "get_output_embeddings"):
+        old, new = getattr(reference, matrix)().weight.detach(), getattr(model, matrix)().weight.detach()
+        assert torch.equal(new[:32000], old[:32000]), matrix  # the base vocabulary: bit-identical
+    new_rows = slice(32000, 32000 + report["new_tokens"])  # (padding rows are random draws)
+    changed = {matrix: int((getattr(model, matrix)().weight[new_rows] != getattr(reference, matrix)().weight[new_rows])
+                           .any(1).sum()) for matrix in ("get_input_embeddings", "get_output_embeddings")}
+    assert changed["get_output_embeddings"] == report["new_tokens"]  # every new output row is in the fit
+    # input rows: distilled for the tokens seen in the contexts, subword_mean for output_fit
+    assert changed["get_input_embeddings"] == (fit["new_tokens_with_contexts"] if init == "distill" else 0)
+    # a token without contexts keeps its subword_mean input row
+    seen = set(contexts.flatten().tolist())
+    unseen = [i for i in range(32000, 32000 + report["new_tokens"]) if i not in seen]
+    assert len(unseen) == fit["new_tokens_without_contexts"]
+    for index in unseen:
+        assert torch.equal(model.get_input_embeddings().weight[index], reference.get_input_embeddings().weight[index])
+
+
+def test_data_aware_init_is_deterministic(tiny_mistral_path, mistral_merged, merged_shards):
+    first = mine_contexts(merged_shards, window=32, max_tokens=256, seed=3)
+    assert torch.equal(first, mine_contexts(merged_shards, window=32, max_tokens=256, seed=3))
+    assert not torch.equal(first, mine_contexts(merged_shards, window=32, max_tokens=256, seed=4))
+    one, report_one = fitted(tiny_mistral_path, mistral_merged, first, steps=2)
+    two, report_two = fitted(tiny_mistral_path, mistral_merged, first, steps=2)
+    for matrix in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(one, matrix)().weight, getattr(two, matrix)().weight)
+    assert report_one["fit"]["objective_after"] == report_two["fit"]["objective_after"]
+
+
+def test_tied_head_gets_one_fitted_row(smollm2_path, tmp_path, sample_data):
+    import gzip
+
+    from toolkit.token_shards import tokenize_locally
+
+    folder = extend_with_merges(smollm2_path, WORDS, tmp_path / "smol")
+    with gzip.open(sample_data / "pool/data/ja/ja_clean_0000.jsonl.gz", "rt") as stream:
+        (tmp_path / "train.jsonl").write_text("".join(next(stream) for _ in range(6)), encoding="utf-8")
+    tokenize_locally([tmp_path / "train.jsonl"], str(folder), tmp_path / "tokens")
+    contexts = mine_contexts(tmp_path / "tokens", window=32, max_tokens=128, seed=0)
+    model, report = fitted(smollm2_path, folder, contexts, steps=2)
+    assert report["tied_embeddings"] and report["fit"]["method"].endswith("one tied row")
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    fit = report["fit"]
+    assert fit["objective_after"]["next_token_cross_entropy"] < fit["objective_before"]["next_token_cross_entropy"]
+
+
+def test_bad_input_falls_back_to_subword_mean_counted(tiny_mistral_path, mistral_merged, merged_shards, monkeypatch):
+    """A token the base cannot split: its contexts cannot be written in base pieces, so they are
+    dropped and counted; no usable context at all: every row stays subword_mean, reported."""
+    import toolkit.embeddings as embeddings
+
+    contexts = mine_contexts(merged_shards, window=32, max_tokens=512, seed=0)
+    present = sorted({i for i in contexts.flatten().tolist() if i >= 32000})
+    real = embeddings.decompose_new_tokens
+
+    def without_pieces(base_tokenizer, tokenizer):
+        decompositions = real(base_tokenizer, tokenizer)
+        decompositions[present[0]] = []  # as for a token the base tokenizer cannot encode
+        return decompositions
+
+    monkeypatch.setattr(embeddings, "decompose_new_tokens", without_pieces)
+    model, report = fitted(tiny_mistral_path, mistral_merged, contexts)
+    with_token = sum(1 for context in contexts if present[0] in context.tolist())
+    assert report["new_tokens_without_decomposition"] == 1
+    assert report["fit"]["contexts_with_a_token_without_pieces"] == with_token > 0
+    assert report["fit"]["contexts"] == 16 - with_token
+
+    everywhere = torch.full_like(contexts, present[0])  # no context can be written in base pieces
+    reference, _ = fitted(tiny_mistral_path, mistral_merged, contexts, init="subword_mean")
+    model, report = fitted(tiny_mistral_path, mistral_merged, everywhere)
+    assert report["fit"]["fallback"] == "subword_mean" and report["fit"]["contexts"] == 0
+    assert report["fit"]["new_tokens_without_contexts"] == report["new_tokens"]
+    assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    assert torch.equal(model.get_output_embeddings().weight, reference.get_output_embeddings().weight)
+
+
+def test_data_aware_init_needs_contexts(tiny_mistral_path, mistral_merged):
+    with pytest.raises(ValueError, match="needs contexts"):
+        extend_embeddings(load(tiny_mistral_path), AutoTokenizer.from_pretrained(mistral_merged),
+                          AutoTokenizer.from_pretrained(tiny_mistral_path), init="distill")

@@ -407,3 +407,30 @@ def test_deepspeed_gradients_accumulate_and_reduce_in_fp32_by_default():
     assert training.deepspeed_gradient_precision(switched)["communication_data_type"] == "bf16"
     with pytest.raises(ValueError, match="--grad_reduce_dtype must be fp32, bf16 or fp16"):
         training.deepspeed_gradient_precision(training.LoopArguments(grad_reduce_dtype="float8"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["distill"])
+def test_data_aware_embedding_init_under_two_process_zero3(init, tmp_path, tiny_mistral_path, extended_tokenizer,
+                                                           corpus):
+    """The data-aware init runs before the loop on both processes of CPU ZeRO-3 (contexts split, features
+    gathered, gradients summed): its objective falls, it is reported, and with learning rate 0 the saved
+    model's base-vocabulary rows are the base model's, bit for bit."""
+    output = tmp_path / "init"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    command = [accelerate, "launch", "--config_file", str(CONFIGS / "cpu_zero3_2proc.yaml"), "scripts/pretrain.py",
+               *map(str, common(tiny_mistral_path, extended_tokenizer, corpus, output)),
+               "--embedding_init", init, "--embedding_init_context_tokens", "512", "--embedding_init_steps", "3",
+               "--embedding_init_target_layer", "1", "--per_device_train_batch_size", "2", "--max_train_steps", "1",
+               "--learning_rate", "0", "--save_dtype", "float32"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, timeout=400, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "embedding init" in result.stderr  # the progress bar
+    fit = json.loads((output / "training_report.json").read_text())["embeddings"]["fit"]
+    assert fit["processes"] == 2 and fit["contexts"] == 8 and fit["context_tokens"] == 512
+    assert fit["objective_after"]["next_token_cross_entropy"] < fit["objective_before"]["next_token_cross_entropy"]
+    assert fit["seconds"] > 0 and fit["new_tokens_with_contexts"] > 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_mistral_path)
+    saved = AutoModelForCausalLM.from_pretrained(output)
+    for matrix in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(saved, matrix)().weight[:32000], getattr(base, matrix)().weight), matrix

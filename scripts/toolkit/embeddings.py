@@ -4,7 +4,9 @@
                                                                   base token at its base id and the model has
                                                                   a row for every base id
     decompose_new_tokens(base_tokenizer, tokenizer) -> {new id: [base ids]}
-    extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad_to_multiple_of=64) -> report
+    extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad_to_multiple_of=64,
+                      contexts=None, fit=FitSettings()) -> report
+    mine_contexts(token_dir, window=64, max_tokens=4096, seed=0) -> LongTensor [contexts, window]
 
 What it relies on, and nothing else: new tokens have ids >= len(base_tokenizer), and the
 base tokenizer can encode each new token's string. A token of the tokenizer's model
@@ -13,8 +15,29 @@ tokenizer's own model, in the same pre-tokenized form, so a SentencePiece word-s
 marker stays a word-start marker; an added token (`tokenizer.add_tokens`) is encoded from
 its text, without a leading lone space piece the base tokenizer may prepend.
 
-Inits (`--embedding_init`):
-- subword_mean: each new row is the mean of the base model's rows for the token's base
+Inits (`--embedding_init`), measured side by side in benchmarks/bench_embedding_init.py:
+- distill: data-aware, from contexts of the training token shards (`mine_contexts`),
+  starting from subword_mean, the model's body frozen. Input rows by token distillation (Dobler,
+  Elliott, de Melo, arXiv 2505.20133): a new token's row is optimised so that the hidden states the
+  model computes over a context written with the new tokens match, position by position, those the
+  base model computes over the same text written with its base pieces (each extended position is
+  aligned with the base position of its token's last piece); the hidden states after
+  `target_layer` layers are compared (the paper's `target_layer`), so a step runs only those. Output
+  rows are fitted to the base model's own final hidden states at those positions (computed once):
+  the cross-entropy of the next extended token over the whole vocabulary, base rows fixed. Free
+  per-token output rows memorise their few contexts (held-out bits/char worse than subword_mean,
+  BENCHMARKS.md), so a new output row is a weighted sum of its base pieces' output rows plus a logit
+  offset, the weights and offset shared by all tokens with the same number of pieces (8 x 9
+  numbers): it starts at subword_mean and serves tokens seen in no context too. A tied head has one
+  row: it is that output row plus a per-token distilled correction (regularised towards 0). A new
+  token that occurs in no context keeps its subword_mean input row (counted in the report).
+- output_fit: subword_mean input rows, output rows by the fit above (a tied head: the fitted rows
+  serve as input rows too). No backward pass through the body: cheaper than distill.
+Both run on every process before `accelerator.prepare` (`fit_new_rows`): contexts are split over
+processes, the base model's features gathered and the gradients summed, so every process ends with
+the same rows; all parameters are gathered for it under zero3_init (GatheredParameters).
+- subword_mean (default; the data-aware inits did not beat it at step 0 on SmolLM2, BENCHMARKS.md):
+  each new row is the mean of the base model's rows for the token's base
   decomposition, in the input embedding and, separately, in an untied LM head (a tied
   head shares the input matrix, so it is set once). The model then starts where the base
   model was for those characters.
@@ -40,10 +63,15 @@ partitions it.
 
 import contextlib
 import math
+import time
+from dataclasses import dataclass
 
 import torch
 
-INITS = ("subword_mean", "hf_mean", "random")
+DATA_INITS = ("distill", "output_fit")  # need contexts from the training token shards
+INITS = ("subword_mean",) + DATA_INITS + ("hf_mean", "random")
+PIECE_SLOTS = 8  # output fit: weights for the first 7 pieces, the 8th holds the mean of the rest
+PIECE_LEARNING_RATE = 0.05  # Adam on the piece weights and offsets (0.5 diverges: BENCHMARKS.md)
 
 
 def check_extension(base_tokenizer, tokenizer, model=None, name="tokenizer", base_name="base tokenizer"):
@@ -126,10 +154,16 @@ def _set_subword_means(weight, decompositions, fallback_rows):
                 weight[index] = fallback_rows.to(weight.dtype)
 
 
-def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad_to_multiple_of=64) -> dict:
-    """Resize input and output embeddings for `tokenizer` and initialise the new rows; a report."""
+def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad_to_multiple_of=64, contexts=None,
+                      fit=None) -> dict:
+    """Resize input and output embeddings for `tokenizer` and initialise the new rows; a report.
+
+    `contexts` (LongTensor [n, window] of extended-tokenizer ids, `mine_contexts`) are needed by the
+    data-aware inits (DATA_INITS); `fit` (FitSettings) sets their budget."""
     if init not in INITS:
         raise ValueError(f"--embedding_init must be one of {', '.join(INITS)}, not {init!r}")
+    if init in DATA_INITS and contexts is None:
+        raise ValueError(f"--embedding_init {init} needs contexts from the training token shards (mine_contexts)")
     check_extension(base_tokenizer, tokenizer, model)
     input_embeddings = model.get_input_embeddings()
     old_rows = embedding_rows(input_embeddings.weight)
@@ -140,15 +174,20 @@ def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad
     input_embeddings = model.get_input_embeddings()
     output_embeddings = model.get_output_embeddings()
     tied = output_embeddings is None or output_embeddings.weight is input_embeddings.weight
-    if init == "subword_mean" and decompositions:
+    if init in ("subword_mean",) + DATA_INITS and decompositions:
         matrices = [input_embeddings.weight] + ([] if tied else [output_embeddings.weight])
         for weight in matrices:
             with _gathered([weight]):
                 fallback = weight.detach()[: len(base_tokenizer)].float().mean(dim=0)
                 _set_subword_means(weight, decompositions, fallback)
+    fit_report = None
+    if init in DATA_INITS and decompositions:
+        fit_report = fit_new_rows(model, decompositions, len(base_tokenizer), contexts, distill=(init == "distill"),
+                                  settings=fit or FitSettings())
     lengths = [len(parts) for parts in decompositions.values()]
     examples = list(decompositions.items())[:5]
     return {
+        "fit": fit_report,
         "embedding_init": init,
         "base_tokens": len(base_tokenizer),
         "tokenizer_tokens": len(tokenizer),
@@ -163,6 +202,282 @@ def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad
             {"token": tokenizer.convert_ids_to_tokens(index), "base_pieces": base_tokenizer.convert_ids_to_tokens(parts)}
             for index, parts in examples
         ],
+    }
+
+
+# --------------------------------------------------------------------------- data-aware inits
+
+
+@dataclass
+class FitSettings:
+    """Budget of the data-aware inits (pretrain.py's --embedding_init_* arguments)."""
+
+    steps: int = 30  # Adam steps over all contexts at once (full batch)
+    learning_rate: float = 0.1  # x the RMS of the base rows: an Adam step moves a coordinate by about this share
+    target_layer: int = 4  # hidden states compared after this many layers (the paper: the last, or an early one)
+    # pull towards subword_mean, worth this many contexts' cross-entropy: a row whose coordinates move by
+    # the RMS of the base rows costs as much as this many nats on one position (a row fitted to its few
+    # contexts otherwise memorises them)
+    regularisation: float = 4.0
+    fit_output: bool = True  # False: output rows stay subword_mean (untied heads; distill fits input rows only)
+
+
+def mine_contexts(token_dir, window=64, max_tokens=4096, seed=0):
+    """LongTensor [n, window]: `max_tokens // window` windows of the training token shards, drawn
+    without replacement by `seed` (the same on every process)."""
+    from toolkit.token_shards import TokenBlocks
+
+    blocks = TokenBlocks(token_dir, window, per_document=False)
+    count = min(len(blocks), max(1, max_tokens // window))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:count]
+    return torch.stack([blocks[int(i)]["input_ids"] for i in sorted(order.tolist())])
+
+
+def _rank_and_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_gather_rows(tensor, world):
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+def _hidden_after(decoder, layers, **inputs):
+    """Hidden states after the first `layers` decoder layers, without running the rest: a forward
+    hook (public API) on layer `layers` - 1 stops the pass with its output."""
+
+    def stop(module, args, output):
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    handle = decoder.layers[layers - 1].register_forward_hook(stop)
+    try:
+        decoder(**inputs)
+    except _StopForward as stopped:
+        return stopped.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("the decoder finished without reaching its layer hook")
+
+
+def _base_sequence(context, decompositions, base_size):
+    """(base ids, index of each extended position's last piece), or None when a token has no pieces."""
+    ids, ends = [], []
+    for token in context.tolist():
+        pieces = [token] if token < base_size else decompositions.get(token)
+        if not pieces:
+            return None
+        ids += pieces
+        ends.append(len(ids) - 1)
+    return torch.tensor(ids), torch.tensor(ends)
+
+
+def fit_new_rows(model, decompositions, base_size, contexts, distill=True, settings=None) -> dict:
+    """Data-aware new rows (see the module doc), written into the model; a report.
+
+    Every process runs it (before accelerator.prepare): each computes its share of the contexts,
+    features and gradients are gathered/summed over processes, so all end with the same rows (rank
+    0's are written under ZeRO-3). The rows start from subword_mean (already set by the caller).
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or FitSettings()
+    started = time.time()
+    rank, world = _rank_and_world()
+    input_weight = model.get_input_embeddings().weight
+    output_module = model.get_output_embeddings()
+    tied = output_module is None or output_module.weight is input_weight
+    parameters = list(model.parameters())
+    with _gathered(parameters):
+        device = input_weight.device
+        rows = input_weight.shape[0]
+        decoder = model.get_decoder()
+        layers = max(1, min(settings.target_layer, len(decoder.layers)))
+        usable, without_pieces = [], 0
+        for context in contexts:
+            sequence = _base_sequence(context, decompositions, base_size)
+            if sequence is None:
+                without_pieces += 1
+            else:
+                usable.append((context.to(device), *(part.to(device) for part in sequence)))
+        usable = usable[: len(usable) // world * world]  # the same number on every process
+        if not usable:
+            return {"fallback": "subword_mean", "reason": "no usable context", "contexts": 0,
+                    "contexts_with_a_token_without_pieces": without_pieces, "new_tokens_with_contexts": 0,
+                    "new_tokens_without_contexts": len(decompositions), "seconds": time.time() - started}
+        mine = usable[rank::world]
+        progress = tqdm(total=len(mine) + settings.steps, desc="embedding init", unit="step",
+                        disable=rank != 0)
+        was_training = model.training
+        model.eval()
+        teacher_hidden, teacher_final = [], []
+        with torch.no_grad():  # the base model over its own pieces: targets, computed once
+            for context, base_ids, ends in mine:
+                out = decoder(input_ids=base_ids[None], output_hidden_states=True)
+                teacher_hidden.append(out.hidden_states[layers][0, ends].float())
+                teacher_final.append(out.last_hidden_state[0, ends[:-1]].float())
+                progress.update(1)
+        teacher_hidden = torch.stack(teacher_hidden)
+        ids = torch.stack([context for context, _, _ in mine])
+        features = _all_gather_rows(torch.cat(teacher_final), world)  # [P, d]
+        targets = _all_gather_rows(ids[:, 1:].reshape(-1), world)  # the next extended token
+        output_weight = input_weight if tied else output_module.weight
+        base_output = output_weight.detach()[:base_size].float()
+        with torch.no_grad():  # the base rows' part of the softmax is fixed: once
+            base_logits = features @ base_output.T
+            base_lse = torch.logsumexp(base_logits, dim=-1)
+            target_is_new = targets >= base_size
+            base_target_logit = base_logits.gather(1, targets.clamp(max=base_size - 1)[:, None])[:, 0]
+            del base_logits
+        seen = torch.zeros(rows, dtype=torch.bool, device=device)
+        seen[_all_gather_rows(ids.reshape(-1), world)] = True
+        seen[:base_size] = False
+        scale = base_output.pow(2).mean().sqrt()
+        initial_output = output_weight.detach()[base_size:].float().clone()
+        initial_input = input_weight.detach()[base_size:].float().clone()
+        # Output rows: a weighted sum of the output rows of the token's base pieces, plus an offset of
+        # its logit, with weights and offset shared by all tokens of the same number of pieces: few
+        # parameters, fitted on the contexts, and they serve every new token, seen in a context or not.
+        # Starts at subword_mean (equal weights, no offset). `u` turns an offset into a row: h.u ~ 1
+        # for the base model's hidden states (least squares), so row + b u raises the logit by ~b.
+        slots = PIECE_SLOTS
+        piece_rows = torch.zeros(rows - base_size, slots, initial_output.shape[1], device=device)
+        piece_count = torch.zeros(rows - base_size, dtype=torch.long, device=device)
+        for index, parts in decompositions.items():
+            if parts:
+                head, tail = parts[: slots - 1], parts[slots - 1:]
+                piece_rows[index - base_size, : len(head)] = base_output[head]
+                if tail:
+                    piece_rows[index - base_size, slots - 1] = base_output[tail].mean(0)
+                piece_count[index - base_size] = len(parts)
+        has_pieces = (piece_count > 0)[:, None]
+        bucket = piece_count.clamp(1, slots) - 1
+        initial_weights = torch.zeros(slots, slots, device=device)
+        for k in range(1, slots + 1):
+            initial_weights[k - 1, : min(k, slots - 1)] = 1.0 / k
+            if k >= slots:
+                initial_weights[k - 1, slots - 1] = (k - slots + 1) / k
+        piece_weights = initial_weights.clone().requires_grad_(True)
+        offsets = torch.zeros(slots, device=device, requires_grad=True)
+        with torch.no_grad():
+            gram = features.T @ features + 1e-3 * torch.eye(features.shape[1], device=device) * len(features)
+            unit = torch.linalg.solve(gram, features.sum(0))  # features @ unit ~ 1
+        fit_output = settings.fit_output or tied
+        free_rows = tied and distill  # a tied row is also an input row: distillation moves it per token
+        row_delta = torch.zeros_like(initial_output, requires_grad=free_rows)
+        new_input = initial_input.clone().requires_grad_(distill and not tied)
+        groups = []
+        if fit_output:
+            groups.append({"params": [piece_weights, offsets], "lr": PIECE_LEARNING_RATE})
+        if free_rows:
+            groups.append({"params": [row_delta], "lr": settings.learning_rate * float(scale)})
+        if distill and not tied:
+            groups.append({"params": [new_input], "lr": settings.learning_rate * float(scale)})
+        optimizer = torch.optim.Adam(groups)
+        base_input = input_weight.detach()[:base_size].float()
+        is_new = ids >= base_size
+        keep_input = seen[base_size:, None]  # rows of tokens without contexts keep their input row
+
+        def output_rows():
+            weights = piece_weights[bucket]  # [new rows, slots]
+            rows_ = (weights[..., None] * piece_rows).sum(1) + offsets[bucket][:, None] * unit
+            rows_ = torch.where(has_pieces, rows_, initial_output) if fit_output else initial_output
+            return rows_ + torch.where(keep_input, row_delta, torch.zeros_like(row_delta)) if free_rows else rows_
+
+        def objective():
+            current = output_rows()
+            logits = features @ current.T
+            lse = torch.logaddexp(base_lse, torch.logsumexp(logits, dim=-1))
+            target_logit = torch.where(target_is_new,
+                                       logits.gather(1, (targets - base_size).clamp(min=0)[:, None])[:, 0],
+                                       base_target_logit)
+            cross_entropy = (lse - target_logit).mean()
+            change = torch.zeros((), device=device)
+            moved = row_delta if free_rows else (new_input - initial_input) if distill and not tied else None
+            if moved is not None:
+                change = moved.pow(2).mean(1).sum() / scale ** 2 / len(targets)
+            mse = torch.zeros((), device=device)
+            if distill:
+                table = current if tied else torch.where(keep_input, new_input, initial_input)
+                embeds = torch.where(is_new[..., None], table[(ids - base_size).clamp(min=0)],
+                                     base_input[ids.clamp(max=base_size - 1)])
+                student = _hidden_after(decoder, layers, inputs_embeds=embeds.to(input_weight.dtype))
+                mse = torch.nn.functional.mse_loss(student.float(), teacher_hidden)
+            return cross_entropy, settings.regularisation * change, mse
+
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        before = after = None
+        try:
+            for step in range(settings.steps + 1):
+                optimizer.zero_grad()
+                cross_entropy, penalty, mse = objective()
+                if world > 1:  # the distillation term is a mean over this process's contexts
+                    mse_total = mse.detach().clone()
+                    torch.distributed.all_reduce(mse_total)
+                    mse_value = float(mse_total) / world
+                else:
+                    mse_value = float(mse.detach())
+                figures = {"next_token_cross_entropy": float(cross_entropy.detach()),
+                           "pull_to_subword_mean": float(penalty.detach()), "hidden_state_mse": mse_value}
+                cross_entropy = cross_entropy + penalty
+                if step == 0:
+                    before = figures
+                if step == settings.steps:
+                    after = figures
+                    break
+                # the cross-entropy is the same on every process (gathered features); the distillation
+                # term is this process's share: summed over processes, the gradient is their mean
+                ((cross_entropy + mse) / world).backward()
+                if world > 1:
+                    for group in optimizer.param_groups:
+                        for tensor in group["params"]:
+                            if tensor.grad is not None:
+                                torch.distributed.all_reduce(tensor.grad)
+                optimizer.step()
+                progress.update(1)
+                progress.set_postfix(figures, refresh=False)
+        finally:
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            progress.close()
+            model.train(was_training)
+        with torch.no_grad():
+            final_output = output_rows()
+            if rank == 0 or not any(hasattr(p, "ds_id") for p in parameters):
+                output_weight[base_size:] = final_output.to(output_weight.dtype)
+                if distill and not tied:
+                    input_weight[base_size:] = torch.where(keep_input, new_input, initial_input).to(input_weight.dtype)
+    new_tokens_seen = int(seen[base_size:base_size + len(decompositions)].sum())
+    return {
+        "method": ("token distillation (input) + " if distill else "subword_mean (input) + ")
+                  + "next-token fit on the base model's hidden states (output)" + (", one tied row" if tied else ""),
+        "contexts": len(usable),
+        "context_tokens": len(usable) * contexts.shape[1],
+        "base_tokens_in_contexts": sum(len(base_ids) for _, base_ids, _ in usable),
+        "contexts_with_a_token_without_pieces": without_pieces,
+        "new_tokens_with_contexts": new_tokens_seen,
+        "new_tokens_without_contexts": len(decompositions) - new_tokens_seen,
+        "fallback_note": "new tokens without contexts keep subword_mean input rows; every new output row is in the fit",
+        "target_layer": layers if distill else None,
+        "steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "output_rows": "weighted sum of the base pieces' output rows + a logit offset, per number of pieces"
+                       if settings.fit_output or tied else "subword_mean",
+        "logit_offset_by_number_of_pieces": [round(float(x), 3) for x in offsets.detach()],
+        "objective_before": before,
+        "objective_after": after,
+        "processes": world,
+        "seconds": time.time() - started,
     }
 
 

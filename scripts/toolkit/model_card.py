@@ -126,6 +126,15 @@ TERMS = {
     "subword_mean": {"en": "the mean of the base embeddings of the pieces the base tokenizer splits the token into "
                            "(`subword_mean`)",
                      "ja": "ベースのトークナイザーで分割した各ピースの埋め込みの平均（`subword_mean`）"},
+    "distill": {"en": "token distillation of the input rows (the hidden states after a new token match the base "
+                      "model's after its pieces) and output rows fitted to the base model's next-token predictions, "
+                      "on contexts of the training data (`distill`)",
+                "ja": "入力側はトークン蒸留（新トークンの後の隠れ状態をベースモデルのピース列の後の隠れ状態に合わせる）、"
+                      "出力側はベースモデルの次トークン予測への当てはめ、学習データの文脈で（`distill`）"},
+    "output_fit": {"en": "subword means for the input rows, output rows fitted to the base model's next-token "
+                         "predictions on contexts of the training data (`output_fit`)",
+                   "ja": "入力側はピースの埋め込みの平均、出力側は学習データの文脈でベースモデルの次トークン予測に当てはめ"
+                         "（`output_fit`）"},
     "hf_mean": {"en": "the mean of all base embeddings (`hf_mean`)", "ja": "ベースの全埋め込みの平均（`hf_mean`）"},
     "random": {"en": "random (`random`)", "ja": "ランダム（`random`）"},
     # ablation effects and readings
