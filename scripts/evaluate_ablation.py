@@ -121,7 +121,7 @@ from toolkit.metrics import bits_per_character
 from toolkit.reports import read_json, write_json_atomic
 from toolkit.speed import forced_decoding_speeds, free_generation, speed_ratio
 from toolkit.statistics import DEFAULT_PERMUTATIONS, TOO_FEW, paired_permutation_p, paired_swap_p, task_family
-from toolkit.quiet import quiet_by_default
+from toolkit.quiet import launch_environment, quiet_by_default
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +254,8 @@ def run_finetune(name, model, args, settings, seed):
     output = Path(args.output_dir) / "finetuned" / name / f"seed{seed}"
     command = finetune_command(model, output, args, settings, seed)
     print(f"\n--- fine-tuning {name} (seed {seed}): {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts")})
+    # the launcher's and DeepSpeed's per-process banners stay out of the console unless --verbose
+    subprocess.run(command, check=True, env=launch_environment({**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts")}))
     return str(output), read_json(output / "finetune_report.json")
 
 
