@@ -29,6 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from toolkit.chat import answer_text, content_spans, encode_prompt, encode_rendered, prompt_text
 from toolkit.corpus import CorpusError, iter_records
+from toolkit.statistics import paired_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS_DIR = REPO_ROOT / "metrics"
@@ -249,13 +250,8 @@ def bootstrap_difference(first_runs, second_runs, statistic=np.mean, num_samples
     the per-seed difference over the drawn examples: the interval covers both the noise of
     fine-tuning and that of the question sample. Deterministic for a given seed.
     """
-    first = [np.asarray(run, dtype=float) for run in first_runs]
-    second = [np.asarray(run, dtype=float) for run in second_runs]
-    if not first or len(first) != len(second):
-        raise ValueError("paired bootstrap needs the same number (>= 1) of seeds for both models")
+    first, second = paired_runs(first_runs, second_runs)
     size = len(first[0])
-    if size == 0 or any(len(run) != size for run in first + second):
-        raise ValueError("paired bootstrap needs non-empty arrays over the same examples for every seed")
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, len(first), size=(num_samples, len(first)))
     examples = rng.integers(0, size, size=(num_samples, size))

@@ -30,6 +30,20 @@ TOO_FEW = "too few items to tell"
 DEFAULT_PERMUTATIONS = 9999
 
 
+def paired_runs(first_runs, second_runs, dtype=float):
+    """The two models' runs (one per-item array per seed) as arrays, checked to pair up: the
+    same number (>= 1) of seeds, non-empty, over the same items. The test and the bootstrap
+    interval both start here."""
+    first = [np.asarray(run, dtype=dtype) for run in first_runs]
+    second = [np.asarray(run, dtype=dtype) for run in second_runs]
+    if not first or len(first) != len(second):
+        raise ValueError("paired runs need the same number (>= 1) of seeds for both models")
+    size = len(first[0])
+    if size == 0 or any(len(run) != size for run in first + second):
+        raise ValueError("paired runs need non-empty arrays over the same items for every seed")
+    return first, second
+
+
 def item_differences(first_runs, second_runs, ratio=False):
     """Per-item difference second - first, averaged over seeds (the seeds of an item are one block).
 
@@ -37,13 +51,7 @@ def item_differences(first_runs, second_runs, ratio=False):
     (numerator, denominator), e.g. (nats, characters), and the differences are of numerators
     divided by the (shared) total denominator, so that they sum to the ratio's difference.
     """
-    first = [np.asarray(run, dtype=float) for run in first_runs]
-    second = [np.asarray(run, dtype=float) for run in second_runs]
-    if not first or len(first) != len(second):
-        raise ValueError("a paired test needs the same number (>= 1) of seeds for both models")
-    size = len(first[0])
-    if size == 0 or any(len(run) != size for run in first + second):
-        raise ValueError("a paired test needs non-empty arrays over the same items for every seed")
+    first, second = paired_runs(first_runs, second_runs)
     if not ratio:
         return np.mean([b - a for a, b in zip(first, second)], axis=0)
     for a, b in zip(first, second):
@@ -85,13 +93,8 @@ def paired_swap_p(first_runs, second_runs, statistic, permutations=DEFAULT_PERMU
     permutation does exactly that swap on two arrays of row indices; exact when the 2**items
     patterns are at most `permutations`, else Monte Carlo with the add-one estimator.
     """
-    first = [np.asarray(run) for run in first_runs]
-    second = [np.asarray(run) for run in second_runs]
-    if not first or len(first) != len(second):
-        raise ValueError("a paired test needs the same number (>= 1) of seeds for both models")
+    first, second = paired_runs(first_runs, second_runs, dtype=None)
     size = len(first[0])
-    if size == 0 or any(len(run) != size for run in first + second):
-        raise ValueError("a paired test needs non-empty arrays over the same items for every seed")
     # rows 0..size-1 of a seed are the first model's, size..2*size-1 the second's
     stacked = [np.concatenate([a, b]) for a, b in zip(first, second)]
 
