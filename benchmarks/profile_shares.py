@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from toolkit.quiet import quiet_by_default
+
 PHASES = [
     ("idle thread (tqdm monitor)", ("TMonitor",)),
     ("training loop", ("train (toolkit/training.py",)),
@@ -83,6 +85,7 @@ def shares(path):
 
 
 def main():
+    quiet_by_default()  # known third-party deprecation warnings hidden unless --verbose
     (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses()
     for path in args.profiles:
         phases, work = shares(path)
