@@ -54,7 +54,7 @@ class ModelArguments:
         metadata={"help": f"New-token rows: {', '.join(INITS)} (toolkit/embeddings.py; measured in BENCHMARKS.md). "
                   f"{' and '.join(DATA_INITS)} fit them to the base model on contexts of --train_token_dir."})
     embedding_init_context_tokens: int = field(
-        default=4096, metadata={"help": "Tokens of --train_token_dir the data-aware init reads (windows of 64)."})
+        default=8192, metadata={"help": "Tokens of --train_token_dir the data-aware init reads (windows of 64)."})
     embedding_init_steps: int = field(default=FitSettings.steps, metadata={"help": "Steps of the data-aware init."})
     embedding_init_target_layer: int = field(
         default=FitSettings.target_layer,
