@@ -6,7 +6,7 @@
     decompose_new_tokens(base_tokenizer, tokenizer) -> {new id: [base ids]}
     extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad_to_multiple_of=64,
                       contexts=None, fit=FitSettings()) -> report
-    mine_contexts(token_dir, window=64, max_tokens=4096, seed=0) -> LongTensor [contexts, window]
+    mine_contexts(token_dir, window=64, max_tokens=8192, seed=0) -> LongTensor [contexts, window]
 
 What it relies on, and nothing else: new tokens have ids >= len(base_tokenizer), and the
 base tokenizer can encode each new token's string. A token of the tokenizer's model
@@ -42,7 +42,9 @@ Inits (`--embedding_init`), measured side by side in benchmarks/bench_embedding_
 Both run on every process before `accelerator.prepare` (`fit_new_rows`): contexts are split over
 processes, the base model's features gathered and the gradients summed, so every process ends with
 the same rows; all parameters are gathered for it under zero3_init (GatheredParameters).
-- subword_mean (default; the data-aware inits did not beat it at step 0 on SmolLM2, BENCHMARKS.md):
+offset_fit is pretrain.py's default: the only init measured to beat subword_mean at step 0 (held-out JA
+bits/char 1.22x the base against 1.29x, tied and untied SmolLM2, EN unchanged; BENCHMARKS.md).
+- subword_mean (the baseline, and extend_embeddings' default, which needs no contexts):
   each new row is the mean of the base model's rows for the token's base
   decomposition, in the input embedding and, separately, in an untied LM head (a tied
   head shares the input matrix, so it is set once). The model then starts where the base
@@ -227,7 +229,7 @@ class FitSettings:
     offset_pull: float = 1.0
 
 
-def mine_contexts(token_dir, window=64, max_tokens=4096, seed=0):
+def mine_contexts(token_dir, window=64, max_tokens=8192, seed=0):
     """LongTensor [n, window]: `max_tokens // window` windows of the training token shards, drawn
     without replacement by `seed` (the same on every process)."""
     from toolkit.token_shards import TokenBlocks
@@ -289,7 +291,8 @@ def _base_sequence(context, decompositions, base_size):
 def fit_new_rows(model, decompositions, base_size, contexts, distill=True, settings=None) -> dict:
     """Data-aware new rows (see the module doc), written into the model; a report.
 
-    Every process runs it (before accelerator.prepare): each computes its share of the contexts,
+    distill=False: offset_fit (`_fit_logit_offsets`). Every process runs it (before
+    accelerator.prepare): each computes its share of the contexts,
     features and gradients are gathered/summed over processes, so all end with the same rows (rank
     0's are written under ZeRO-3). The rows start from subword_mean (already set by the caller).
     """
@@ -468,8 +471,8 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
                     input_weight[base_size:] = torch.where(keep_input, new_input, initial_input).to(input_weight.dtype)
     new_tokens_seen = int(seen[base_size:base_size + len(decompositions)].sum())
     return {
-        "method": ("token distillation (input) + " if distill else "subword_mean (input) + ")
-                  + "next-token fit on the base model's hidden states (output)" + (", one tied row" if tied else ""),
+        "method": "token distillation (input) + next-token fit on the base model's hidden states (output)"
+                  + (", one tied row" if tied else ""),
         "contexts": len(usable),
         "context_tokens": len(usable) * contexts.shape[1],
         "base_tokens_in_contexts": sum(len(base_ids) for _, base_ids, _ in usable),
@@ -509,10 +512,11 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
     model.eval()
     features, targets = [], []
     with torch.no_grad():  # the extended model's own final hidden states (subword_mean rows), once
-        for context, _, _ in mine:
-            features.append(decoder(input_ids=context[None]).last_hidden_state[0, :-1].float())
-            targets.append(context[1:])
-            progress.update(1)
+        for first in range(0, len(mine), 16):  # batches of equal-length contexts
+            batch = torch.stack([context for context, _, _ in mine[first:first + 16]])
+            features.append(decoder(input_ids=batch).last_hidden_state[:, :-1].float().flatten(0, 1))
+            targets.append(batch[:, 1:].flatten())
+            progress.update(len(batch))
     model.train(was_training)
     features = _all_gather_rows(torch.cat(features), world)  # [P, d]: position j predicts token j + 1
     targets = _all_gather_rows(torch.cat(targets), world)
