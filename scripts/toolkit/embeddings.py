@@ -384,15 +384,15 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
             gram = features.T @ features + 1e-3 * torch.eye(features.shape[1], device=device) * len(features)
             unit = torch.linalg.solve(gram, features.sum(0))  # features @ unit ~ 1
         fit_output = settings.fit_output or tied
-        free_rows = tied and distill  # a tied row is also an input row: distillation moves it per token
+        free_rows = tied  # a tied row is also an input row: distillation moves it per token
         row_delta = torch.zeros_like(initial_output, requires_grad=free_rows)
-        new_input = initial_input.clone().requires_grad_(distill and not tied)
+        new_input = initial_input.clone().requires_grad_(not tied)
         groups = []
         if fit_output:
             groups.append({"params": [piece_weights, offsets], "lr": PIECE_LEARNING_RATE})
         if free_rows:
             groups.append({"params": [row_delta], "lr": settings.learning_rate * float(scale)})
-        if distill and not tied:
+        if not tied:
             groups.append({"params": [new_input], "lr": settings.learning_rate * float(scale)})
         optimizer = torch.optim.Adam(groups)
         base_input = input_weight.detach()[:base_size].float()
@@ -413,17 +413,13 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
                                        logits.gather(1, (targets - base_size).clamp(min=0)[:, None])[:, 0],
                                        base_target_logit)
             cross_entropy = (lse - target_logit).mean()
-            change = torch.zeros((), device=device)
-            moved = row_delta if free_rows else (new_input - initial_input) if distill and not tied else None
-            if moved is not None:
-                change = moved.pow(2).mean(1).sum() / scale ** 2 / len(targets)
-            mse = torch.zeros((), device=device)
-            if distill:
-                table = current if tied else torch.where(keep_input, new_input, initial_input)
-                embeds = torch.where(is_new[..., None], table[(ids - base_size).clamp(min=0)],
-                                     base_input[ids.clamp(max=base_size - 1)])
-                student = _hidden_after(decoder, layers, inputs_embeds=embeds.to(input_weight.dtype))
-                mse = torch.nn.functional.mse_loss(student.float(), teacher_hidden)
+            moved = row_delta if free_rows else new_input - initial_input
+            change = moved.pow(2).mean(1).sum() / scale ** 2 / len(targets)
+            table = current if tied else torch.where(keep_input, new_input, initial_input)
+            embeds = torch.where(is_new[..., None], table[(ids - base_size).clamp(min=0)],
+                                 base_input[ids.clamp(max=base_size - 1)])
+            student = _hidden_after(decoder, layers, inputs_embeds=embeds.to(input_weight.dtype))
+            mse = torch.nn.functional.mse_loss(student.float(), teacher_hidden)
             return cross_entropy, settings.regularisation * change, mse
 
         for parameter in parameters:
@@ -467,7 +463,7 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
             final_output = output_rows()
             if rank == 0 or not any(hasattr(p, "ds_id") for p in parameters):
                 output_weight[base_size:] = final_output.to(output_weight.dtype)
-                if distill and not tied:
+                if not tied:
                     input_weight[base_size:] = torch.where(keep_input, new_input, initial_input).to(input_weight.dtype)
     new_tokens_seen = int(seen[base_size:base_size + len(decompositions)].sum())
     return {
@@ -480,7 +476,7 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
         "new_tokens_with_contexts": new_tokens_seen,
         "new_tokens_without_contexts": len(decompositions) - new_tokens_seen,
         "fallback_note": "new tokens without contexts keep subword_mean input rows; every new output row is in the fit",
-        "target_layer": layers if distill else None,
+        "target_layer": layers,
         "steps": settings.steps,
         "learning_rate": settings.learning_rate,
         "output_rows": "weighted sum of the base pieces' output rows + a logit offset, per number of pieces"
