@@ -65,7 +65,7 @@ class BenchArguments:
     max_eval_documents: int = field(default=4)
     max_eval_characters: int = field(default=None, metadata={"help": "Keep the first N characters of each document."})
     max_length: int = field(default=256)
-    context_tokens: int = field(default=4096, metadata={"help": "pretrain.py --embedding_init_context_tokens."})
+    context_tokens: int = field(default=8192, metadata={"help": "pretrain.py --embedding_init_context_tokens."})
     steps: int = field(default=FitSettings.steps)
     target_layer: int = field(default=FitSettings.target_layer)
     learning_rate: float = field(default=FitSettings.learning_rate)
@@ -78,7 +78,7 @@ class BenchArguments:
     # the curve
     base_token_dir: str = field(default=None, metadata={"help": "Token shards of the raw base tokenizer (arm 2)."})
     curve_model: str = field(default="offline:smollm2-135m")
-    curve_inits: list[str] = field(default_factory=lambda: ["subword_mean", "distill"])
+    curve_inits: list[str] = field(default_factory=lambda: ["subword_mean", "offset_fit"])
     curve_characters: int = field(default=200_000)
     curve_eval_characters: int = field(default=50_000)
     curve_eval_documents: int = field(default=2)

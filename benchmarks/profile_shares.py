@@ -19,11 +19,14 @@ samples are split again by what they were doing (matmuls, ZeRO-3 collectives, th
 """
 
 import collections
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from toolkit.quiet import quiet_by_default
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from toolkit.quiet import quiet_by_default  # noqa: E402
 
 PHASES = [
     ("idle thread (tqdm monitor)", ("TMonitor",)),

@@ -50,11 +50,11 @@ class ModelArguments:
     tokenizer_name: str = field(metadata={"help": "The extended tokenizer (a folder from extend_tokenizer.py)."})
     base_tokenizer_name: str = field(default=None, metadata={"help": "The model's own tokenizer (default: the model's)."})
     embedding_init: str = field(
-        default="subword_mean",
+        default="offset_fit",
         metadata={"help": f"New-token rows: {', '.join(INITS)} (toolkit/embeddings.py; measured in BENCHMARKS.md). "
                   f"{' and '.join(DATA_INITS)} fit them to the base model on contexts of --train_token_dir."})
     embedding_init_context_tokens: int = field(
-        default=4096, metadata={"help": "Tokens of --train_token_dir the data-aware init reads (windows of 64)."})
+        default=8192, metadata={"help": "Tokens of --train_token_dir the data-aware init reads (windows of 64)."})
     embedding_init_steps: int = field(default=FitSettings.steps, metadata={"help": "Steps of the data-aware init."})
     embedding_init_target_layer: int = field(
         default=FitSettings.target_layer,

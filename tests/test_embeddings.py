@@ -156,7 +156,7 @@ def test_data_aware_init_lowers_its_objective_and_keeps_base_rows(init, tiny_mis
     changed = {matrix: int((getattr(model, matrix)().weight[new_rows] != getattr(reference, matrix)().weight[new_rows])
                            .any(1).sum()) for matrix in ("get_input_embeddings", "get_output_embeddings")}
     assert changed["get_output_embeddings"] == report["new_tokens"]  # every new output row is in the fit
-    # input rows: distilled for the tokens seen in the contexts, subword_mean for output_fit
+    # input rows: distilled for the tokens seen in the contexts, subword_mean for offset_fit
     assert changed["get_input_embeddings"] == (fit["new_tokens_with_contexts"] if init == "distill" else 0)
     # a token without contexts keeps its subword_mean input row
     seen = set(contexts.flatten().tolist())
@@ -166,18 +166,20 @@ def test_data_aware_init_lowers_its_objective_and_keeps_base_rows(init, tiny_mis
         assert torch.equal(model.get_input_embeddings().weight[index], reference.get_input_embeddings().weight[index])
 
 
-def test_data_aware_init_is_deterministic(tiny_mistral_path, mistral_merged, merged_shards):
+@pytest.mark.parametrize("init", DATA_INITS)
+def test_data_aware_init_is_deterministic(init, tiny_mistral_path, mistral_merged, merged_shards):
     first = mine_contexts(merged_shards, window=32, max_tokens=256, seed=3)
     assert torch.equal(first, mine_contexts(merged_shards, window=32, max_tokens=256, seed=3))
     assert not torch.equal(first, mine_contexts(merged_shards, window=32, max_tokens=256, seed=4))
-    one, report_one = fitted(tiny_mistral_path, mistral_merged, first, steps=2)
-    two, report_two = fitted(tiny_mistral_path, mistral_merged, first, steps=2)
+    one, report_one = fitted(tiny_mistral_path, mistral_merged, first, init=init, steps=2)
+    two, report_two = fitted(tiny_mistral_path, mistral_merged, first, init=init, steps=2)
     for matrix in ("get_input_embeddings", "get_output_embeddings"):
         assert torch.equal(getattr(one, matrix)().weight, getattr(two, matrix)().weight)
     assert report_one["fit"]["objective_after"] == report_two["fit"]["objective_after"]
 
 
-def test_tied_head_gets_one_fitted_row(smollm2_path, tmp_path, sample_data):
+@pytest.mark.parametrize("init", DATA_INITS)
+def test_tied_head_gets_one_fitted_row(init, smollm2_path, tmp_path, sample_data):
     import gzip
 
     from toolkit.token_shards import tokenize_locally
@@ -187,14 +189,16 @@ def test_tied_head_gets_one_fitted_row(smollm2_path, tmp_path, sample_data):
         (tmp_path / "train.jsonl").write_text("".join(next(stream) for _ in range(6)), encoding="utf-8")
     tokenize_locally([tmp_path / "train.jsonl"], str(folder), tmp_path / "tokens")
     contexts = mine_contexts(tmp_path / "tokens", window=32, max_tokens=128, seed=0)
-    model, report = fitted(smollm2_path, folder, contexts, steps=2)
-    assert report["tied_embeddings"] and report["fit"]["method"].endswith("one tied row")
+    model, report = fitted(smollm2_path, folder, contexts, init=init, steps=2)
+    assert report["tied_embeddings"] and "one tied row" in report["fit"]["method"]
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     fit = report["fit"]
     assert fit["objective_after"]["next_token_cross_entropy"] < fit["objective_before"]["next_token_cross_entropy"]
 
 
-def test_bad_input_falls_back_to_subword_mean_counted(tiny_mistral_path, mistral_merged, merged_shards, monkeypatch):
+@pytest.mark.parametrize("init", DATA_INITS)
+def test_bad_input_falls_back_to_subword_mean_counted(init, tiny_mistral_path, mistral_merged, merged_shards,
+                                                      monkeypatch):
     """A token the base cannot split: its contexts cannot be written in base pieces, so they are
     dropped and counted; no usable context at all: every row stays subword_mean, reported."""
     import toolkit.embeddings as embeddings
@@ -209,7 +213,7 @@ def test_bad_input_falls_back_to_subword_mean_counted(tiny_mistral_path, mistral
         return decompositions
 
     monkeypatch.setattr(embeddings, "decompose_new_tokens", without_pieces)
-    model, report = fitted(tiny_mistral_path, mistral_merged, contexts)
+    model, report = fitted(tiny_mistral_path, mistral_merged, contexts, init=init)
     with_token = sum(1 for context in contexts if present[0] in context.tolist())
     assert report["new_tokens_without_decomposition"] == 1
     assert report["fit"]["contexts_with_a_token_without_pieces"] == with_token > 0
@@ -217,7 +221,7 @@ def test_bad_input_falls_back_to_subword_mean_counted(tiny_mistral_path, mistral
 
     everywhere = torch.full_like(contexts, present[0])  # no context can be written in base pieces
     reference, _ = fitted(tiny_mistral_path, mistral_merged, contexts, init="subword_mean")
-    model, report = fitted(tiny_mistral_path, mistral_merged, everywhere)
+    model, report = fitted(tiny_mistral_path, mistral_merged, everywhere, init=init)
     assert report["fit"]["fallback"] == "subword_mean" and report["fit"]["contexts"] == 0
     assert report["fit"]["new_tokens_without_contexts"] == report["new_tokens"]
     assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)

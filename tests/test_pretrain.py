@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pretrain
 from extended_tokenizers import WORDS, extend_with_merges
+from toolkit.embeddings import DATA_INITS
 from toolkit.token_shards import tokenize_locally
 from toolkit.training import read_metrics
 
@@ -410,7 +411,7 @@ def test_deepspeed_gradients_accumulate_and_reduce_in_fp32_by_default():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["distill"])
+@pytest.mark.parametrize("init", DATA_INITS)
 def test_data_aware_embedding_init_under_two_process_zero3(init, tmp_path, tiny_mistral_path, extended_tokenizer,
                                                            corpus):
     """The data-aware init runs before the loop on both processes of CPU ZeRO-3 (contexts split, features

@@ -131,10 +131,10 @@ TERMS = {
                       "on contexts of the training data (`distill`)",
                 "ja": "入力側はトークン蒸留（新トークンの後の隠れ状態をベースモデルのピース列の後の隠れ状態に合わせる）、"
                       "出力側はベースモデルの次トークン予測への当てはめ、学習データの文脈で（`distill`）"},
-    "output_fit": {"en": "subword means for the input rows, output rows fitted to the base model's next-token "
-                         "predictions on contexts of the training data (`output_fit`)",
-                   "ja": "入力側はピースの埋め込みの平均、出力側は学習データの文脈でベースモデルの次トークン予測に当てはめ"
-                         "（`output_fit`）"},
+    "offset_fit": {"en": "subword means, the output rows shifted by a per-token logit offset fitted to the next "
+                         "token on contexts of the training data (`offset_fit`)",
+                   "ja": "ピースの埋め込みの平均に、学習データの文脈で次トークンに当てはめたトークンごとのロジットのオフセットを加えたもの"
+                         "（`offset_fit`）"},
     "hf_mean": {"en": "the mean of all base embeddings (`hf_mean`)", "ja": "ベースの全埋め込みの平均（`hf_mean`）"},
     "random": {"en": "random (`random`)", "ja": "ランダム（`random`）"},
     # ablation effects and readings
