@@ -12,11 +12,11 @@ continued-pretrained. Both pretraining runs stop after the same number of corpus
 characters (`--max_train_characters`), so the raw base takes more, shorter-text steps.
 
 Time budget on a quiet 2-core machine (the whole demo must stay under 15 minutes after the
-install; seconds, from the measured step times in BENCHMARKS.md): select 30, tokenizer 20,
-mix 40 (text and two token-shard folders), pretrain 150 (~8 steps of 1,024 tokens + start-up,
-evaluation, save), pretrain_base 240 (~18 steps: the raw tokenizer packs ~2.3x fewer
-characters per token), ablation 320 (3 two-step fine-tunes, 3 evaluations on small subsets,
-decoding speed, contamination), publish 20: ~14 minutes at most, ~12 expected.
+install). Measured on one (BENCHMARKS.md, "Where the demo's time goes"), seconds: select 3,
+tokenizer 9, mix 8, pretrain 156 (4 steps of 1,024 tokens; 72 of it the offset_fit init of the
+new rows), pretrain_base 164 (9 steps: the raw tokenizer packs ~2.3x fewer characters per
+token), ablation 302 (3 two-step fine-tunes 129, 3 evaluations on small subsets 111, forced
+decoding 43, free generation 10), publish 6: 10 min 49 s in all.
 """
 
 import os
