@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import mix_corpus
 from toolkit import mixing
 from toolkit.corpus import CorpusError
+from test_data_engine import _alive  # a process is alive (not a zombie): one check for both kill tests
 
 
 @pytest.fixture(scope="module")
@@ -249,14 +250,6 @@ def _children(pid):
             except (OSError, ValueError, IndexError):
                 continue
     return found
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stream:
-            return stream.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("stage, evidence", [("scatter", ".tmp/*/logs/scatter"), ("shuffle", ".tmp/*/logs/shuffle"),
