@@ -507,51 +507,43 @@ def _split_lines(chunks):
         yield pending
 
 
-def _zstd_chunks(path, counter, state):
-    """Decompressed chunks of every frame; raises when the data ends inside a frame (zstandard's
-    stream_reader returns a short read there, silently)."""
-    import zstandard
-
-    decompressor = zstandard.ZstdDecompressor()
-    frame, fed = decompressor.decompressobj(), False
+def _decompressed_chunks(counter, state, new_stream, padding=b""):
+    """Decompressed chunks of every frame (zstd) or member (gzip) in turn, from `new_stream()`
+    decompressors (zstandard's `decompressobj` and zlib's share `decompress`, `eof` and
+    `unused_data`); marks the stream truncated when the data ends inside one (zstandard's
+    stream_reader and gzip's line iteration return a short read there, silently). Bytes left
+    after a member that are all `padding` (gzip's trailing zeros) are no member."""
+    stream, fed = new_stream(), False
     while True:
         data = counter.read(1 << 20)
         if not data:
             break
         while data:
-            output = frame.decompress(data)
+            output = stream.decompress(data)
             fed = True
             if output:
                 yield output
-            if frame.eof:
-                data, frame, fed = frame.unused_data, decompressor.decompressobj(), False
-            else:
-                data = b""
-    if fed and not frame.eof:
-        state["truncated"] = True
-
-
-def _gzip_chunks(path, counter, state):
-    import zlib
-
-    member, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
-    while True:
-        data = counter.read(1 << 20)
-        if not data:
-            break
-        while data:
-            output = member.decompress(data)
-            fed = True
-            if output:
-                yield output
-            if member.eof:  # a gzip file may hold several members; trailing zero padding is no member
-                data, member, fed = member.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS), False
-                if not data.strip(b"\0"):
+            if stream.eof:
+                data, stream, fed = stream.unused_data, new_stream(), False
+                if padding and not data.strip(padding):
                     data = b""
             else:
                 data = b""
-    if fed and not member.eof:
+    if fed and not stream.eof:
         state["truncated"] = True
+
+
+def _zstd_chunks(counter, state):
+    import zstandard
+
+    return _decompressed_chunks(counter, state, zstandard.ZstdDecompressor().decompressobj)
+
+
+def _gzip_chunks(counter, state):
+    import zlib
+
+    # a gzip file may hold several members; trailing zero padding is no member
+    return _decompressed_chunks(counter, state, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), padding=b"\0")
 
 
 def _jsonl_rows(path):
@@ -562,7 +554,7 @@ def _jsonl_rows(path):
             yield from enumerate(raw, start=1)
             return
         counter, state = _CountingReader(raw), {"truncated": False}
-        chunks = (_zstd_chunks if kind == "zstd" else _gzip_chunks)(path, counter, state)
+        chunks = (_zstd_chunks if kind == "zstd" else _gzip_chunks)(counter, state)
         number, held = 0, None
         # one line is held back: a stream that turns out truncated never yields its partial last line
         for line in _split_lines(chunks):
