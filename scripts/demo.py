@@ -174,6 +174,12 @@ def key_figures(out):
             outcome = ", ".join(f"{label.split(':')[0]} {translate(c['outcome'], 'en')}"
                                 for label, c in zip(labels, task["comparisons"]))
             rows.append((f"{task['name']} ({task['metric']})", f"{' vs '.join(f['models'])}: {scores} [{outcome}]"))
+        for row in f.get("finetune_first_loss") or []:
+            per_character = row["first_loss_per_character"]
+            rows.append((f"first fine-tuning loss {row['model']}",
+                         f"{row['first_loss']:.2f} nats/answer token"
+                         + (f", {per_character:.2f} nats/answer character (comparable across tokenizers)"
+                            if per_character is not None else "")))
         for row in f.get("speed") or []:
             rows.append((f"decoding speed {row['model']}", f"{row['characters_per_second']:.1f} reference characters/s, "
                                                            f"{row['tokens_per_second']:.1f} tokens/s"))

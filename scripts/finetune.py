@@ -29,7 +29,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
-from toolkit.chat import IGNORE_INDEX, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat
+from toolkit.chat import (
+    IGNORE_INDEX, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat,
+)
+from toolkit.chat import answer_characters as count_answer_characters  # the report's own name is answer_characters
 from toolkit.losses import use_fused_loss
 from toolkit.reports import write_json_atomic
 from toolkit.training import (
@@ -136,6 +139,8 @@ def main():
     save_consolidated(accelerator, model, loop_args.output_dir, tokenizer=tokenizer, dtype=script_args.save_dtype)
     if accelerator.is_main_process:
         losses = [record["loss"] for record in read_metrics(loop_args.output_dir) if "loss" in record]
+        answer_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples)
+        answer_characters = sum(count_answer_characters(tokenizer, e["labels"]) for e in examples)
         plot_metrics(loop_args.output_dir)
         write_json_atomic(Path(loop_args.output_dir) / "finetune_report.json", {
             "model": script_args.model_name_or_path,
@@ -144,9 +149,17 @@ def main():
             "chats": len(chats), "examples": len(examples), "truncated": truncated,
             "answers_cut": answers_cut, "dropped_no_answer_left": dropped,
             "tokens": sum(len(e["input_ids"]) for e in examples),
-            "answer_tokens": sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples),
+            "answer_tokens": answer_tokens,
+            "answer_characters": answer_characters,
             "steps": state.step, "epochs_started": state.epoch + 1, "processes": accelerator.num_processes,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            # nats per answer token depend on the tokenizer (an extended tokenizer's token holds ~2x the
+            # characters, so its loss per token is ~2x at equal quality); per character the arms compare.
+            # Converted at the whole set's characters per answer token, not the first batch's own.
+            "first_loss_per_character": losses[0] * answer_tokens / answer_characters
+            if losses and answer_characters else None,
+            "last_loss_per_character": losses[-1] * answer_tokens / answer_characters
+            if losses and answer_characters else None,
             "train_seconds": state.train_seconds, "total_seconds": time.time() - started,
             "arguments": {**asdict(script_args), **asdict(loop_args)},
         })

@@ -78,3 +78,23 @@ def test_key_figures_show_the_speed_ratio_with_both_factors_and_what_each_arm_wr
     assert rows["characters/token extended"] == ("2.00 on the reference text (the tokenizer's capacity), 1.00 in what "
                                                  "it wrote (free generation)")
     assert "too few items to tell" in rows["heading_mc (accuracy)"]
+
+
+def test_key_figures_show_the_first_fine_tuning_loss_per_token_and_per_character(tmp_path):
+    """Per token the extended arm's loss is ~2x at equal quality (its tokens hold ~2x the characters);
+    per character the arms compare, so the summary shows both, averaged over seeds."""
+    def run(seed, per_token, per_character):
+        return {"seed": seed, "finetune_report": {"first_loss": per_token, "first_loss_per_character": per_character}}
+    report = {"models": [{"name": "continued", "runs": [run(0, 3.6, 4.0), run(1, 3.8, 4.2)]},
+                         {"name": "extended", "runs": [run(0, 8.8, 5.0)]},
+                         {"name": "base", "runs": [run(0, 3.9, None)]}],
+              "baseline": "continued",
+              "metrics": [{"task": "heading_mc", "metric": "accuracy", "examples": 6,
+                           "values": {"continued": 0.5, "extended": 0.5, "base": 0.5}}]}
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "ablation_results.json").write_text(json.dumps(report))
+    rows = dict(demo.key_figures(tmp_path))
+    assert rows["first fine-tuning loss continued"] == ("3.70 nats/answer token, 4.10 nats/answer character "
+                                                       "(comparable across tokenizers)")
+    assert rows["first fine-tuning loss extended"].startswith("8.80 nats/answer token, 5.00 nats/answer character")
+    assert rows["first fine-tuning loss base"] == "3.90 nats/answer token"

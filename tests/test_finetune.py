@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from toolkit.chat import (
-    DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, ChatFormatError, chat_template, read_chat_records, require_eos, tokenize_chat,
+    DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, ChatFormatError, answer_characters, chat_template, read_chat_records,
+    require_eos, tokenize_chat,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,23 @@ def test_empty_chat_file_and_bundled_set(tmp_path, sample_data):
     assert len(read_chat_records([sample_data / "sft" / "sft_ja.jsonl"])) == 360
 
 
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, OPEN_TEMPLATE])
+def test_answer_characters_are_the_answers_text_whatever_the_tokenizer(tiny_mistral_path, template):
+    """The per-character fine-tuning loss divides by these: the answers' own characters (at most a
+    separator more per answer), EOS counting none, for the base and for an extended tokenizer."""
+    answers = "".join(m["content"] for m in CHAT if m["role"] == "assistant")
+    base = AutoTokenizer.from_pretrained(tiny_mistral_path)
+    extended = AutoTokenizer.from_pretrained(tiny_mistral_path)
+    extended.add_tokens(["パッケージ", "管理", "ツール"])
+    counts = []
+    for tokenizer in (base, extended):
+        labels = tokenize_chat(tokenizer, CHAT, template)["labels"]
+        counts.append(answer_characters(tokenizer, labels))
+        assert len(answers) <= counts[-1] <= len(answers) + 2
+    assert len(tokenize_chat(extended, CHAT, template)["labels"]) < len(tokenize_chat(base, CHAT, template)["labels"])
+    assert answer_characters(base, [IGNORE_INDEX] * 3) == 0
+
+
 def test_tokenizer_without_eos_is_refused(tiny_mistral_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_mistral_path)
     tokenizer.eos_token = None
@@ -121,6 +139,9 @@ def test_finetune_under_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_
     assert report["steps"] == 2 and report["processes"] == 2 and report["chat_template_source"] == "default"
     assert report["chats"] == 360 and report["examples"] + report["dropped_no_answer_left"] == 360
     assert 0 < report["answer_tokens"] < report["tokens"]
+    assert report["answer_characters"] > 0
+    assert report["first_loss_per_character"] == pytest.approx(
+        report["first_loss"] * report["answer_tokens"] / report["answer_characters"])
     # the saved model is the trained one (full weights gathered from ZeRO-3), with the template it learned
     trained = load_file(output / "model.safetensors")
     initial = load_file(Path(tiny_mistral_path) / "model.safetensors")

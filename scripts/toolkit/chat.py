@@ -236,6 +236,13 @@ def tokenize_chat(tokenizer, messages, template, max_length=None):
     return {"input_ids": input_ids, "labels": labels}
 
 
+def answer_characters(tokenizer, labels) -> int:
+    """Characters of the answer text behind `labels` (EOS and other special tokens count none): the
+    denominator that makes a fine-tuning loss comparable across tokenizers (nats per character)."""
+    answer = [label for label in labels if label != IGNORE_INDEX]
+    return len(tokenizer.decode(answer, skip_special_tokens=True)) if answer else 0
+
+
 def cut_middle(input_ids, labels, max_length):
     """Shorten a chat to `max_length` tokens without losing its answers when they fit.
 

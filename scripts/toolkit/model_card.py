@@ -485,6 +485,19 @@ def _ablation_extras(report):
                "characters_per_token": _number(value.get("characters_per_token"))}
               for name, value in (_get(report, "speed_ratios", default={}) or {}).items()
               if isinstance(value, dict) and _number(value.get("characters_per_second")) is not None]
+    finetune = []  # the first fine-tuning loss per arm, per token and per character (mean over seeds)
+    for model in _get(report, "models", default=[]) or []:
+        if not isinstance(model, dict):  # older reports list names only
+            continue
+        runs = [run.get("finetune_report") or {} for run in model.get("runs") or [] if isinstance(run, dict)]
+        per_token = [_number(run.get("first_loss")) for run in runs if _number(run.get("first_loss")) is not None]
+        per_character = [_number(run.get("first_loss_per_character")) for run in runs
+                         if _number(run.get("first_loss_per_character")) is not None]
+        if per_token:
+            finetune.append({"model": str(model.get("name")), "seeds": len(per_token),
+                             "first_loss": sum(per_token) / len(per_token),
+                             "first_loss_per_character": sum(per_character) / len(per_character)
+                             if len(per_character) == len(per_token) else None})
     test = _get(report, "test", default={}) or {}
     contamination = _get(report, "contamination")
     rows = []
@@ -502,6 +515,7 @@ def _ablation_extras(report):
         "permutations": _number(test.get("permutations")),
         "min_items": _number(test.get("min_items_for_verdict")),
         "speed_ratios": ratios or None,
+        "finetune_first_loss": finetune or None,
         "contamination": rows or None,
         "contamination_ngram": _number(contamination.get("ngram")) if isinstance(contamination, dict) else None,
         "contamination_documents": _number(contamination.get("documents_scanned")) if isinstance(contamination, dict)
