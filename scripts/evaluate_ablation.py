@@ -88,6 +88,9 @@ Outputs in --output_dir: `ablation_results.json`, `ablation_table.md`, `ablation
                        "tasks": {task: {"items": int, "items_overlapping": int,   # every evaluated task: the
                                         "mix_documents_overlapping": int}}},     # evaluated items, held-out
                                         # documents (heldout_ja/en), lm-eval documents (lm_eval:<task>)
+      "data_revisions": {"lm_eval:<task>": [{"source": str, "revision": str,   # as the task YAML names it
+                         "commit": str|null}]},   # pinned, or the moving ref (refs/convert/parquet) as the
+                                                  # Hub resolved it at evaluation; null offline
       "verdict": str,                       # the answer, effect by effect
       "settings": {...}, "bootstrap": {"samples", "seed", "confidence", "alpha", "correction"},
       "test": {"name", "permutations", "min_items_for_verdict", "families", "alpha"},
@@ -299,7 +302,7 @@ LOWER_IS_BETTER = {"bits_per_character", "bits_per_byte"}
 RATIO_METRICS = {"bits_per_character", "bits_per_byte"}
 
 
-def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predictions_path):
+def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predictions_path, data_revisions=None):
     """Per-example results of one model: {(task, metric): list}, and {task: its primary metric}."""
     template = chat_template(tokenizer, args.chat_template)
     per_example, primary = {}, {}
@@ -347,6 +350,8 @@ def evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules, predi
                 per_example[(f"lm_eval:{task}", metric)] = values
             # the metric the task's YAML declares primary (metadata.primary_metric), else its first
             primary[f"lm_eval:{task}"] = results["primary"].get(task) or next(iter(samples))
+        if data_revisions is not None:  # the commit each task's data was read at (moving refs resolved)
+            data_revisions.update({f"lm_eval:{task}": found for task, found in results["data_revisions"].items()})
     with open(predictions_path, "w", encoding="utf-8") as stream:
         for row in predictions:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -651,7 +656,7 @@ def main():
             runs.append({"seed": seed, "evaluated": evaluated, "finetune_report": report})
         models.append({"name": name, "model": model, "runs": runs})
 
-    results, primary, speed = {}, {}, {}
+    results, primary, speed, data_revisions = {}, {}, {}, {}
     for entry in models:
         results[entry["name"]] = []
         for run in entry["runs"]:
@@ -660,7 +665,7 @@ def main():
             folder = output / entry["name"] / (f"seed{run['seed']}" if run["seed"] is not None else "as-given")
             folder.mkdir(parents=True, exist_ok=True)
             per_example, primary_of = evaluate_model(model, tokenizer, args, tasks, heldout, metric_modules,
-                                                     folder / "predictions.jsonl")
+                                                     folder / "predictions.jsonl", data_revisions)
             results[entry["name"]].append(per_example)
             primary.update(primary_of)
             timings[f"evaluate_{entry['name']}_seed{run['seed']}"] = time.time() - started
@@ -703,7 +708,7 @@ def main():
         "models": models, "baseline": names[0],
         "effects": [{"name": e, "minuend": a, "subtrahend": b} for e, a, b in effects], "seeds": seeds,
         "metrics": rows, "decoding_speed": speed, "speed_ratios": speed_ratios, "free_generation": written,
-        "contamination": contamination,
+        "contamination": contamination, "data_revisions": data_revisions,
         "verdict": verdict, "settings": {**asdict(args), **asdict(settings)},
         "tasks": [{"name": t.name, "kind": t.kind, "path": t.path, "examples": len(t.examples),
                    "primary_metric": t.primary_metric} for t in tasks],

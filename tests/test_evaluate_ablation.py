@@ -1,5 +1,8 @@
+import csv
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -145,6 +148,7 @@ def test_three_arms_end_to_end_identical_arms_differ_by_nothing(tmp_path, tiny_m
                         "--lm_eval_tasks", "ja_debian_heading_mc", "--contamination_files", str(mix))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "ablation_results.json").read_text())
+    assert results["data_revisions"] == {}  # a local task file: no Hub or GitHub revision to record
     assert results["baseline"] == "base" and [m["name"] for m in results["models"]] == ["base", "continued", "extended"]
     assert results["effects"] == [{"name": "data", "minuend": "continued", "subtrahend": "base"},
                                   {"name": "tokenizer", "minuend": "extended", "subtrahend": "continued"}]
@@ -437,6 +441,9 @@ def local_task(include, task, data_files, **overrides):
     text = shipped.read_text(encoding="utf-8")
     if "hf://datasets/" in text:  # the Hub, at a named revision
         assert all("@" in url.split("/")[1] for url in text.split("hf://datasets/")[1:])
+    elif "raw.githubusercontent.com/" in text:  # a GitHub repository's files at a commit
+        assert all(re.fullmatch(r"[0-9a-f]{40}", url.split("/")[2])
+                   for url in text.split("raw.githubusercontent.com/")[1:])
     else:  # files that a pinned package writes (sacrebleu's test sets)
         assert "sacrebleu" in text
     (include / f"{task}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
@@ -685,6 +692,227 @@ def test_jemhopqa_yaml_scores_char_f1_on_parquet_in_the_hub_schema(tiny, tmp_pat
         np.mean(output["samples"]["ja_jemhopqa"]["char_f1"]))
 
 
+def ja_tasks_module():
+    sys.path.insert(0, str(TASK_YAMLS))
+    try:
+        import ja_tasks
+    finally:
+        sys.path.remove(str(TASK_YAMLS))
+    return ja_tasks
+
+
+def niilc_xml(questions):
+    """NIILC-ECQA2015's XML schema: <questions><question id><text/><answers><answer/>...</answers><meta/>."""
+    parts = ["<?xml version='1.0' encoding=\"UTF-8\"?>\n<questions>"]
+    for qid, text, answers in questions:
+        parts.append(f'<question id="{qid}">\n  <text>{text}</text>\n  <answers>\n'
+                     + "".join(f"    <answer>{answer}</answer>\n" if answer else "    <answer></answer>\n"
+                               for answer in answers)
+                     + "  </answers>\n  <meta>\n    <B3>地理</B3>\n    <C.1>Select ?x Where { }</C.1>\n"
+                       "    <E.5></E.5>\n  </meta>\n</question>")
+    return "\n".join(parts + ["</questions>\n"])
+
+
+NIILC_TEST = [("T-01", "日本で一番長い川は？", ["信濃川"]),
+              ("T-02", "日本三名園は？", ["兼六園", "後楽園", "", "偕楽園"]),  # several answers, one empty
+              ("T-03", "架空の島の首都は？", ["-"]),  # no answer found: left out
+              ("T-04", "富士山がある県は？", ["静岡県", "山梨県"])]
+
+
+def write_niilc(folder, test=NIILC_TEST):
+    dev = [(f"D-{i:02d}", f"架空の町{i}の名産は？", [f"名産{i}"]) for i in range(6)]
+    files = {"train": folder / "dev.xml", "test": folder / "test.xml"}
+    files["train"].write_text(niilc_xml(dev), encoding="utf-8")
+    files["test"].write_text(niilc_xml(test), encoding="utf-8")
+    return {split: str(path) for split, path in files.items()}
+
+
+def test_niilc_loader_reads_the_xml_as_llm_jp_eval_does(tmp_path, caplog):
+    ja_tasks = ja_tasks_module()
+    files = write_niilc(tmp_path)
+    with caplog.at_level("WARNING"):
+        questions = ja_tasks.niilc_questions(files["test"])
+    assert [q["id"] for q in questions] == ["T-01", "T-02", "T-04"]  # "-" left out ...
+    assert "1 questions without an answer ('-') left out: T-03" in caplog.text  # ... and counted
+    assert questions[1] == {"id": "T-02", "question": "日本三名園は？", "answers": ["兼六園", "後楽園", "偕楽園"]}
+    dataset = ja_tasks.load_niilc(files)  # local paths: no download
+    assert dataset["train"].num_rows == 6 and dataset["test"].num_rows == 3
+
+
+def test_niilc_loader_names_the_file_and_line_of_malformed_xml(tmp_path):
+    ja_tasks = ja_tasks_module()
+    broken = tmp_path / "test.xml"
+    broken.write_text("<?xml version='1.0'?>\n<questions>\n<question id=\"x\">\n  <text>質問</text>\n"
+                      "  <answers><answer>答え</answers>\n</question>\n</questions>\n", encoding="utf-8")
+    with pytest.raises(ja_tasks.TaskDataError, match=r"test\.xml:5: not well-formed XML"):
+        ja_tasks.niilc_questions(broken)
+    broken.write_text("<questions><question id=\"q1\"><text>質問</text></question></questions>", encoding="utf-8")
+    with pytest.raises(ja_tasks.TaskDataError, match=r"test\.xml: q1: no <answer>"):
+        ja_tasks.niilc_questions(broken)
+
+
+def test_niilc_yaml_scores_char_f1_on_xml_in_the_upstream_schema(tiny, tmp_path):
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    local_task(include, "ja_niilc", write_niilc(tmp_path), **SHORT_GENERATION)
+    output = lm_eval_tasks(model, tokenizer, ["ja_niilc"], include_path=include, samples=True)
+    assert output["primary"] == {"ja_niilc": "char_f1"}
+    assert len(output["samples"]["ja_niilc"]["char_f1"]) == 3
+    assert output["results"]["ja_niilc"]["char_f1,character_budget"] == pytest.approx(
+        np.mean(output["samples"]["ja_niilc"]["char_f1"]))
+    assert "exact_match,character_budget" in output["results"]["ja_niilc"]
+    task = lm_eval_task_manager_for(["ja_niilc"], include).load_task_or_group(["ja_niilc"])["ja_niilc"]
+    assert [task.doc_to_target(doc) for doc in task.test_docs()] == ["信濃川", "兼六園、後楽園、偕楽園", "静岡県、山梨県"]
+    assert output["data_revisions"] == {}  # local files: no revision to record
+
+
+JMMLU_TOPICS = {"high_school_mathematics": "二次関数", "japanese_history": "鎌倉時代"}
+JMMLU_SUBJECTS = tuple(JMMLU_TOPICS)
+
+
+def jmmlu_csv(subject, count):
+    """Rows as JMMLU's CSVs hold them: a UTF-8 BOM, no header, question, A, B, C, D, answer letter;
+    quoted fields with commas and a line break. Synthetic rows (JMMLU itself is not copied)."""
+    rows = []
+    for i in range(count):
+        question = f"{JMMLU_TOPICS.get(subject, '人体')}の問{i}：次のうち、正しいものはどれか。" + ("\n（二行目）" if i == 1 else "")
+        rows.append([question, f"選択肢{i}A", f"甲、乙, 丙{i}", f"選択肢{i}C", f"選択肢{i}D", "ABCD"[i % 4]])
+    buffer = io.StringIO()
+    csv.writer(buffer, quoting=csv.QUOTE_MINIMAL).writerows(rows)
+    return "\ufeff" + buffer.getvalue()
+
+
+def write_jmmlu(folder, count=7):
+    files = {}
+    for subject in JMMLU_SUBJECTS:
+        files[subject] = str(folder / f"{subject}.csv")
+        Path(files[subject]).write_text(jmmlu_csv(subject, count), encoding="utf-8", newline="")
+    return files
+
+
+def test_jmmlu_loader_reads_the_csvs_and_keeps_five_shots_per_subject_out_of_the_test(tmp_path):
+    ja_tasks = ja_tasks_module()
+    files = write_jmmlu(tmp_path)
+    questions = ja_tasks.jmmlu_questions(files["japanese_history"], "japanese_history")
+    assert len(questions) == 7
+    assert questions[0]["question"] == "鎌倉時代の問0：次のうち、正しいものはどれか。"  # no BOM in the text
+    assert questions[1]["question"].endswith("\n（二行目）") and questions[1]["choices"][1] == "甲、乙, 丙1"
+    assert [q["label"] for q in questions[:4]] == [0, 1, 2, 3] and questions[0]["subject_ja"] == "日本史"
+    dataset = ja_tasks.load_jmmlu(files)
+    assert dataset["train"]["id"] == [f"{s}-{i}" for s in JMMLU_SUBJECTS for i in range(5)]
+    assert dataset["test"]["id"] == [f"{s}-{i}" for s in JMMLU_SUBJECTS for i in (5, 6)]
+
+
+def test_jmmlu_loader_names_the_file_and_line_of_a_bad_row(tmp_path):
+    ja_tasks = ja_tasks_module()
+    path = tmp_path / "anatomy.csv"
+    good = jmmlu_csv("anatomy", 2)  # the second record spans lines 2-3
+    path.write_text(good + "問,A,B,C,D\n", encoding="utf-8", newline="")
+    with pytest.raises(ja_tasks.TaskDataError, match=r"anatomy\.csv:4: 5 columns, expected 6"):
+        ja_tasks.jmmlu_questions(path, "anatomy")
+    path.write_text(good + "問,A,B,C,D,E\n", encoding="utf-8", newline="")
+    with pytest.raises(ja_tasks.TaskDataError, match=r"anatomy\.csv:4: answer 'E'"):
+        ja_tasks.jmmlu_questions(path, "anatomy")
+
+
+def test_jmmlu_yaml_scores_accuracy_with_shots_from_the_same_subject(tiny, tmp_path):
+    model, tokenizer = tiny
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    local_task(include, "ja_jmmlu", write_jmmlu(tmp_path))
+    output = lm_eval_tasks(model, tokenizer, ["ja_jmmlu"], include_path=include, samples=True)
+    assert output["primary"] == {"ja_jmmlu": "acc"}
+    accuracy = output["samples"]["ja_jmmlu"]["acc"]
+    assert len(accuracy) == 4 and set(accuracy) <= {0.0, 1.0}
+    assert output["results"]["ja_jmmlu"]["acc,none"] == pytest.approx(np.mean(accuracy))
+    task = lm_eval_task_manager_for(["ja_jmmlu"], include).load_task_or_group(["ja_jmmlu"])["ja_jmmlu"]
+    assert type(task.sampler).__name__ == "SameSubjectSampler"
+    for doc in task.test_docs():
+        shots = task.sampler.sample(5, eval_doc=doc)
+        assert [shot["id"] for shot in shots] == [f"{doc['subject']}-{i}" for i in range(5)]  # MMLU's first 5
+        context = task.fewshot_context(doc, 5)
+        assert context.startswith(f"以下は、{doc['subject_ja']}に関する多肢選択問題です。") and context.endswith("\n答え：")
+    assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
+
+
+def test_lm_eval_records_the_data_revision_of_each_task():
+    from toolkit.evaluation import lm_eval_data_revisions
+
+    configs = shipped_task_configs()
+    revisions = lm_eval_data_revisions({name: config for name, config in configs.items() if name != "ja_swallow"})
+    # offline (the tests): a moving ref is recorded with an unknown commit, a pinned one with its commit
+    assert revisions["ja_jglue_jnli"] == [{"source": "hf://datasets/shunk031/JGLUE", "revision": "refs/convert/parquet",
+                                           "commit": None}]
+    assert revisions["ja_jemhopqa"][0]["commit"] == "3996f8af9177cbac265f2bb5f04d42941034a751"
+    assert revisions["ja_niilc"] == [{"source": "https://github.com/mynlp/niilc-qa",
+                                      "revision": "b6d47968b2e301a5e953fb1922a08ed56099646b",
+                                      "commit": "b6d47968b2e301a5e953fb1922a08ed56099646b"}]
+    assert revisions["ja_jmmlu"][0]["commit"] == "762cbf192c9e4588b574d718f95afd64c96fcbf4"
+    assert "ja_wmt20_en_ja" not in revisions  # sacrebleu's files: pinned by the package version
+    hub_tasks = [name for name, config in configs.items() if "hf://" in json.dumps(config.get("dataset_kwargs"))]
+    assert set(hub_tasks) <= set(revisions)
+
+
+def test_a_moving_ref_is_recorded_with_the_commit_the_hub_resolves_it_to(monkeypatch, caplog):
+    """Online: refs/convert/parquet is asked of the Hub (here a local stand-in) and its commit recorded."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    from toolkit.evaluation import hub_dataset_commit, lm_eval_data_revisions
+
+    asked = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            known = self.path.startswith("/api/datasets/shunk031/JGLUE/revision/refs%2Fconvert%2Fparquet")
+            body = json.dumps({"id": "shunk031/JGLUE", "sha": "ab" * 20} if known else {"error": "not found"}).encode()
+            self.send_response(200 if known else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_dataset_commit.cache_clear()
+    try:
+        configs = shipped_task_configs()
+        revisions = lm_eval_data_revisions({"ja_jglue_jnli": configs["ja_jglue_jnli"],
+                                            "gone": {"dataset_kwargs": {"data_files": "hf://datasets/o/gone@main/x.parquet"}}})
+    finally:
+        server.shutdown()
+        hub_dataset_commit.cache_clear()
+    assert revisions["ja_jglue_jnli"] == [{"source": "hf://datasets/shunk031/JGLUE", "revision": "refs/convert/parquet",
+                                           "commit": "ab" * 20}]
+    assert len([path for path in asked if "JGLUE" in path]) == 1  # train and validation: one question
+    assert revisions["gone"][0]["commit"] is None and "could not resolve hf://datasets/o/gone@main" in caplog.text
+
+
+def test_contamination_and_decontamination_read_niilc_and_jmmlu_items(tmp_path):
+    from toolkit.decontamination import lm_eval_task_items, materialize_lm_eval_tasks
+
+    include = tmp_path / "lm_eval"
+    include.mkdir()
+    local_task(include, "ja_niilc", write_niilc(tmp_path))
+    local_task(include, "ja_jmmlu", write_jmmlu(tmp_path))
+    items = lm_eval_task_items(["ja_niilc", "ja_jmmlu"], include)
+    assert items["ja_niilc"][1] == "日本三名園は？\n兼六園\n後楽園\n偕楽園"  # the question and its answers
+    assert len(items["ja_jmmlu"]) == 4 and "選択肢5A" in items["ja_jmmlu"][0]
+    assert not any("japanese_history" in item or "日本史" in item for item in items["ja_jmmlu"])  # bookkeeping
+    files = materialize_lm_eval_tasks(["lm_eval:ja_niilc", "ja_jmmlu"], tmp_path / "decontamination", include)
+    assert [Path(path).name for path in files] == ["ja_niilc.jsonl", "ja_jmmlu.jsonl"]
+    assert len(Path(files[1]).read_text(encoding="utf-8").splitlines()) == 4
+
+
 def simple_lm_eval(model, tokenizer, names, include, limit):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -727,4 +955,5 @@ def test_every_shipped_task_says_its_harness_primary_metric_and_character_budget
 def test_the_ja_swallow_group_resolves_to_its_tasks():
     manager = lm_eval_task_manager_for(["ja_swallow"], TASK_YAMLS)
     assert "ja_swallow" in manager.all_groups
-    assert {"ja_jglue_jsquad", "ja_mgsm", "ja_wmt20_en_ja", "ja_xwinograd"} <= set(manager.all_subtasks)
+    assert {"ja_jglue_jsquad", "ja_mgsm", "ja_wmt20_en_ja", "ja_xwinograd", "ja_niilc", "ja_jmmlu"} <= set(
+        manager.all_subtasks)

@@ -35,8 +35,9 @@ _K = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _S31, _S27 = np.uint64(31), np.uint64(27)
-# Keys of task records that hold bookkeeping, not text a model is asked about.
-_NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang", "primary_metric"}
+# Keys of task records that hold bookkeeping, not text a model is asked about (a benchmark's subject
+# names, e.g. JMMLU's, are shared by all its items and would count as overlaps with any page naming them).
+_NOT_ITEM_TEXT = {"id", "source", "origin", "label", "lang", "primary_metric", "subject", "subject_ja"}
 
 
 _ASCII_WORD = re.compile(r"[a-z0-9]+")

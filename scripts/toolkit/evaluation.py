@@ -19,7 +19,9 @@
 """
 
 import functools
+import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from toolkit.chat import answer_text, content_spans, encode_prompt, encode_rendered, prompt_text
 from toolkit.corpus import CorpusError, iter_records
 from toolkit.statistics import paired_runs
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METRICS_DIR = REPO_ROOT / "metrics"
@@ -335,6 +339,54 @@ def lm_eval_primary_metrics(configs):
             if (config.get("metadata") or {}).get("primary_metric")}
 
 
+# Where a task YAML's data files come from, at which revision: the Hub (hf://datasets/OWNER/NAME@REV/...)
+# and GitHub (https://raw.githubusercontent.com/OWNER/NAME/REV/...).
+_DATA_SOURCES = (("hf://datasets/", re.compile(r"hf://datasets/([^/@]+/[^/@]+)@([^/]+)/")),
+                 ("https://github.com/", re.compile(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/([^/]+)/")))
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@functools.lru_cache(maxsize=64)
+def hub_dataset_commit(repo_id, revision):
+    """The commit a Hub dataset's `revision` (a branch or a ref such as refs/convert/parquet, which
+    moves when the Hub converts the dataset again) points to now; None offline or unresolvable."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+    except Exception as error:  # network, auth, a renamed repo: the report records "unknown", it must not fail
+        logger.warning("could not resolve hf://datasets/%s@%s to a commit: %s", repo_id, revision, error)
+        return None
+
+
+def lm_eval_data_revisions(configs):
+    """{task: [{"source", "revision" (as the YAML names it), "commit"}]} for every task whose data
+    files are on the Hub or GitHub: the commit is the revision itself when the YAML pins one (40
+    hex digits), else what the Hub resolves the ref to when this runs (None offline)."""
+    from urllib.parse import unquote
+
+    revisions = {}
+    for task, config in configs.items():
+        files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+        urls = files.values() if isinstance(files, dict) else files if isinstance(files, list) else [files]
+        found = {}
+        for url in (u for value in urls for u in (value if isinstance(value, list) else [value])):
+            for source, pattern in _DATA_SOURCES:
+                match = pattern.match(str(url))
+                if match:
+                    repo_id, revision = match[1], unquote(match[2])
+                    pinned = _COMMIT.fullmatch(revision)
+                    commit = revision if pinned else (hub_dataset_commit(repo_id, revision)
+                                                      if source.startswith("hf://") else None)
+                    found[(source + repo_id, revision)] = commit
+        if found:
+            revisions[task] = [{"source": source, "revision": revision, "commit": commit}
+                               for (source, revision), commit in found.items()]
+    return revisions
+
+
 def _sample_value(value):
     """A logged per-question value: a number, a row such as (gold, predicted), or None when it
     is not numeric (e.g. XL-Sum's (reference, summary) pairs that only lm-eval aggregates)."""
@@ -354,8 +406,9 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
     under `include_path` (a folder of task YAML files). Returns {"results": lm-eval's
     aggregate results} and, with `samples=True`, "samples": {task: {metric: [per-question
     values in doc_id order]}} for paired comparisons (a value is a number, or a (gold,
-    predicted) row for the CORPUS_METRICS), and "primary": {task: the metric its YAML
-    declares primary}. lm-eval's own tasks are indexed only when a name is not found locally.
+    predicted) row for the CORPUS_METRICS), "primary": {task: the metric its YAML
+    declares primary}, and "data_revisions": {task: [{"source", "revision", "commit"}]} (the
+    commit of a moving ref such as refs/convert/parquet as the Hub resolves it; None offline). lm-eval's own tasks are indexed only when a name is not found locally.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -367,7 +420,8 @@ def lm_eval_tasks(model, tokenizer, tasks, include_path=None, limit=None, num_fe
         log_samples=samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
         fewshot_random_seed=0,
     )
-    result = {"results": output["results"], "primary": lm_eval_primary_metrics(output.get("configs", {}))}
+    result = {"results": output["results"], "primary": lm_eval_primary_metrics(output.get("configs", {})),
+              "data_revisions": lm_eval_data_revisions(output.get("configs", {}))}
     if samples:
         result["samples"] = {}
         for task, logged in output["samples"].items():

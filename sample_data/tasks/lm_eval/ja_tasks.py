@@ -14,9 +14,16 @@ in this folder (lm-eval resolves `!function ja_tasks.NAME` next to the YAML).
   least one character except byte-fallback pieces, as `toolkit.evaluation.token_cap`).
 - The upstream tasks' own functions (lm-eval's `japanese_leaderboard`) are re-exported, not
   copied, so that their scoring is lm-eval's.
+- Loaders for data that is not on the Hub as parquet (NIILC's XML, JMMLU's CSVs): lm-eval calls
+  `custom_dataset` with the YAML's `dataset_kwargs`; each reads the files pinned there (a URL,
+  downloaded once into the datasets cache, or a local path) and returns a `datasets.DatasetDict`.
+  A malformed file is an error naming the file and line.
 """
 
+import csv
 import importlib.util
+import logging
+import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from pathlib import Path
 
@@ -174,3 +181,148 @@ def wmt20_documents(language_pair):
     with open(sources, encoding="utf-8") as source, open(references, encoding="utf-8") as reference:
         return [{"id": f"wmt20-{language_pair}-{i}", "source": s.rstrip("\n"), "reference": r.rstrip("\n")}
                 for i, (s, r) in enumerate(zip(source, reference))]
+
+
+# ----- NIILC and JMMLU: files that are not parquet on the Hub ------------------------------------
+logger = logging.getLogger(__name__)
+
+
+class TaskDataError(ValueError):
+    """A task's data file that cannot be read as its benchmark's format (names file and line)."""
+
+
+def _local_copies(data_files):
+    """{name: local path} of `data_files` ({name: URL or path}): URLs downloaded once into the
+    datasets cache (datasets' own downloader: cached, offline when cached), paths as they are."""
+    from datasets import DownloadManager
+
+    return DownloadManager().download(dict(data_files))
+
+
+NIILC_NO_ANSWER = "-"  # NIILC's answer when the annotators found none in Wikipedia
+
+
+def niilc_questions(path, source=None):
+    """The questions of one NIILC-ECQA2015 XML file: [{"id", "question", "answers": [str]}].
+    Empty <answer/> elements are dropped (as llm-jp-eval's NIILCDatasetProcessor); a question
+    whose only answer is "-" (none found) is left out and counted in the log."""
+    source = source or str(path)
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as error:
+        line, column = error.position
+        raise TaskDataError(f"{source}:{line}: not well-formed XML (column {column}): {error.msg}") from None
+    if root.tag != "questions":
+        raise TaskDataError(f"{source}: root element <{root.tag}>, expected NIILC's <questions>")
+    questions, unanswered = [], []
+    for number, element in enumerate(root.findall("question"), start=1):
+        qid = element.get("id") or f"question {number}"
+        text = (element.findtext("text") or "").strip()
+        if not text:
+            raise TaskDataError(f"{source}: {qid}: no <text> (the question)")
+        answers = [(answer.text or "").strip() for answer in element.iterfind("answers/answer")]
+        answers = [answer for answer in answers if answer]
+        if not answers:
+            raise TaskDataError(f"{source}: {qid}: no <answer> under <answers>")
+        if answers == [NIILC_NO_ANSWER]:
+            unanswered.append(qid)
+            continue
+        questions.append({"id": qid, "question": text, "answers": answers})
+    if unanswered:
+        logger.warning("%s: %d questions without an answer ('%s') left out: %s", source, len(unanswered),
+                       NIILC_NO_ANSWER, ", ".join(unanswered))
+    return questions
+
+
+def load_niilc(data_files, **kwargs):
+    """NIILC (`custom_dataset` of ja_niilc.yaml): {split: XML URL or path} -> DatasetDict."""
+    from datasets import Dataset, DatasetDict
+
+    local = _local_copies(data_files)
+    return DatasetDict({split: Dataset.from_list(niilc_questions(local[split], data_files[split]))
+                        for split in data_files})
+
+
+JMMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")
+# Subject names in Japanese, as JMMLU's README lists them (the prompt names the subject, as MMLU's)
+JMMLU_SUBJECTS_JA = {
+    "abstract_algebra": "抽象代数", "anatomy": "解剖学", "astronomy": "天文学", "business_ethics": "ビジネス倫理",
+    "clinical_knowledge": "臨床知識", "college_biology": "大学生物学", "college_chemistry": "大学化学",
+    "college_computer_science": "大学コンピュータ科学", "college_mathematics": "大学数学", "college_medicine": "大学医学",
+    "college_physics": "大学物理", "computer_security": "コンピュータセキュリティ", "conceptual_physics": "概念物理学",
+    "econometrics": "計量経済学", "electrical_engineering": "電気工学", "elementary_mathematics": "初等数学",
+    "formal_logic": "形式論理", "global_facts": "世界事実", "high_school_biology": "高校生物学",
+    "high_school_chemistry": "高校化学", "high_school_computer_science": "高校情報科学",
+    "high_school_european_history": "高校ヨーロッパ史", "high_school_geography": "高校地理",
+    "high_school_macroeconomics": "高校マクロ経済学", "high_school_mathematics": "高校数学",
+    "high_school_microeconomics": "高校ミクロ経済学", "high_school_physics": "高校物理",
+    "high_school_psychology": "高校心理学", "high_school_statistics": "高校統計学", "human_aging": "人間の老化",
+    "human_sexuality": "セクシュアリティ", "international_law": "国際法", "japanese_civics": "公民",
+    "japanese_geography": "日本地理", "japanese_history": "日本史", "japanese_idiom": "熟語", "jurisprudence": "法理学",
+    "logical_fallacies": "論理学", "machine_learning": "機械学習", "management": "経営学", "marketing": "マーケティング",
+    "medical_genetics": "医学遺伝学", "miscellaneous": "雑学", "moral_disputes": "倫理的議論", "nutrition": "栄養学",
+    "philosophy": "哲学", "prehistory": "先史学", "professional_accounting": "専門会計",
+    "professional_medicine": "専門医学", "professional_psychology": "専門心理学", "public_relations": "公共関係",
+    "security_studies": "セキュリティ研究", "sociology": "社会学", "virology": "ウイルス学", "world_history": "世界史",
+    "world_religions": "世界宗教",
+}
+
+
+def jmmlu_questions(path, subject, source=None):
+    """The questions of one JMMLU subject CSV (UTF-8 with BOM, no header; question, A, B, C, D,
+    answer letter): [{"id", "subject", "subject_ja", "question", "choices", "label"}] in file order."""
+    source = source or str(path)
+    questions = []
+    with open(path, encoding="utf-8-sig", newline="") as stream:
+        reader = csv.reader(stream)
+        line = 1  # where the next record starts (a quoted field may span lines)
+        try:
+            for row in reader:
+                start, line = line, reader.line_num + 1
+                if not row:
+                    continue
+                if len(row) != len(JMMLU_COLUMNS):
+                    raise TaskDataError(f"{source}:{start}: {len(row)} columns, expected {len(JMMLU_COLUMNS)} "
+                                        f"({', '.join(JMMLU_COLUMNS)})")
+                letter = row[5].strip()
+                if letter not in ("A", "B", "C", "D"):
+                    raise TaskDataError(f"{source}:{start}: answer {row[5]!r}, expected one of A, B, C, D")
+                questions.append({"id": f"{subject}-{len(questions)}", "subject": subject,
+                                  "subject_ja": JMMLU_SUBJECTS_JA.get(subject, subject), "question": row[0],
+                                  "choices": row[1:5], "label": "ABCD".index(letter)})
+        except csv.Error as error:
+            raise TaskDataError(f"{source}:{reader.line_num}: not valid CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise TaskDataError(f"{source}: not UTF-8 ({error})") from None
+    return questions
+
+
+def load_jmmlu(data_files, fewshot_rows_per_subject=5, **kwargs):
+    """JMMLU (`custom_dataset` of ja_jmmlu.yaml): {subject: CSV URL or path} -> DatasetDict with
+    "train" = the first `fewshot_rows_per_subject` questions of each subject (the few-shot pool;
+    JMMLU has no dev split) and "test" = the rest."""
+    from datasets import Dataset, DatasetDict
+
+    local = _local_copies(data_files)
+    train, test = [], []
+    for subject in data_files:
+        questions = jmmlu_questions(local[subject], subject, data_files[subject])
+        if len(questions) <= fewshot_rows_per_subject:
+            raise TaskDataError(f"{data_files[subject]}: {len(questions)} questions; {fewshot_rows_per_subject} "
+                                "are the few-shot pool, so at least one more is needed")
+        train += questions[:fewshot_rows_per_subject]
+        test += questions[fewshot_rows_per_subject:]
+    return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
+
+
+class SameSubjectSampler(ContextSampler):
+    """MMLU's few-shot examples with all subjects in one task: the first k examples of the
+    evaluated question's own subject, in file order (lm-eval's `first_n` within each subject)."""
+
+    def sample(self, n, eval_doc=None, df=None, **kwargs):
+        pool = [doc for doc in (df or self.fewshot_docs())
+                if eval_doc is None or (doc["subject"] == eval_doc["subject"] and doc != eval_doc)]
+        if n > len(pool):
+            subject = eval_doc["subject"] if eval_doc is not None else "any subject"
+            raise ValueError(f"{n} few-shot examples of {subject} requested; the few-shot split has {len(pool)}")
+        return pool[:n]
