@@ -763,7 +763,7 @@ def test_niilc_yaml_scores_char_f1_on_xml_in_the_upstream_schema(tiny, tmp_path)
         np.mean(output["samples"]["ja_niilc"]["char_f1"]))
     assert "exact_match,character_budget" in output["results"]["ja_niilc"]
     task = lm_eval_task_manager_for(["ja_niilc"], include).load_task_or_group(["ja_niilc"])["ja_niilc"]
-    assert [task.doc_to_target(doc) for doc in task.test_docs()] == ["信濃川", "兼六園、後楽園、偕楽園", "静岡県、山梨県"]
+    assert [task.doc_to_target(doc) for doc in task.test_docs()] == ["信濃川", "兼六園,後楽園,偕楽園", "静岡県,山梨県"]
     assert output["data_revisions"] == {}  # local files: no revision to record
 
 
