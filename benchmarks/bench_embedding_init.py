@@ -4,6 +4,11 @@
     # step 0: every --embedding_init on the tied and the untied SmolLM2, one process, one run
     python benchmarks/bench_embedding_init.py --part step0 --tokenizer_name outputs/demo/tokenizer \\
         --train_token_dir outputs/demo/mix/tokens --output_dir outputs/bench_embedding_init
+    # where the step-0 excess goes: held-out JA by predicted and last-read token kind, new-row mass
+    python benchmarks/bench_embedding_init.py --part excess --models offline:smollm2-135m-untied \\
+        --inits subword_mean offset_fit --tokenizer_name outputs/demo/tokenizer \\
+        --train_token_dir outputs/demo/mix/tokens --max_eval_documents 2 --max_eval_characters 1500 \\
+        --output_dir outputs/bench_embedding_init
     # the curve: held-out JA bits/char against characters seen, continued pretraining from the old
     # default (subword_mean), the new default and the raw base with its own tokenizer (arm 2)
     python benchmarks/bench_embedding_init.py --part curve --tokenizer_name outputs/demo/tokenizer \\
@@ -57,7 +62,7 @@ class BenchArguments:
     tokenizer_name: str = field(metadata={"help": "The extended tokenizer (the demo's outputs/demo/tokenizer)."})
     train_token_dir: str = field(metadata={"help": "Its token shards (contexts of the data-aware inits)."})
     output_dir: str = field(metadata={"help": "Where the JSON results and the PNG go."})
-    part: str = field(default="step0", metadata={"help": "step0, curve or plot."})
+    part: str = field(default="step0", metadata={"help": "step0, excess, curve or plot."})
     models: list[str] = field(default_factory=lambda: ["offline:smollm2-135m", "offline:smollm2-135m-untied"])
     inits: list[str] = field(default_factory=lambda: list(INITS))
     eval_files_ja: str = field(default="sample_data/eval/ja_eval.jsonl.gz")
@@ -108,6 +113,27 @@ def init_flops_7b(args, base_to_extended_pieces):
             "reference_run_gpu_hours": REFERENCE_GPU_HOURS}
 
 
+def offset_fit_cost_7b(args, offset_context_tokens=65_536, iterations=200):
+    """FLOPs and peak memory of offset_fit (the default) on Mistral-7B: one forward of the extended
+    model over the contexts, the base rows' log-sum-exp, the [positions x new tokens] logits once,
+    then `iterations` L-BFGS evaluations over that matrix (about 10 FLOPs per element each)."""
+    layers, hidden, vocabulary, parameters = 32, 4096, 32000, 7.24e9
+    positions = offset_context_tokens
+    forward = 2 * parameters * positions
+    base_lse = 2 * positions * vocabulary * hidden
+    new_logits = 2 * positions * args.new_tokens_7b * hidden
+    lbfgs = iterations * 10 * positions * args.new_tokens_7b
+    total = forward + base_lse + new_logits + lbfgs
+    return {"flops": total, "forward_flops": forward, "base_lse_flops": base_lse, "new_logit_flops": new_logits,
+            "lbfgs_flops": lbfgs, "gpu_hours": total / (args.mfu_7b * args.peak_flops_7b) / 3600,
+            # fp32 [positions, new tokens] logits, plus the same again for L-BFGS's gradient: the limit
+            "logit_matrix_gib": 2 * 4 * positions * args.new_tokens_7b / 2**30,
+            "assumptions": f"Mistral-7B ({layers} layers, hidden {hidden}), {positions:,} context positions, "
+                           f"{args.new_tokens_7b:,} new tokens, {iterations} L-BFGS evaluations, {args.mfu_7b:.0%} MFU "
+                           f"of {args.peak_flops_7b / 1e12:.0f} TFLOP/s; every process runs the same fit",
+            "reference_run_gpu_hours": REFERENCE_GPU_HOURS}
+
+
 def step0(args):
     torch.manual_seed(args.seed)
     texts = {"ja": held_out(args.eval_files_ja, args.max_eval_documents, args.max_eval_characters),
@@ -147,11 +173,83 @@ def step0(args):
     pieces = fit["base_tokens_in_contexts"] / fit["context_tokens"] if fit else 2.0
     write_json_atomic(out / "step0.json", {"arguments": asdict(args), "rows": rows,
                                            "distill_cost_at_7b": init_flops_7b(args, pieces),
+                                           "offset_fit_cost_at_7b": offset_fit_cost_7b(args),
                                            "torch_threads": torch.get_num_threads()})
     print(f"{'model':<30} {'init':<22} {'JA':>7} {'EN':>7} {'JA/base':>8} {'EN/base':>8} {'seconds':>8}")
     for row in rows:
         print(f"{row['model']:<30} {row['init']:<22} {row['ja']:7.3f} {row['en']:7.3f} "
               f"{row.get('ja_ratio_to_base', 1):8.3f} {row.get('en_ratio_to_base', 1):8.3f} {row['init_seconds']:8.1f}")
+
+
+def excess(args):
+    """Where the extended model's step-0 excess goes, per init: held-out JA split by what is predicted
+    (a new token or a base token) and by what was read last, and the share of every prediction's
+    probability that the new rows take ("new-row mass"). Base rows are fixed (bit-identical), so
+    the base tokens' odds among themselves are the base model's; whatever mass the new rows hold where
+    the text continues with a base token is lost there, log(1 + Z_new / Z_base) nats per position.
+    Windows of `--max_length` tokens, not overlapping (a cruder context than step0's sliding window)."""
+    import math
+
+    texts = held_out(args.eval_files_ja, args.max_eval_documents, args.max_eval_characters)
+    tokenizer = AutoTokenizer.from_pretrained(assets.resolve(args.tokenizer_name))
+    contexts = mine_contexts(args.train_token_dir, max_tokens=args.context_tokens, seed=args.seed)
+
+    def positions(model, model_tokenizer):
+        """(negative log-likelihood, logits, target, previous token) per position, all windows."""
+        for text in texts:
+            ids = model_tokenizer(text, add_special_tokens=False)["input_ids"]
+            for start in range(0, len(ids) - 1, args.max_length - 1):
+                window = torch.tensor([ids[start:start + args.max_length]])
+                if window.shape[1] < 2:
+                    break
+                with torch.no_grad():
+                    logits = model(window).logits[0, :-1].float()
+                target = window[0, 1:]
+                yield -torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0], logits, target, window[0, :-1]
+
+    def scored_characters(model_tokenizer):
+        return sum(len(t) - len(model_tokenizer.decode(model_tokenizer(t, add_special_tokens=False)["input_ids"][:1]))
+                   for t in texts)
+
+    rows = []
+    for name in args.models:
+        path = assets.resolve(name)
+        base_tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        base_nats = sum(float(nll.sum()) for nll, *_ in positions(model, base_tokenizer))
+        base_bits = base_nats / math.log(2) / scored_characters(base_tokenizer)
+        for init in args.inits:
+            torch.manual_seed(args.seed)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            extend_embeddings(model, tokenizer, base_tokenizer, init=init,
+                              contexts=contexts if init in DATA_INITS else None,
+                              fit=FitSettings(steps=args.steps, target_layer=args.target_layer,
+                                              learning_rate=args.learning_rate))
+            model.eval()
+            first_new = len(base_tokenizer)
+            sums = dict.fromkeys(("new_target", "base_target", "after_new", "after_base", "new_mass_lost_at_base_targets",
+                                  "new_mass_all"), 0.0)
+            counts = dict.fromkeys(("new_target", "base_target", "after_new", "after_base"), 0)
+            for nll, logits, target, previous in positions(model, tokenizer):
+                new, after_new = target >= first_new, previous >= first_new
+                lost = torch.nn.functional.softplus(torch.logsumexp(logits[:, first_new:len(tokenizer)], -1)
+                                                    - torch.logsumexp(logits[:, :first_new], -1))
+                for key, mask in (("new_target", new), ("base_target", ~new), ("after_new", after_new),
+                                  ("after_base", ~after_new)):
+                    sums[key] += float(nll[mask].sum())
+                    counts[key] += int(mask.sum())
+                sums["new_mass_lost_at_base_targets"] += float(lost[~new].sum())
+                sums["new_mass_all"] += float((1 - torch.exp(-lost)).sum())
+            characters = scored_characters(tokenizer)
+            bits = {key: value / math.log(2) / characters for key, value in sums.items() if key != "new_mass_all"}
+            total = bits["new_target"] + bits["base_target"]
+            rows.append({"model": name, "init": init, "base_bits_per_character": base_bits,
+                         "bits_per_character": total, "ratio_to_base": total / base_bits,
+                         "bits_per_character_by_part": bits, "positions": counts,
+                         "mean_new_row_mass": sums["new_mass_all"] / (counts["new_target"] + counts["base_target"]),
+                         "share_of_targets_new": counts["new_target"] / (counts["new_target"] + counts["base_target"])})
+            print(json.dumps(rows[-1]), flush=True)
+            write_json_atomic(Path(args.output_dir) / "excess.json", {"arguments": asdict(args), "rows": rows})
 
 
 def curve_arms(args):
@@ -236,7 +334,7 @@ def main():
     quiet_by_default()
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    {"step0": step0, "curve": curve, "plot": plot}[args.part](args)
+    {"step0": step0, "excess": excess, "curve": curve, "plot": plot}[args.part](args)
 
 
 if __name__ == "__main__":
