@@ -854,27 +854,50 @@ def test_lm_eval_records_the_data_revision_of_each_task():
     assert set(hub_tasks) <= set(revisions)
 
 
-def test_a_moving_ref_is_recorded_with_the_commit_the_hub_resolves_it_to(monkeypatch, caplog):
-    """Online: refs/convert/parquet is asked of the Hub (here a local stand-in) and its commit recorded."""
+@pytest.fixture
+def local_hub(monkeypatch):
+    """A local stand-in for the Hub's dataset API, as huggingface_hub asks it: `refs` {(repo, ref): commit}
+    answers GET /api/datasets/REPO/revision/REF (dataset_info), `files` {(repo, commit): {path}} answers
+    POST /api/datasets/REPO/paths-info/COMMIT (get_paths_info: the asked paths that exist); anything else
+    is 404. `asked`: (method, path, the paths asked about)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+    from urllib.parse import parse_qs, unquote
 
     from huggingface_hub import constants
 
-    from toolkit.evaluation import hub_dataset_commit, lm_eval_data_revisions
+    from toolkit.evaluation import resolve_hub_dataset_revision
 
-    asked = []
+    hub = SimpleNamespace(refs={}, files={}, asked=[])
 
     class Hub(BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            known = self.path.startswith("/api/datasets/shunk031/JGLUE/revision/refs%2Fconvert%2Fparquet")
-            body = json.dumps({"id": "shunk031/JGLUE", "sha": "ab" * 20} if known else {"error": "not found"}).encode()
-            self.send_response(200 if known else 404)
+        def answer(self, method):
+            form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+            hub.asked.append((method, self.path, tuple(form.get("paths", ()))))
+            info = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/revision/([^/?]+)", self.path)
+            paths_info = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/paths-info/([^/?]+)", self.path)
+            status, payload, error_code = 404, {"error": "not found"}, "RepoNotFound"
+            if method == "GET" and info and (info[1], unquote(info[2])) in hub.refs:
+                status, payload = 200, {"id": info[1], "sha": hub.refs[(info[1], unquote(info[2]))]}
+            elif method == "POST" and paths_info and (paths_info[1], unquote(paths_info[2])) in hub.files:
+                present = hub.files[(paths_info[1], unquote(paths_info[2]))]
+                status, payload = 200, [{"type": "file", "path": path, "size": 1, "oid": "0" * 40}
+                                        for path in form["paths"] if path in present]
+            body = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if status == 404:
+                self.send_header("X-Error-Code", error_code)
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self):
+            self.answer("GET")
+
+        def do_POST(self):
+            self.answer("POST")
 
         def log_message(self, *args):
             pass
@@ -883,18 +906,183 @@ def test_a_moving_ref_is_recorded_with_the_commit_the_hub_resolves_it_to(monkeyp
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    hub_dataset_commit.cache_clear()
-    try:
-        configs = shipped_task_configs()
-        revisions = lm_eval_data_revisions({"ja_jglue_jnli": configs["ja_jglue_jnli"],
-                                            "gone": {"dataset_kwargs": {"data_files": "hf://datasets/o/gone@main/x.parquet"}}})
-    finally:
-        server.shutdown()
-        hub_dataset_commit.cache_clear()
+    resolve_hub_dataset_revision.cache_clear()
+    yield hub
+    server.shutdown()
+    server.server_close()
+    resolve_hub_dataset_revision.cache_clear()
+
+
+def test_a_moving_ref_is_recorded_with_the_commit_the_hub_resolves_it_to(local_hub, caplog):
+    """Online: refs/convert/parquet is asked of the Hub (here a local stand-in) and its commit recorded."""
+    from toolkit.evaluation import lm_eval_data_revisions
+
+    local_hub.refs[("shunk031/JGLUE", "refs/convert/parquet")] = "ab" * 20
+    configs = shipped_task_configs()
+    revisions = lm_eval_data_revisions({"ja_jglue_jnli": configs["ja_jglue_jnli"],
+                                        "gone": {"dataset_kwargs": {"data_files": "hf://datasets/o/gone@main/x.parquet"}}})
     assert revisions["ja_jglue_jnli"] == [{"source": "hf://datasets/shunk031/JGLUE", "revision": "refs/convert/parquet",
                                            "commit": "ab" * 20}]
-    assert len([path for path in asked if "JGLUE" in path]) == 1  # train and validation: one question
+    assert len([path for _, path, _ in local_hub.asked if "JGLUE" in path]) == 1  # train and validation: one question
     assert revisions["gone"][0]["commit"] is None and "could not resolve hf://datasets/o/gone@main" in caplog.text
+
+
+# ----- pin_revisions.py: every moving ref of the task YAMLs rewritten with its commit -----------------
+def pin_revisions_module():
+    sys.path.insert(0, str(TASK_YAMLS))
+    try:
+        import pin_revisions
+    finally:
+        sys.path.remove(str(TASK_YAMLS))
+    return pin_revisions
+
+
+JGLUE_COMMIT = "c0ffee" + "0" * 34
+MOVING = b"@refs%2Fconvert%2Fparquet/"
+
+
+def copy_yamls(folder, *names):
+    """{name: original bytes} of the shipped YAMLs copied into `folder`."""
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(TASK_YAMLS / f"{name}.yaml", folder / f"{name}.yaml")
+    return {name: (folder / f"{name}.yaml").read_bytes() for name in names}
+
+
+def yaml_bytes(folder):
+    return {path.stem: path.read_bytes() for path in sorted(folder.glob("*.yaml"))}
+
+
+def serve_jglue(hub, *configs, leave_out=()):
+    hub.refs[("shunk031/JGLUE", "refs/convert/parquet")] = JGLUE_COMMIT
+    hub.files[("shunk031/JGLUE", JGLUE_COMMIT)] = {f"{config}/{split}/0000.parquet" for config in configs
+                                                   for split in ("train", "validation")} - set(leave_out)
+
+
+def test_pin_revisions_rewrites_only_the_moving_ref(local_hub, tmp_path, capsys):
+    from toolkit.evaluation import lm_eval_data_revisions
+
+    pin_revisions = pin_revisions_module()
+    original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_jemhopqa")
+    pinned_inode = (tmp_path / "tasks/ja_jemhopqa.yaml").stat().st_ino
+    serve_jglue(local_hub, "JNLI")
+
+    pin_revisions.main(["--tasks_dir", str(tmp_path / "tasks")])
+
+    after = yaml_bytes(tmp_path / "tasks")
+    assert original["ja_jglue_jnli"].count(MOVING) == 2
+    # outside the two refs every byte is the same (comments, order, quoting, the Japanese prompts)
+    assert after["ja_jglue_jnli"].split(f"@{JGLUE_COMMIT}/".encode()) == original["ja_jglue_jnli"].split(MOVING)
+    assert after["ja_jemhopqa"] == original["ja_jemhopqa"]
+    assert (tmp_path / "tasks/ja_jemhopqa.yaml").stat().st_ino == pinned_inode  # not even rewritten
+    assert [(path, paths) for method, path, paths in local_hub.asked if method == "POST"] == [
+        (f"/api/datasets/shunk031/JGLUE/paths-info/{JGLUE_COMMIT}",
+         ("JNLI/train/0000.parquet", "JNLI/validation/0000.parquet"))]  # both files, checked at the commit
+    assert not [path for _, path, _ in local_hub.asked if "JEMHopQA" in path]  # a commit is not asked again
+    table = capsys.readouterr().out
+    assert re.search(rf"ja_jglue_jnli +shunk031/JGLUE +refs/convert/parquet -> {JGLUE_COMMIT} +2\n", table)
+    assert "already pinned: sbintuitions/JEMHopQA@3996f8af9177" in table
+    # what the ablation's report then records: the commit, without asking the Hub
+    configs = shipped_task_configs(tmp_path / "tasks")
+    assert lm_eval_data_revisions({"ja_jglue_jnli": configs["ja_jglue_jnli"]}) == {"ja_jglue_jnli": [
+        {"source": "hf://datasets/shunk031/JGLUE", "revision": JGLUE_COMMIT, "commit": JGLUE_COMMIT}]}
+
+    # pinned now: a second run has nothing to ask and changes nothing
+    local_hub.asked.clear()
+    pin_revisions.main(["--tasks_dir", str(tmp_path / "tasks")])
+    assert yaml_bytes(tmp_path / "tasks") == after and local_hub.asked == []
+    assert "nothing to pin" in capsys.readouterr().out
+
+
+def test_pin_revisions_pins_every_shipped_yaml(local_hub, tmp_path):
+    from toolkit.evaluation import lm_eval_data_revisions
+
+    original = copy_yamls(tmp_path / "tasks", *(path.stem for path in TASK_YAMLS.glob("*.yaml")))
+    moving = {(repo, path) for text in original.values()
+              for repo, path in re.findall(r"hf://datasets/([^@\s]+)@refs%2Fconvert%2Fparquet/(\S+)", text.decode())}
+    assert {repo for repo, _ in moving} == {"shunk031/JGLUE", "mkshing/xlsum_ja", "juletxara/mgsm", "kumapo/JAQKET",
+                                            "polm-stability/xwinograd-ja"}
+    for number, repo in enumerate(sorted({repo for repo, _ in moving})):
+        local_hub.refs[(repo, "refs/convert/parquet")] = f"{number:040x}"
+        local_hub.files[(repo, f"{number:040x}")] = {path for named, path in moving if named == repo}
+
+    pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+
+    after = yaml_bytes(tmp_path / "tasks")
+    assert not [name for name, text in after.items() if b"@refs%2F" in text]
+    revisions = lm_eval_data_revisions(shipped_task_configs(tmp_path / "tasks"))
+    assert revisions and all(found["revision"] == found["commit"] for task in revisions.values() for found in task)
+    changed = {name for name in original if after[name] != original[name]}
+    assert changed == {name for name, text in original.items() if b"@refs%2F" in text}
+
+
+def test_pin_revisions_dry_run_writes_nothing(local_hub, tmp_path, capsys):
+    original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_jemhopqa")
+    serve_jglue(local_hub, "JNLI")
+
+    pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks"), "--dry_run"])
+
+    assert yaml_bytes(tmp_path / "tasks") == original
+    assert sorted(path.name for path in (tmp_path / "tasks").iterdir()) == ["ja_jemhopqa.yaml", "ja_jglue_jnli.yaml"]
+    out = capsys.readouterr().out
+    assert f"refs/convert/parquet -> {JGLUE_COMMIT}" in out and "dry run: 1 YAMLs would change, nothing written" in out
+
+
+def test_pin_revisions_names_the_yaml_and_line_of_a_file_missing_at_the_commit(local_hub, tmp_path):
+    # JCommonsenseQA resolves and exists; JNLI (written after it, in name order) lacks its validation file
+    original = copy_yamls(tmp_path / "tasks", "ja_jglue_jcommonsenseqa", "ja_jglue_jnli", "ja_jemhopqa")
+    serve_jglue(local_hub, "JCommonsenseQA", "JNLI", leave_out={"JNLI/validation/0000.parquet"})
+    line = next(number for number, text in enumerate(original["ja_jglue_jnli"].decode().splitlines(), 1)
+                if "JNLI/validation" in text)
+
+    with pytest.raises(SystemExit) as exited:
+        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+
+    message = str(exited.value.code)
+    url = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet/JNLI/validation/0000.parquet"
+    assert f"ja_jglue_jnli.yaml:{line}: {url}: no file JNLI/validation/0000.parquet at commit {JGLUE_COMMIT}" in message
+    assert "JCommonsenseQA" not in message and "nothing was changed" in message
+    assert yaml_bytes(tmp_path / "tasks") == original
+    assert sorted(path.name for path in (tmp_path / "tasks").iterdir()) == sorted(f"{name}.yaml" for name in original)
+
+
+def test_pin_revisions_names_the_yaml_and_line_of_a_ref_the_hub_does_not_know(local_hub, tmp_path):
+    original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_xwinograd")
+    serve_jglue(local_hub, "JNLI")  # xwinograd-ja: not on this Hub
+
+    with pytest.raises(SystemExit) as exited:
+        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+
+    message = str(exited.value.code)
+    assert re.match(r"error: \S+/ja_xwinograd\.yaml:9: hf://datasets/polm-stability/xwinograd-ja@refs%2Fconvert%2Fparquet/"
+                    r"default/test/0000\.parquet: the Hub answers RepositoryNotFoundError", message)
+    assert "nothing was changed" in message and yaml_bytes(tmp_path / "tasks") == original
+
+
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "connection refused"])
+def test_pin_revisions_without_the_hub_changes_nothing_and_says_so(monkeypatch, tmp_path, why):
+    import socket
+
+    from huggingface_hub import constants
+
+    from toolkit.evaluation import resolve_hub_dataset_revision
+
+    original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_jemhopqa")
+    with socket.socket() as closed:  # a port nothing listens on once closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", why == "HF_HUB_OFFLINE")
+    resolve_hub_dataset_revision.cache_clear()
+
+    with pytest.raises(SystemExit) as exited:
+        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+
+    message = str(exited.value.code)
+    assert message.startswith(f"error: cannot reach the Hub (http://127.0.0.1:{port}): ")
+    assert "nothing was changed" in message and "\n" not in message
+    assert (why in message) if why == "HF_HUB_OFFLINE" else ("Connection refused" in message)
+    assert yaml_bytes(tmp_path / "tasks") == original
 
 
 def test_contamination_and_decontamination_read_niilc_and_jmmlu_items(tmp_path):
@@ -923,14 +1111,14 @@ def simple_lm_eval(model, tokenizer, names, include, limit):
                            fewshot_random_seed=0)
 
 
-def shipped_task_configs():
+def shipped_task_configs(folder=TASK_YAMLS):
     """{task: its YAML} for every task YAML shipped in sample_data/tasks/lm_eval/ (!function kept as text)."""
     import yaml
 
     loader = type("Loader", (yaml.SafeLoader,), {})
     loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
     configs = {}
-    for path in sorted(TASK_YAMLS.glob("*.yaml")):
+    for path in sorted(Path(folder).glob("*.yaml")):
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
         configs[path.stem] = config
     return configs

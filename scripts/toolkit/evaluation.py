@@ -18,6 +18,7 @@
 - lm-evaluation-harness through its Python API on an in-memory model.
 """
 
+import contextlib
 import functools
 import logging
 import math
@@ -339,23 +340,58 @@ def lm_eval_primary_metrics(configs):
             if (config.get("metadata") or {}).get("primary_metric")}
 
 
-# Where a task YAML's data files come from, at which revision: the Hub (hf://datasets/OWNER/NAME@REV/...)
-# and GitHub (https://raw.githubusercontent.com/OWNER/NAME/REV/...).
-_DATA_SOURCES = (("hf://datasets/", re.compile(r"hf://datasets/([^/@]+/[^/@]+)@([^/]+)/")),
+# Where a task YAML's data files come from, at which revision: the Hub (hf://datasets/OWNER/NAME@REV/PATH)
+# and GitHub (https://raw.githubusercontent.com/OWNER/NAME/REV/...). REV may be URL-quoted
+# (refs%2Fconvert%2Fparquet); a URL ends at whitespace or a quote (it is found in YAML text, too).
+HUB_DATASET_URL = re.compile(r"hf://datasets/(?P<repo>[^/@\s'\"]+/[^/@\s'\"]+)"
+                             r"@(?P<revision>[^/\s'\"]+)/(?P<path>[^\s'\"]+)")
+_DATA_SOURCES = (("hf://datasets/", HUB_DATASET_URL),
                  ("https://github.com/", re.compile(r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/([^/]+)/")))
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub could not be asked (offline mode, no network, a timeout): no answer, as opposed to
+    huggingface_hub's HfHubHTTPError (RepositoryNotFoundError, RevisionNotFoundError, ...), an answer."""
+
+
+@contextlib.contextmanager
+def asking_the_hub():
+    """Turns every failure to get an answer from the Hub into HubUnreachableError; the Hub's own
+    answers (HfHubHTTPError: no such repo, revision, ...) pass through."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachableError(f"cannot reach the Hub ({constants.ENDPOINT}): HF_HUB_OFFLINE is set")
+    try:
+        yield
+    except HfHubHTTPError:
+        raise
+    except Exception as error:  # huggingface_hub's transport errors have no public base class of their own
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HubUnreachableError(f"cannot reach the Hub ({constants.ENDPOINT}): {reason}") from error
 
 
 @functools.lru_cache(maxsize=64)
-def hub_dataset_commit(repo_id, revision):
+def resolve_hub_dataset_revision(repo_id, revision):
     """The commit a Hub dataset's `revision` (a branch or a ref such as refs/convert/parquet, which
-    moves when the Hub converts the dataset again) points to now; None offline or unresolvable."""
-    from huggingface_hub import HfApi, constants
+    moves when the Hub converts the dataset again) points to now, as the Hub answers; once per
+    process. Raises HubUnreachableError without an answer, HfHubHTTPError when the Hub says no."""
+    from huggingface_hub import HfApi
+
+    with asking_the_hub():
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+
+
+def hub_dataset_commit(repo_id, revision):
+    """`resolve_hub_dataset_revision` for a report: None offline or unresolvable (logged)."""
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return None
     try:
-        return HfApi().dataset_info(repo_id, revision=revision).sha
+        return resolve_hub_dataset_revision(repo_id, revision)
     except Exception as error:  # network, auth, a renamed repo: the report records "unknown", it must not fail
         logger.warning("could not resolve hf://datasets/%s@%s to a commit: %s", repo_id, revision, error)
         return None
@@ -377,7 +413,7 @@ def lm_eval_data_revisions(configs):
                 match = pattern.match(str(url))
                 if match:
                     repo_id, revision = match[1], unquote(match[2])
-                    pinned = _COMMIT.fullmatch(revision)
+                    pinned = COMMIT.fullmatch(revision)
                     commit = revision if pinned else (hub_dataset_commit(repo_id, revision)
                                                       if source.startswith("hf://") else None)
                     found[(source + repo_id, revision)] = commit
