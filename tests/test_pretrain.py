@@ -69,6 +69,8 @@ def common(model, tokenizer, corpus, output_dir, block_size=64):
     ("other_tokenizer", "tokenised with"),
     ("block_over_shards", "fewer than one block"),
     ("liger_without_gpu", "needs a CUDA GPU"),
+    ("zero_new_rows_multiplier", "--new_embeddings_lr_multiplier must be a positive number, not 0.0"),
+    ("negative_new_rows_multiplier", "--new_embeddings_lr_multiplier must be a positive number, not -2.0"),
 ])
 def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, tiny_mistral_path,
                                         smollm2_path, extended_tokenizer, corpus):
@@ -90,7 +92,9 @@ def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, ti
         (tmp_path / "short.jsonl").write_text('{"text": "短い。"}\n', encoding="utf-8")
         tokenize_locally([tmp_path / "short.jsonl"], tokenizer, tmp_path / "short-tokens")
         train = str(tmp_path / "short-tokens")
-    extra = ["--use_liger_kernel"] if case == "liger_without_gpu" else []
+    extra = {"liger_without_gpu": ["--use_liger_kernel"],
+             "zero_new_rows_multiplier": ["--new_embeddings_lr_multiplier", "0"],
+             "negative_new_rows_multiplier": ["--new_embeddings_lr_multiplier", "-2"]}.get(case, [])
     monkeypatch.setattr(pretrain.training, "make_accelerator", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(SystemExit, match=message):
         run_main(monkeypatch, *common(model, tokenizer, train, tmp_path / "out", block), *extra)
