@@ -16,7 +16,9 @@ live in toolkit/training.py, toolkit/embeddings.py, toolkit/token_shards.py, too
  3. load the model, extend its embeddings for the new tokens; the sliding window is turned off for
     training when the block fits in it (the same maths, no dense mask)
  4. AdamW + warmup/cosine, accelerator.prepare, the fused LM-head loss (chunked; Liger on GPU),
-    resume from a checkpoint if asked (refused if the data, world size or batch changed)
+    resume from a checkpoint if asked (refused if the data, world size or batch changed); the new
+    embedding rows' own learning rate (--new_embeddings_lr_multiplier) and the EEVE stage
+    (--train_new_embeddings_only_steps) act around each optimizer step
  5. the loop, with held-out JA/EN loss and bits per character at the start, every --eval_steps, at the end
  6. a consolidated 16-bit safetensors model (sharded + index), tokenizer, generation config with
     EOS, loss-curve PNG and training_report.json in --output_dir
