@@ -33,7 +33,9 @@ from toolkit.reports import write_json_atomic  # noqa: E402
 ARMS = {
     "baseline": [],
     "eeve4": ["--train_new_embeddings_only_steps", "4"],
+    "multiplier2": ["--new_embeddings_lr_multiplier", "2"],
     "multiplier4": ["--new_embeddings_lr_multiplier", "4"],
+    "multiplier8": ["--new_embeddings_lr_multiplier", "8"],
     "multiplier16": ["--new_embeddings_lr_multiplier", "16"],
     "multiplier64": ["--new_embeddings_lr_multiplier", "64"],
     "eeve4_multiplier4": ["--train_new_embeddings_only_steps", "4", "--new_embeddings_lr_multiplier", "4"],
@@ -50,6 +52,12 @@ class BenchArguments:
     base_model: str = field(default="offline:smollm2-135m")
     max_train_steps: int = field(default=8)
     max_eval_documents: int = field(default=2, metadata={"help": "Held-out documents per language (the demo's 2)."})
+    seed: int = field(default=42, metadata={"help": "pretrain.py's --seed (data order); other than 42, the arm's "
+                                            "row and folder are named <arm>_seed<N>."})
+
+
+def row_name(args, arm):
+    return arm if args.seed == 42 else f"{arm}_seed{args.seed}"
 
 
 def command(args, arm):
@@ -61,8 +69,8 @@ def command(args, arm):
             "--eval_files_en", "sample_data/eval/en_eval.jsonl.gz",
             "--block_size", "256", "--per_device_train_batch_size", "2",
             "--max_train_steps", str(args.max_train_steps), "--max_eval_documents", str(args.max_eval_documents),
-            "--eval_at_start", "true" if arm == "baseline" else "false",
-            "--report_to", "none", "--output_dir", str(Path(args.output_dir) / arm), *ARMS[arm]]
+            "--eval_at_start", "true" if arm == "baseline" else "false", "--seed", str(args.seed),
+            "--report_to", "none", "--output_dir", str(Path(args.output_dir) / row_name(args, arm)), *ARMS[arm]]
 
 
 def main():
@@ -80,12 +88,12 @@ def main():
         print("$ " + " ".join(line), flush=True)
         started = time.time()
         subprocess.run(line, cwd=REPO_ROOT, env=environment, check=True)
-        report = json.loads((output / arm / "training_report.json").read_text())
-        rows[arm] = {"flags": " ".join(ARMS[arm]) or "(none)", "wall_seconds": time.time() - started,
+        report = json.loads((output / row_name(args, arm) / "training_report.json").read_text())
+        rows[row_name(args, arm)] = {"flags": " ".join(ARMS[arm]) or "(none)", "wall_seconds": time.time() - started,
                      "steps": report["steps"], "tokens_seen": report["tokens_seen"],
                      "final_eval": report["final_eval"], "eval_at_start": report["eval_at_start"]}
         write_json_atomic(results_path, rows)
-    baseline = rows.get("baseline", {}).get("final_eval")
+    baseline = rows.get(row_name(args, "baseline"), rows.get("baseline", {})).get("final_eval")
     print("| arm | flags | JA bits/char | JA / baseline | EN bits/char | EN / baseline | wall s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     if rows.get("baseline", {}).get("eval_at_start"):
