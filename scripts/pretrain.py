@@ -379,6 +379,7 @@ def main():
             stage(step)
         if new_rows is not None:
             new_rows.remember(step)
+
     loss_implementation = "liger" if model_args.use_liger_kernel else "chunked" if model_args.chunked_loss else "plain"
     use_fused_loss(accelerator.unwrap_model(model), loss_implementation, chunk_size=model_args.loss_chunk_size)
     scheduler = training.make_scheduler(optimizer, args, max(num_training_steps, 1))
