@@ -220,7 +220,8 @@ def test_new_rows_multiplier_under_two_process_zero3(precision, tmp_path, tiny_m
         report = json.loads((output / "training_report.json").read_text())
         assert report["steps"] == 1 and report["zero_stage"] == 3 and report["processes"] == 2
         assert report["new_embeddings_lr_multiplier"] == (4 if name == "k4" else 1)
-        saved[name] = dict(AutoModelForCausalLM.from_pretrained(output).named_parameters())
+        saved[name] = {key: value.detach() for key, value in
+                       AutoModelForCausalLM.from_pretrained(output).named_parameters()}
     start, plain, scaled = saved["start"], saved["k1"], saved["k4"]
     embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
     assert start["lm_head.weight"].shape[0] == 2 * half
