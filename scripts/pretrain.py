@@ -16,7 +16,9 @@ live in toolkit/training.py, toolkit/embeddings.py, toolkit/token_shards.py, too
  3. load the model, extend its embeddings for the new tokens; the sliding window is turned off for
     training when the block fits in it (the same maths, no dense mask)
  4. AdamW + warmup/cosine, accelerator.prepare, the fused LM-head loss (chunked; Liger on GPU),
-    resume from a checkpoint if asked (refused if the data, world size or batch changed)
+    resume from a checkpoint if asked (refused if the data, world size or batch changed); the new
+    embedding rows' own learning rate (--new_embeddings_lr_multiplier) and the EEVE stage
+    (--train_new_embeddings_only_steps) act around each optimizer step
  5. the loop, with held-out JA/EN loss and bits per character at the start, every --eval_steps, at the end
  6. a consolidated 16-bit safetensors model (sharded + index), tokenizer, generation config with
     EOS, loss-curve PNG and training_report.json in --output_dir
@@ -35,8 +37,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 
 from toolkit import assets, packing, preflight, training
 from toolkit.corpus import CorpusError, expand_paths, read_texts
-from toolkit.embeddings import (DATA_INITS, INITS, FitSettings, NewEmbeddingsOnlyStage, check_extension,
-                                extend_embeddings, mine_contexts)
+from toolkit.embeddings import (DATA_INITS, INITS, FitSettings, NewEmbeddingsOnlyStage, NewRowsLearningRate,
+                                check_extension, extend_embeddings, mine_contexts)
 from toolkit.losses import apply_liger_kernels, require_liger, use_fused_loss
 from toolkit.metrics import BitsPerCharacter, count_windows, text_nll, token_ids_with_bos
 from toolkit.reports import write_json_atomic
@@ -107,6 +109,12 @@ class DataArguments:
 class PretrainArguments(training.LoopArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (after warmup)."})
     eval_at_start: bool = field(default=True, metadata={"help": "Evaluate before the first step (step 0)."})
+    new_embeddings_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The new tokens' embedding rows (input and output) learn at this multiple of the "
+                  "embedding learning rate, at every step of the schedule; base rows and the body are unchanged. "
+                  "Composes with --train_new_embeddings_only_steps (toolkit.embeddings.NewRowsLearningRate; "
+                  "measured in BENCHMARKS.md)."})
     ignore_disk_check: bool = field(
         default=False, metadata={"help": "Start even when the preflight plan finds too little disk under --output_dir "
                                  "for --checkpoints_total_limit + 1 checkpoints and the final model."})
@@ -123,6 +131,9 @@ def check_inputs(model_args, data_args, args):
     """Everything that can be wrong with the inputs, found before any compute is spent."""
     if not args.output_dir:
         fail("--output_dir is required")
+    if not (math.isfinite(args.new_embeddings_lr_multiplier) and args.new_embeddings_lr_multiplier > 0):
+        fail(f"--new_embeddings_lr_multiplier must be a positive number, not {args.new_embeddings_lr_multiplier}: "
+             "1 gives the new rows the embedding learning rate, 4 four times it")
     if model_args.embedding_init not in INITS:
         fail(f"--embedding_init must be one of {', '.join(INITS)}, not {model_args.embedding_init!r}")
     model_path = assets.resolve(model_args.model_name_or_path)
@@ -358,6 +369,17 @@ def main():
                                        steps=args.train_new_embeddings_only_steps)
     optimizer = training.make_optimizer(model, args)
     model, optimizer = accelerator.prepare(model, optimizer)
+    new_rows = None
+    if args.new_embeddings_lr_multiplier != 1:
+        new_rows = NewRowsLearningRate(accelerator.unwrap_model(model), first_new_row=len(base_tokenizer),
+                                       multiplier=args.new_embeddings_lr_multiplier)
+
+    def before_step(step):
+        if stage is not None:
+            stage(step)
+        if new_rows is not None:
+            new_rows.remember(step)
+
     loss_implementation = "liger" if model_args.use_liger_kernel else "chunked" if model_args.chunked_loss else "plain"
     use_fused_loss(accelerator.unwrap_model(model), loss_implementation, chunk_size=model_args.loss_chunk_size)
     scheduler = training.make_scheduler(optimizer, args, max(num_training_steps, 1))
@@ -388,7 +410,8 @@ def main():
     try:
         state = training.train(accelerator, model, optimizer, scheduler, train_blocks,
                                packing.document_collate(attention, per_document), args, state, num_training_steps,
-                               evaluate=evaluate, flops_per_token=flops_per_token, before_step=stage,
+                               evaluate=evaluate, flops_per_token=flops_per_token, before_step=before_step,
+                               after_step=new_rows.apply if new_rows is not None else None,
                                on_first_step=lambda: first_step_seconds.append(time.time() - started))
     except packing.DocumentAttentionError as error:
         fail(str(error))
@@ -458,6 +481,7 @@ def main():
             "preflight": plan,
             "peak_rss_bytes_per_process": peak_rss,
             "train_new_embeddings_only_steps": args.train_new_embeddings_only_steps,
+            "new_embeddings_lr_multiplier": args.new_embeddings_lr_multiplier,
             "resumed_from": state.resumed_from,
             "eval_at_start": start_figures,
             "final_eval": final_figures,

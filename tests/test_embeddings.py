@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from extended_tokenizers import WORDS, extend_with_added_tokens, extend_with_merges
-from toolkit.embeddings import (DATA_INITS, FitSettings, check_extension, decompose_new_tokens, extend_embeddings,
-                                mine_contexts)
+from toolkit.embeddings import (DATA_INITS, FitSettings, NewRowsLearningRate, check_extension, decompose_new_tokens,
+                                extend_embeddings, mine_contexts)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +232,61 @@ def test_data_aware_init_needs_contexts(tiny_mistral_path, mistral_merged):
     with pytest.raises(ValueError, match="needs contexts"):
         extend_embeddings(load(tiny_mistral_path), AutoTokenizer.from_pretrained(mistral_merged),
                           AutoTokenizer.from_pretrained(tiny_mistral_path), init="distill")
+
+
+# --------------------------------------------------------------------------- a learning rate for the new rows
+
+
+def tiny_llama(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+def one_adamw_step(model, multiplier, first_new_row, batch, tmp_path):
+    """One step of pretrain.py's optimizer (AdamW, embedding group) with the new rows' multiplier."""
+    from toolkit import training
+
+    args = training.LoopArguments(output_dir=str(tmp_path), learning_rate=1e-2, report_to="none")
+    optimizer = training.make_optimizer(model, args)
+    new_rows = NewRowsLearningRate(model, first_new_row, multiplier)
+    new_rows.remember()
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    new_rows.apply()
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_rows_move_multiplier_times_as_far_and_nothing_else_changes(tied, tmp_path):
+    """k x the learning rate for rows >= first_new_row, in both matrices (one for a tied head): from the same
+    start, one AdamW step moves them exactly k times as far as k = 1; base rows and the body are bit-identical."""
+    import copy
+
+    first_new = 96
+    start = tiny_llama(tied)
+    before = {name: parameter.detach().clone() for name, parameter in start.named_parameters()}
+    # every new id, each followed by a target (a sequence's last token gets no gradient)
+    batch = torch.cat([torch.arange(first_new, 128).view(2, 16), torch.randint(3, first_new, (2, 6))], dim=1)
+    plain = one_adamw_step(copy.deepcopy(start), 1, first_new, batch, tmp_path)
+    scaled = one_adamw_step(copy.deepcopy(start), 4, first_new, batch, tmp_path)
+    embeddings = {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})
+    assert embeddings <= set(plain) and ("lm_head.weight" in plain) == (not tied)
+    for name in plain:
+        if name not in embeddings:
+            assert torch.equal(scaled[name], plain[name]), name
+            continue
+        assert torch.equal(scaled[name][:first_new], plain[name][:first_new]), name
+        step = plain[name][first_new:] - before[name][first_new:]
+        assert step.abs().min() > 0, name  # every new row is in the batch and moved (Adam: ~lr per element)
+        torch.testing.assert_close(scaled[name][first_new:] - before[name][first_new:], 4 * step,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_new_rows_multiplier_must_be_positive():
+    model = tiny_llama(tied=True)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--new_embeddings_lr_multiplier must be a positive number"):
+            NewRowsLearningRate(model, 96, bad)

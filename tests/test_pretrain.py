@@ -69,6 +69,8 @@ def common(model, tokenizer, corpus, output_dir, block_size=64):
     ("other_tokenizer", "tokenised with"),
     ("block_over_shards", "fewer than one block"),
     ("liger_without_gpu", "needs a CUDA GPU"),
+    ("zero_new_rows_multiplier", "--new_embeddings_lr_multiplier must be a positive number, not 0.0"),
+    ("negative_new_rows_multiplier", "--new_embeddings_lr_multiplier must be a positive number, not -2.0"),
 ])
 def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, tiny_mistral_path,
                                         smollm2_path, extended_tokenizer, corpus):
@@ -90,7 +92,9 @@ def test_bad_inputs_fail_before_compute(case, message, monkeypatch, tmp_path, ti
         (tmp_path / "short.jsonl").write_text('{"text": "短い。"}\n', encoding="utf-8")
         tokenize_locally([tmp_path / "short.jsonl"], tokenizer, tmp_path / "short-tokens")
         train = str(tmp_path / "short-tokens")
-    extra = ["--use_liger_kernel"] if case == "liger_without_gpu" else []
+    extra = {"liger_without_gpu": ["--use_liger_kernel"],
+             "zero_new_rows_multiplier": ["--new_embeddings_lr_multiplier", "0"],
+             "negative_new_rows_multiplier": ["--new_embeddings_lr_multiplier", "-2"]}.get(case, [])
     monkeypatch.setattr(pretrain.training, "make_accelerator", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(SystemExit, match=message):
         run_main(monkeypatch, *common(model, tokenizer, train, tmp_path / "out", block), *extra)
@@ -187,6 +191,57 @@ def test_zero3_training_and_exact_resume(tmp_path, tiny_mistral_path, extended_t
     assert resumed_report["tokens_seen"] == report["tokens_seen"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_new_rows_multiplier_under_two_process_zero3(precision, tmp_path, tiny_mistral_path, extended_tokenizer,
+                                                     corpus):
+    """--new_embeddings_lr_multiplier 4 on 2-process CPU ZeRO-3, one optimizer step of 2 accumulated micro-batches,
+    against the same run with 1 and a run with learning rate 0 (the start): the new rows moved exactly 4 times as
+    far, in both matrices, and everything else is bit-identical. The embeddings are padded so that the two
+    processes' partitions meet among the new tokens' rows: each process scales its own share."""
+    base_rows = len(AutoTokenizer.from_pretrained(tiny_mistral_path))
+    vocabulary = len(AutoTokenizer.from_pretrained(extended_tokenizer))
+    half = base_rows + (vocabulary - base_rows) // 2  # rows padded to 2 x half: partition 1 starts at row `half`
+    assert base_rows < half < vocabulary, "the partition boundary must fall among the new tokens' rows"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    saved = {}
+    for name, extra in (("start", ["--learning_rate", "0"]), ("k1", []),
+                        ("k4", ["--new_embeddings_lr_multiplier", "4"])):
+        output = tmp_path / name
+        command = [accelerate, "launch", "--config_file", str(CONFIGS / "cpu_zero3_2proc.yaml"),
+                   "--mixed_precision", precision, "scripts/pretrain.py",
+                   *map(str, common(tiny_mistral_path, extended_tokenizer, corpus, output)),
+                   "--embedding_init", "subword_mean", "--pad_to_multiple_of", str(half),
+                   "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                   "--max_train_steps", "1", "--num_warmup_steps", "0", "--learning_rate", "3e-3", *extra,
+                   "--save_dtype", "float32"]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=ENV, timeout=400, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        report = json.loads((output / "training_report.json").read_text())
+        assert report["steps"] == 1 and report["zero_stage"] == 3 and report["processes"] == 2
+        assert report["new_embeddings_lr_multiplier"] == (4 if name == "k4" else 1)
+        saved[name] = {key: value.detach() for key, value in
+                       AutoModelForCausalLM.from_pretrained(output).named_parameters()}
+    start, plain, scaled = saved["start"], saved["k1"], saved["k4"]
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert start["lm_head.weight"].shape[0] == 2 * half
+    for name in start:
+        if name not in embeddings:
+            assert torch.equal(scaled[name], plain[name]), name
+            assert not torch.equal(plain[name], start[name]), name  # the body trained
+            continue
+        assert torch.equal(scaled[name][:base_rows], plain[name][:base_rows]), name
+        step = plain[name][base_rows:] - start[name][base_rows:]
+        scaled_step = scaled[name][base_rows:] - start[name][base_rows:]
+        # bf16: the saved weights are the bf16 copy the forward pass uses (the fp32 master is scaled exactly);
+        # each element is off by a rounding at most, where an unscaled copy would be off by 3 steps (~1e-2)
+        tolerance = {"no": dict(rtol=1e-4, atol=1e-6), "bf16": dict(rtol=0, atol=1e-3)}[precision]
+        torch.testing.assert_close(scaled_step, 4 * step, **tolerance)
+        assert float(scaled_step.norm() / step.norm()) == pytest.approx(4, rel=1e-3 if precision == "bf16" else 1e-6)
+    moved = (plain["lm_head.weight"] - start["lm_head.weight"]).abs().amax(dim=1) > 0
+    assert moved[base_rows:half].all() and moved[half:vocabulary].all()  # new rows on both processes moved
+
+
 # --------------------------------------------------------------------------- shared training blocks
 
 
@@ -228,6 +283,63 @@ def test_param_groups_and_new_embeddings_only_stage(tiny_mistral_path, tmp_path)
                 weight = dict(model.named_parameters())[name]
                 assert torch.equal(weight[:first_new], before[name][:first_new]), name
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+
+
+def run_loop(output_dir, multiplier, steps, schedule_steps, resume=False):
+    """toolkit.training.train on a tiny tied Llama (ids >= 96 new), as pretrain.py wires it: batches of 2,
+    2 micro-batches per step, a checkpoint every step, a schedule of `schedule_steps`, stopped after `steps`;
+    the final parameters."""
+    from torch.utils.data import default_collate
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toolkit import training
+    from toolkit.embeddings import NewRowsLearningRate
+
+    args = training.LoopArguments(output_dir=str(output_dir), per_device_train_batch_size=2,
+                                  gradient_accumulation_steps=2, learning_rate=1e-2, num_warmup_steps=0,
+                                  checkpointing_steps=1, resume_from_checkpoint="latest" if resume else None,
+                                  report_to="none")
+    accelerator = training.make_accelerator(args)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    optimizer = training.make_optimizer(model, args)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = training.make_scheduler(optimizer, args, num_training_steps=schedule_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    new_rows = NewRowsLearningRate(accelerator.unwrap_model(model), first_new_row=96, multiplier=multiplier)
+    state = training.resume(accelerator, args)
+    ids = torch.arange(8 * 12).remainder(128).view(8, 12).flip(0)  # every id, the new ones among them
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    training.train(accelerator, model, optimizer, scheduler, dataset, default_collate, args, state, steps,
+                   before_step=new_rows.remember, after_step=new_rows.apply)
+    return {name: parameter.detach().clone() for name, parameter in accelerator.unwrap_model(model).named_parameters()}
+
+
+def test_new_rows_multiplier_in_the_loop_with_accumulation_and_resume(tmp_path):
+    """In training.train with 2 accumulated micro-batches per step: one step scales the new rows' update by k
+    exactly once (not per micro-batch); a run killed after its step-1 checkpoint and resumed ends bit-identical
+    to the straight run, so the resumed steps are scaled too."""
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    start = dict(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                              tie_word_embeddings=True)).named_parameters())
+    plain = run_loop(tmp_path / "k1", 1, steps=1, schedule_steps=3)
+    scaled = run_loop(tmp_path / "k4", 4, steps=1, schedule_steps=3)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(scaled[name][:96], plain[name][:96])
+    torch.testing.assert_close(scaled[name][96:] - start[name][96:], 4 * (plain[name][96:] - start[name][96:]),
+                               rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(scaled[n], plain[n]) for n in plain if n != name)
+
+    straight = run_loop(tmp_path / "straight", 4, steps=3, schedule_steps=3)
+    run_loop(tmp_path / "resumed", 4, steps=1, schedule_steps=3)  # stops after step 1 and its checkpoint
+    resumed = run_loop(tmp_path / "resumed", 4, steps=3, schedule_steps=3, resume=True)
+    assert not torch.equal(straight[name], scaled[name])
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
 
 
 @pytest.mark.parametrize("kind", ["cosine_with_min_lr", "warmup_stable_decay"])

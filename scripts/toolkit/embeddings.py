@@ -67,6 +67,7 @@ test config) the model is a plain full model on every process until `accelerator
 partitions it.
 
     NewEmbeddingsOnlyStage(model, first_new_row, steps)   EEVE's first stage: only new rows learn
+    NewRowsLearningRate(model, first_new_row, multiplier)  new rows step `multiplier` x the embedding LR
 """
 
 import contextlib
@@ -626,3 +627,85 @@ class NewEmbeddingsOnlyStage:
             for parameter in self.body:
                 parameter.requires_grad_(not active)
             self.active = active
+
+
+class NewRowsLearningRate:
+    """The new embedding rows (ids >= `first_new_row`) learn at `multiplier` x the embedding group's learning
+    rate, at every step of the schedule (pretrain.py's --new_embeddings_lr_multiplier).
+
+    The new rows are rows of the same tensors as the base rows (and under ZeRO-3 each process holds a flat
+    slice of each tensor), so no optimizer param group can hold them alone; and scaling their gradient
+    would change nothing under Adam (its step is invariant to a per-element gradient scale). Their
+    *update* is scaled instead: `remember()` before an optimizer step keeps the new rows' values, `apply()`
+    after it sets them to before + multiplier x (after - before). For AdamW that is exactly a per-row
+    learning rate of multiplier x lr (the decoupled weight decay is scaled by lr too; the embedding group
+    has none anyway); Adam's moments do not depend on the learning rate. Stateless beyond one step: a
+    skipped step (fp16 overflow) moved nothing, so there is nothing to scale, and a resumed run needs no
+    saved state. A tied head is one tensor, scaled once.
+
+    Plain torch (one process, DDP): the parameters themselves. DeepSpeed ZeRO-3: the process's fp32 master
+    partition, read and written with DeepSpeed's public `safe_get_local_fp32_param` /
+    `safe_set_local_fp32_param`; the set does not reach the low-precision partition (`param.ds_tensor`)
+    the forward pass gathers, which the ZeRO-3 optimizer had already copied from the master at its step,
+    so the same cast copy is made here for the new rows. A process's partition is elements
+    [rank x size, (rank + 1) x size) of the flattened matrix, padded at the end to a multiple of the
+    processes; the new rows are elements >= first_new_row x hidden size.
+    """
+
+    def __init__(self, model, first_new_row: int, multiplier: float):
+        if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
+            raise ValueError(f"--new_embeddings_lr_multiplier must be a positive number, not {multiplier!r}")
+        self.first_new_row, self.multiplier = first_new_row, float(multiplier)
+        weights = {}
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None and getattr(module, "weight", None) is not None:
+                weights.setdefault(id(module.weight), module.weight)  # tied: one tensor
+        self.weights = list(weights.values())
+        self.saved = None
+
+    def _local_new_elements(self, weight):
+        """(this process's master values of `weight`, [lo, hi) of its new-row elements in them, ZeRO-3?)."""
+        if not hasattr(weight, "ds_id"):
+            return weight.data.view(-1), self.first_new_row * weight.shape[1], weight.numel(), False
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        if getattr(weight, "ds_persist", False):
+            raise ValueError("--new_embeddings_lr_multiplier: a ZeRO-3 persistent embedding matrix (smaller than "
+                             "stage3_param_persistence_threshold) is not supported: lower the threshold")
+        local = safe_get_local_fp32_param(weight)
+        size = weight.ds_tensor.ds_numel
+        start = torch.distributed.get_rank(group=weight.ds_process_group) * size
+        first = self.first_new_row * weight.ds_shape[1]
+        lo = min(max(first - start, 0), size)
+        hi = min(max(weight.ds_numel - start, 0), size)  # the rest is padding
+        return local, lo, max(lo, hi), True
+
+    @torch.no_grad()
+    def remember(self, step=None):
+        """Before an optimizer step (before its first micro-batch): keep the new rows' values."""
+        self.saved = []
+        for weight in self.weights:
+            local, lo, hi, _ = self._local_new_elements(weight)
+            self.saved.append(local[lo:hi].clone())
+
+    @torch.no_grad()
+    def apply(self, step=None):
+        """After the optimizer step: scale the new rows' update by the multiplier."""
+        if self.saved is None:
+            raise RuntimeError("NewRowsLearningRate.apply() without remember() before the optimizer step")
+        for weight, before in zip(self.weights, self.saved):
+            local, lo, hi, zero3 = self._local_new_elements(weight)
+            if hi == lo:
+                continue  # this process holds no new-row element of this matrix
+            after = local[lo:hi]
+            scaled = (before.float() + self.multiplier * (after.float() - before.float())).to(after.dtype)
+            if not zero3:
+                after.copy_(scaled)
+                continue
+            from deepspeed.utils import safe_set_local_fp32_param
+
+            updated = local.clone()
+            updated[lo:hi] = scaled
+            safe_set_local_fp32_param(weight, updated)
+            weight.ds_tensor.data[lo:hi].copy_(scaled)  # the low-precision copy the forward pass gathers
+        self.saved = None

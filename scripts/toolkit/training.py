@@ -25,7 +25,7 @@ API:
     ShardedEpochSampler           deterministic per-epoch permutation (seed + epoch), split across
                                   processes, can start at a batch: exact resume without reading skipped data
     train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args, state, num_training_steps,
-          evaluate=None, flops_per_token=None, before_step=None, on_first_step=None) -> TrainState
+          evaluate=None, flops_per_token=None, before_step=None, after_step=None, on_first_step=None) -> TrainState
                                   the loop: one optimizer step per `--gradient_accumulation_steps` micro-batches,
                                   loss normalised by the step's global target-token count (num_items_in_batch),
                                   clipping, scheduler, logging every `--logging_steps` (loss, lr, grad_norm,
@@ -496,7 +496,7 @@ def _accumulation_windows(loader, size):
 
 
 def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: LoopArguments, state: TrainState,
-          num_training_steps: int, evaluate=None, flops_per_token=None, before_step=None,
+          num_training_steps: int, evaluate=None, flops_per_token=None, before_step=None, after_step=None,
           on_first_step=None) -> TrainState:
     """Run optimizer steps until `num_training_steps`; returns the final state.
 
@@ -504,6 +504,8 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
     registered for checkpointing; `dataset[i]` gives one example and `collate_fn` a batch
     dict with `labels`; `evaluate(step) -> dict` (called on every process) is logged;
     `before_step(step)` runs before each optimizer step's first micro-batch (training stages);
+    `after_step(step)` right after that optimizer step (its last micro-batch; DeepSpeed steps inside
+    `accelerator.backward`), before logging and checkpoints, never after a micro-batch that does not step;
     `on_first_step()` once this session's first optimizer step is done (time to first step).
     `flops_per_token` enables MFU when the device peak is known.
 
@@ -559,6 +561,8 @@ def train(accelerator, model, optimizer, scheduler, dataset, collate_fn, args: L
                 state.tokens_seen += step_tokens * accelerator.num_processes
                 window_tokens += step_tokens
                 step_loss += loss.detach().float()
+            if after_step is not None:
+                after_step(state.step)
             scheduler.step()
             state.step += 1
             window_loss += step_loss
