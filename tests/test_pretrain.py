@@ -205,8 +205,9 @@ def test_new_rows_multiplier_under_two_process_zero3(precision, tmp_path, tiny_m
     assert base_rows < half < vocabulary, "the partition boundary must fall among the new tokens' rows"
     accelerate = str(Path(sys.executable).parent / "accelerate")
     saved = {}
-    for name, extra in (("start", ["--learning_rate", "0"]), ("k1", []),
-                        ("k4", ["--new_embeddings_lr_multiplier", "4"])):
+    for name, extra in (("start", ["--learning_rate", "0", "--new_embeddings_lr_multiplier", "1"]),
+                        ("k1", ["--new_embeddings_lr_multiplier", "1"]),
+                        ("k4", [])):  # 4 is the default
         output = tmp_path / name
         command = [accelerate, "launch", "--config_file", str(CONFIGS / "cpu_zero3_2proc.yaml"),
                    "--mixed_precision", precision, "scripts/pretrain.py",
