@@ -28,6 +28,7 @@ from transformers import HfArgumentParser
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
+from toolkit.quiet import quiet_by_default  # noqa: E402
 from toolkit.reports import write_json_atomic  # noqa: E402
 
 ARMS = {
@@ -74,6 +75,7 @@ def command(args, arm):
 
 
 def main():
+    quiet_by_default()
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
     unknown = [arm for arm in args.arms if arm not in ARMS]
     if unknown:

@@ -103,6 +103,8 @@ TERMS = {
     "lm_eval:ja_jemhopqa": {"en": "JEMHopQA (multi-hop QA)", "ja": "JEMHopQA（マルチホップ質問応答）"},
     "lm_eval:ja_wmt20_en_ja": {"en": "WMT20 English to Japanese", "ja": "WMT20 英日翻訳"},
     "lm_eval:ja_wmt20_ja_en": {"en": "WMT20 Japanese to English", "ja": "WMT20 日英翻訳"},
+    "lm_eval:ja_niilc": {"en": "NIILC (encyclopedic QA)", "ja": "NIILC（百科事典的な質問応答）"},
+    "lm_eval:ja_jmmlu": {"en": "JMMLU (Japanese MMLU)", "ja": "JMMLU（日本語版 MMLU）"},
     # metrics
     "accuracy": {"en": "accuracy", "ja": "正解率"},
     "acc": {"en": "accuracy", "ja": "正解率"},
