@@ -36,8 +36,8 @@ from toolkit.chat import answer_characters as count_answer_characters  # the rep
 from toolkit.losses import use_fused_loss
 from toolkit.reports import write_json_atomic
 from toolkit.training import (
-    LoopArguments, data_signature, make_accelerator, make_optimizer, make_scheduler, plot_metrics, read_metrics,
-    resume, save_consolidated, train,
+    LoopArguments, data_signature, first_step_examples, make_accelerator, make_optimizer, make_scheduler, plot_metrics,
+    read_metrics, resume, save_consolidated, train,
 )
 from toolkit.quiet import quiet_by_default
 
@@ -138,9 +138,15 @@ def main():
     accelerator.unwrap_model(model).config.use_cache = True  # off in training only
     save_consolidated(accelerator, model, loop_args.output_dir, tokenizer=tokenizer, dtype=script_args.save_dtype)
     if accelerator.is_main_process:
-        losses = [record["loss"] for record in read_metrics(loop_args.output_dir) if "loss" in record]
+        records = [record for record in read_metrics(loop_args.output_dir) if "loss" in record]
+        losses = [record["loss"] for record in records]
         answer_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples)
         answer_characters = sum(count_answer_characters(tokenizer, e["labels"]) for e in examples)
+        # the first step's own answers (not the set's average: a batch of a few chats can be far from it),
+        # when the first record is step 1 alone (--logging_steps 1)
+        first_step = first_step_examples(len(examples), loop_args, accelerator.num_processes)
+        first_tokens = sum(sum(label != IGNORE_INDEX for label in examples[i]["labels"]) for i in first_step)
+        first_characters = sum(count_answer_characters(tokenizer, examples[i]["labels"]) for i in first_step)
         plot_metrics(loop_args.output_dir)
         write_json_atomic(Path(loop_args.output_dir) / "finetune_report.json", {
             "model": script_args.model_name_or_path,
@@ -155,11 +161,10 @@ def main():
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             # nats per answer token depend on the tokenizer (an extended tokenizer's token holds ~2x the
             # characters, so its loss per token is ~2x at equal quality); per character the arms compare.
-            # Converted at the whole set's characters per answer token, not the first batch's own.
-            "first_loss_per_character": losses[0] * answer_tokens / answer_characters
-            if losses and answer_characters else None,
-            "last_loss_per_character": losses[-1] * answer_tokens / answer_characters
-            if losses and answer_characters else None,
+            # The first loss is converted at the first step's own answers (first_step_examples).
+            "first_loss_per_character": losses[0] * first_tokens / first_characters
+            if losses and records[0]["step"] == 1 and first_characters else None,
+            "first_step_answer_tokens": first_tokens, "first_step_answer_characters": first_characters,
             "train_seconds": state.train_seconds, "total_seconds": time.time() - started,
             "arguments": {**asdict(script_args), **asdict(loop_args)},
         })

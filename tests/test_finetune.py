@@ -115,6 +115,25 @@ def test_answer_characters_are_the_answers_text_whatever_the_tokenizer(tiny_mist
     assert answer_characters(base, [IGNORE_INDEX] * 3) == 0
 
 
+def test_first_step_examples_are_what_the_first_optimizer_step_reads():
+    """The per-character first loss converts at these examples' own answers: each process's first
+    accumulation window of epoch 0, read through the DataLoader exactly as training.train builds it."""
+    from torch.utils.data import DataLoader
+
+    from toolkit.training import LoopArguments, ShardedEpochSampler, first_step_examples
+
+    args = LoopArguments(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=3, seed=5)
+    expected = []
+    for rank in range(2):
+        loader = DataLoader(list(range(50)), batch_size=2, drop_last=True,
+                            sampler=ShardedEpochSampler(50, 2, args.seed, 0, rank, 2))
+        expected += [int(i) for batch in list(loader)[:3] for i in batch]
+    assert first_step_examples(50, args, world_size=2) == expected
+    assert len(set(expected)) == 12
+    assert first_step_examples(50, LoopArguments(output_dir="unused", per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=3, seed=6), 2) != expected
+
+
 def test_tokenizer_without_eos_is_refused(tiny_mistral_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_mistral_path)
     tokenizer.eos_token = None
@@ -140,8 +159,9 @@ def test_finetune_under_accelerate_launch_with_two_cpu_processes(tmp_path, tiny_
     assert report["chats"] == 360 and report["examples"] + report["dropped_no_answer_left"] == 360
     assert 0 < report["answer_tokens"] < report["tokens"]
     assert report["answer_characters"] > 0
+    assert 0 < report["first_step_answer_tokens"] < report["answer_tokens"]
     assert report["first_loss_per_character"] == pytest.approx(
-        report["first_loss"] * report["answer_tokens"] / report["answer_characters"])
+        report["first_loss"] * report["first_step_answer_tokens"] / report["first_step_answer_characters"])
     # the saved model is the trained one (full weights gathered from ZeRO-3), with the template it learned
     trained = load_file(output / "model.safetensors")
     initial = load_file(Path(tiny_mistral_path) / "model.safetensors")

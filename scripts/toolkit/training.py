@@ -344,6 +344,18 @@ class ShardedEpochSampler(Sampler):
         return (self.batches_per_process() - self.start_batch) * self.batch_size
 
 
+def first_step_examples(size, args: LoopArguments, world_size) -> list:
+    """Indices of the examples the first optimizer step of `train` reads, over all processes:
+    each process's first `gradient_accumulation_steps` micro-batches of epoch 0 (a report can then
+    state that step's figures exactly, e.g. its loss per character)."""
+    per_process = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    indices = []
+    for rank in range(world_size):
+        sampler = ShardedEpochSampler(size, args.per_device_train_batch_size, args.seed, 0, rank, world_size)
+        indices += list(sampler)[:per_process]
+    return indices
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
