@@ -591,6 +591,12 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
     }
 
 
+def embedding_weights(model) -> dict:
+    """{id: weight} of the input and output embedding matrices; a tied head is one tensor."""
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {id(m.weight): m.weight for m in modules if m is not None and getattr(m, "weight", None) is not None}
+
+
 class NewEmbeddingsOnlyStage:
     """EEVE's first stage (Kim et al. 2024): for `steps` optimizer steps only the new embedding rows learn.
 
@@ -607,8 +613,7 @@ class NewEmbeddingsOnlyStage:
 
     def __init__(self, model, first_new_row: int, steps: int):
         self.model, self.first_new_row, self.steps = model, first_new_row, steps
-        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
-        self.embedding_weights = {id(m.weight): m.weight for m in embeddings if m is not None}
+        self.embedding_weights = embedding_weights(model)
         self.body = [p for p in model.parameters() if id(p) not in self.embedding_weights and p.requires_grad]
         self.active = None
         for weight in self.embedding_weights.values():
@@ -656,11 +661,7 @@ class NewRowsLearningRate:
         if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
             raise ValueError(f"--new_embeddings_lr_multiplier must be a positive number, not {multiplier!r}")
         self.first_new_row, self.multiplier = first_new_row, float(multiplier)
-        weights = {}
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None and getattr(module, "weight", None) is not None:
-                weights.setdefault(id(module.weight), module.weight)  # tied: one tensor
-        self.weights = list(weights.values())
+        self.weights = list(embedding_weights(model).values())  # tied: one tensor, scaled once
         self.saved = None
 
     def _local_new_elements(self, weight):

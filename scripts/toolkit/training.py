@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from toolkit.embeddings import embedding_weights
 from toolkit.reports import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -219,18 +220,10 @@ def is_deepspeed(accelerator) -> bool:
 # --------------------------------------------------------------------------- optimizer, schedule
 
 
-def _embedding_parameter_ids(model):
-    ids = set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None and getattr(module, "weight", None) is not None:
-            ids.add(id(module.weight))
-    return ids
-
-
 def optimizer_param_groups(model, args: LoopArguments):
     """Three groups: decayed matrices, biases/norms (no decay), embeddings (own LR, no decay: a row's
     decay would pull rarely seen tokens towards zero). Shapes are the real ones under ZeRO-3 (`ds_shape`)."""
-    embedding_ids = _embedding_parameter_ids(model)
+    embedding_ids = set(embedding_weights(model))
     groups = {
         "decay": {"name": "decay", "params": [], "weight_decay": args.weight_decay, "embedding": False},
         "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0, "embedding": False},
