@@ -30,9 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from toolkit import assets
 from toolkit.chat import (
-    IGNORE_INDEX, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat,
+    IGNORE_INDEX, answer_characters, chat_template, cut_middle, read_chat_records, require_eos, tokenize_chat,
 )
-from toolkit.chat import answer_characters as count_answer_characters  # the report's own name is answer_characters
 from toolkit.losses import use_fused_loss
 from toolkit.reports import write_json_atomic
 from toolkit.training import (
@@ -140,13 +139,14 @@ def main():
     if accelerator.is_main_process:
         records = [record for record in read_metrics(loop_args.output_dir) if "loss" in record]
         losses = [record["loss"] for record in records]
-        answer_tokens = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples)
-        answer_characters = sum(count_answer_characters(tokenizer, e["labels"]) for e in examples)
-        # the first step's own answers (not the set's average: a batch of a few chats can be far from it),
-        # when the first record is step 1 alone (--logging_steps 1)
+        # answer tokens and characters of every example, once; the first step's are a subset: its own
+        # answers (not the set's average: a batch of a few chats can be far from it), used when the
+        # first record is step 1 alone (--logging_steps 1)
+        tokens_of = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples]
+        characters_of = [answer_characters(tokenizer, e["labels"]) for e in examples]
         first_step = first_step_examples(len(examples), loop_args, accelerator.num_processes)
-        first_tokens = sum(sum(label != IGNORE_INDEX for label in examples[i]["labels"]) for i in first_step)
-        first_characters = sum(count_answer_characters(tokenizer, examples[i]["labels"]) for i in first_step)
+        first_tokens = sum(tokens_of[i] for i in first_step)
+        first_characters = sum(characters_of[i] for i in first_step)
         plot_metrics(loop_args.output_dir)
         write_json_atomic(Path(loop_args.output_dir) / "finetune_report.json", {
             "model": script_args.model_name_or_path,
@@ -155,8 +155,8 @@ def main():
             "chats": len(chats), "examples": len(examples), "truncated": truncated,
             "answers_cut": answers_cut, "dropped_no_answer_left": dropped,
             "tokens": sum(len(e["input_ids"]) for e in examples),
-            "answer_tokens": answer_tokens,
-            "answer_characters": answer_characters,
+            "answer_tokens": sum(tokens_of),
+            "answer_characters": sum(characters_of),
             "steps": state.step, "epochs_started": state.epoch + 1, "processes": accelerator.num_processes,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             # nats per answer token depend on the tokenizer (an extended tokenizer's token holds ~2x the
