@@ -692,13 +692,16 @@ def test_jemhopqa_yaml_scores_char_f1_on_parquet_in_the_hub_schema(tiny, tmp_pat
         np.mean(output["samples"]["ja_jemhopqa"]["char_f1"]))
 
 
-def ja_tasks_module():
+def task_folder_module(name):
+    """A module of sample_data/tasks/lm_eval (ja_tasks, pin_revisions), imported without leaving the
+    folder on sys.path."""
+    import importlib
+
     sys.path.insert(0, str(TASK_YAMLS))
     try:
-        import ja_tasks
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(TASK_YAMLS))
-    return ja_tasks
 
 
 def niilc_xml(questions):
@@ -728,7 +731,7 @@ def write_niilc(folder, test=NIILC_TEST):
 
 
 def test_niilc_loader_reads_the_xml_as_llm_jp_eval_does(tmp_path, caplog):
-    ja_tasks = ja_tasks_module()
+    ja_tasks = task_folder_module("ja_tasks")
     files = write_niilc(tmp_path)
     with caplog.at_level("WARNING"):
         questions = ja_tasks.niilc_questions(files["test"])
@@ -740,7 +743,7 @@ def test_niilc_loader_reads_the_xml_as_llm_jp_eval_does(tmp_path, caplog):
 
 
 def test_niilc_loader_names_the_file_and_line_of_malformed_xml(tmp_path):
-    ja_tasks = ja_tasks_module()
+    ja_tasks = task_folder_module("ja_tasks")
     broken = tmp_path / "test.xml"
     broken.write_text("<?xml version='1.0'?>\n<questions>\n<question id=\"x\">\n  <text>質問</text>\n"
                       "  <answers><answer>答え</answers>\n</question>\n</questions>\n", encoding="utf-8")
@@ -792,7 +795,7 @@ def write_jmmlu(folder, count=7):
 
 
 def test_jmmlu_loader_reads_the_csvs_and_keeps_five_shots_per_subject_out_of_the_test(tmp_path):
-    ja_tasks = ja_tasks_module()
+    ja_tasks = task_folder_module("ja_tasks")
     files = write_jmmlu(tmp_path)
     questions = ja_tasks.jmmlu_questions(files["japanese_history"], "japanese_history")
     assert len(questions) == 7
@@ -805,7 +808,7 @@ def test_jmmlu_loader_reads_the_csvs_and_keeps_five_shots_per_subject_out_of_the
 
 
 def test_jmmlu_loader_names_the_file_and_line_of_a_bad_row(tmp_path):
-    ja_tasks = ja_tasks_module()
+    ja_tasks = task_folder_module("ja_tasks")
     path = tmp_path / "anatomy.csv"
     good = jmmlu_csv("anatomy", 2)  # the second record spans lines 2-3
     path.write_text(good + "問,A,B,C,D\n", encoding="utf-8", newline="")
@@ -928,15 +931,6 @@ def test_a_moving_ref_is_recorded_with_the_commit_the_hub_resolves_it_to(local_h
 
 
 # ----- pin_revisions.py: every moving ref of the task YAMLs rewritten with its commit -----------------
-def pin_revisions_module():
-    sys.path.insert(0, str(TASK_YAMLS))
-    try:
-        import pin_revisions
-    finally:
-        sys.path.remove(str(TASK_YAMLS))
-    return pin_revisions
-
-
 JGLUE_COMMIT = "c0ffee" + "0" * 34
 MOVING = b"@refs%2Fconvert%2Fparquet/"
 
@@ -962,7 +956,7 @@ def serve_jglue(hub, *configs, leave_out=()):
 def test_pin_revisions_rewrites_only_the_moving_ref(local_hub, tmp_path, capsys):
     from toolkit.evaluation import lm_eval_data_revisions
 
-    pin_revisions = pin_revisions_module()
+    pin_revisions = task_folder_module("pin_revisions")
     original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_jemhopqa")
     pinned_inode = (tmp_path / "tasks/ja_jemhopqa.yaml").stat().st_ino
     serve_jglue(local_hub, "JNLI")
@@ -1006,7 +1000,7 @@ def test_pin_revisions_pins_every_shipped_yaml(local_hub, tmp_path):
         local_hub.refs[(repo, "refs/convert/parquet")] = f"{number:040x}"
         local_hub.files[(repo, f"{number:040x}")] = {path for named, path in moving if named == repo}
 
-    pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+    task_folder_module("pin_revisions").main(["--tasks_dir", str(tmp_path / "tasks")])
 
     after = yaml_bytes(tmp_path / "tasks")
     assert not [name for name, text in after.items() if b"@refs%2F" in text]
@@ -1020,7 +1014,7 @@ def test_pin_revisions_dry_run_writes_nothing(local_hub, tmp_path, capsys):
     original = copy_yamls(tmp_path / "tasks", "ja_jglue_jnli", "ja_jemhopqa")
     serve_jglue(local_hub, "JNLI")
 
-    pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks"), "--dry_run"])
+    task_folder_module("pin_revisions").main(["--tasks_dir", str(tmp_path / "tasks"), "--dry_run"])
 
     assert yaml_bytes(tmp_path / "tasks") == original
     assert sorted(path.name for path in (tmp_path / "tasks").iterdir()) == ["ja_jemhopqa.yaml", "ja_jglue_jnli.yaml"]
@@ -1036,7 +1030,7 @@ def test_pin_revisions_names_the_yaml_and_line_of_a_file_missing_at_the_commit(l
                 if "JNLI/validation" in text)
 
     with pytest.raises(SystemExit) as exited:
-        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+        task_folder_module("pin_revisions").main(["--tasks_dir", str(tmp_path / "tasks")])
 
     message = str(exited.value.code)
     url = "hf://datasets/shunk031/JGLUE@refs%2Fconvert%2Fparquet/JNLI/validation/0000.parquet"
@@ -1051,7 +1045,7 @@ def test_pin_revisions_names_the_yaml_and_line_of_a_ref_the_hub_does_not_know(lo
     serve_jglue(local_hub, "JNLI")  # xwinograd-ja: not on this Hub
 
     with pytest.raises(SystemExit) as exited:
-        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+        task_folder_module("pin_revisions").main(["--tasks_dir", str(tmp_path / "tasks")])
 
     line = next(number for number, text in enumerate(original["ja_xwinograd"].decode().splitlines(), 1)
                 if "hf://" in text)
@@ -1079,7 +1073,7 @@ def test_pin_revisions_without_the_hub_changes_nothing_and_says_so(monkeypatch, 
     resolve_hub_dataset_revision.cache_clear()
 
     with pytest.raises(SystemExit) as exited:
-        pin_revisions_module().main(["--tasks_dir", str(tmp_path / "tasks")])
+        task_folder_module("pin_revisions").main(["--tasks_dir", str(tmp_path / "tasks")])
 
     message = str(exited.value.code)
     assert message.startswith(f"error: cannot reach the Hub (http://127.0.0.1:{port}): ")
