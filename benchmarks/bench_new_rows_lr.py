@@ -31,9 +31,11 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from toolkit.quiet import quiet_by_default  # noqa: E402
 from toolkit.reports import write_json_atomic  # noqa: E402
 
+# every arm names its multiplier: pretrain.py's default is 4 since this measurement chose it, so an arm
+# without the flag would not be the baseline it was measured as
 ARMS = {
-    "baseline": [],
-    "eeve4": ["--train_new_embeddings_only_steps", "4"],
+    "baseline": ["--new_embeddings_lr_multiplier", "1"],
+    "eeve4": ["--train_new_embeddings_only_steps", "4", "--new_embeddings_lr_multiplier", "1"],
     "multiplier2": ["--new_embeddings_lr_multiplier", "2"],
     "multiplier4": ["--new_embeddings_lr_multiplier", "4"],
     "multiplier8": ["--new_embeddings_lr_multiplier", "8"],
@@ -91,7 +93,7 @@ def main():
         started = time.time()
         subprocess.run(line, cwd=REPO_ROOT, env=environment, check=True)
         report = json.loads((output / row_name(args, arm) / "training_report.json").read_text())
-        rows[row_name(args, arm)] = {"flags": " ".join(ARMS[arm]) or "(none)", "wall_seconds": time.time() - started,
+        rows[row_name(args, arm)] = {"flags": " ".join(ARMS[arm]), "wall_seconds": time.time() - started,
                      "steps": report["steps"], "tokens_seen": report["tokens_seen"],
                      "final_eval": report["final_eval"], "eval_at_start": report["eval_at_start"]}
         write_json_atomic(results_path, rows)
