@@ -10,7 +10,8 @@
         --train_token_dir outputs/demo/mix/tokens --max_eval_documents 2 --max_eval_characters 1500 \\
         --output_dir outputs/bench_embedding_init
     # the curve: held-out JA bits/char against characters seen, continued pretraining from the old
-    # default (subword_mean), the new default and the raw base with its own tokenizer (arm 2)
+    # default (subword_mean, the new rows at the embedding learning rate), the new default (offset_fit,
+    # the new rows at 4x) and the raw base with its own tokenizer (arm 2)
     python benchmarks/bench_embedding_init.py --part curve --tokenizer_name outputs/demo/tokenizer \\
         --train_token_dir outputs/demo/mix/tokens --base_token_dir outputs/demo/mix/tokens-base \\
         --output_dir outputs/bench_embedding_init
@@ -83,15 +84,16 @@ class BenchArguments:
     # the curve
     base_token_dir: str = field(default=None, metadata={"help": "Token shards of the raw base tokenizer (arm 2)."})
     curve_model: str = field(default="offline:smollm2-135m")
-    curve_inits: list[str] = field(default_factory=lambda: ["subword_mean", "offset_fit"])
+    curve_extended_arms: list[str] = field(
+        default_factory=lambda: ["subword_mean:1", "offset_fit:4"],
+        metadata={"help": "INIT:MULTIPLIER per extended arm (pretrain.py's --embedding_init and "
+                  "--new_embeddings_lr_multiplier). Default: the old default (subword_mean, the new rows at the "
+                  "embedding learning rate) and the new one (offset_fit, 4x)."})
     curve_characters: int = field(default=200_000)
     curve_eval_characters: int = field(default=50_000)
     curve_eval_documents: int = field(default=2)
     curve_block_size: int = field(default=256)
     curve_batch_size: int = field(default=2)
-    curve_new_embeddings_lr_multiplier: float = field(
-        default=1.0, metadata={"help": "pretrain.py's --new_embeddings_lr_multiplier for the extended arms (1: the "
-                               "init alone; BENCHMARKS.md's curve was measured so, before the default became 4)."})
 
 
 def held_out(path, count, characters=None):
@@ -258,10 +260,13 @@ def excess(args):
 def curve_arms(args):
     """name -> (pretrain.py arguments, token dir) of each arm of the curve."""
     arms = {}
-    for init in args.curve_inits:
-        arms[f"extended, {init}"] = (["--tokenizer_name", args.tokenizer_name, "--embedding_init", init,
-                                      "--train_token_dir", args.train_token_dir, "--new_embeddings_lr_multiplier",
-                                      str(args.curve_new_embeddings_lr_multiplier)], args.train_token_dir)
+    for arm in args.curve_extended_arms:
+        init, _, multiplier = arm.partition(":")
+        if init not in INITS or not multiplier:
+            raise SystemExit(f"--curve_extended_arms: {arm!r} is not INIT:MULTIPLIER with INIT one of {', '.join(INITS)}")
+        arms[f"extended, {init}, new rows' LR x{multiplier}"] = (
+            ["--tokenizer_name", args.tokenizer_name, "--embedding_init", init, "--train_token_dir",
+             args.train_token_dir, "--new_embeddings_lr_multiplier", multiplier], args.train_token_dir)
     if args.base_token_dir:
         arms["continued (raw tokenizer)"] = (["--tokenizer_name", args.curve_model,
                                               "--train_token_dir", args.base_token_dir], args.base_token_dir)
@@ -269,7 +274,7 @@ def curve_arms(args):
 
 
 def arm_folder(args, name):
-    return Path(args.output_dir) / "curve" / name.replace(", ", "-").replace(" ", "_").replace("(", "").replace(")", "")
+    return Path(args.output_dir) / "curve" / "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
 
 
 def curve(args):
