@@ -13,7 +13,7 @@ characters (`--max_train_characters`), so the raw base takes more, shorter-text 
 
 Time budget on a quiet 2-core machine (the whole demo must stay under 15 minutes after the
 install). Measured on one (BENCHMARKS.md, "Where the demo's time goes"), seconds: select 3,
-tokenizer 9, mix 8, pretrain 156 (4 steps of 1,024 tokens; 72 of it the offset_fit init of the
+tokenizer 9, mix 8, pretrain 156 (4 steps of 1,024 tokens; 72 of it the piece_fit init of the
 new rows), pretrain_base 164 (9 steps: the raw tokenizer packs ~2.3x fewer characters per
 token), ablation 302 (3 two-step fine-tunes 129, 3 evaluations on small subsets 111, forced
 decoding 43, free generation 10), publish 6: 10 min 49 s in all.

@@ -52,7 +52,7 @@ class ModelArguments:
     tokenizer_name: str = field(metadata={"help": "The extended tokenizer (a folder from extend_tokenizer.py)."})
     base_tokenizer_name: str = field(default=None, metadata={"help": "The model's own tokenizer (default: the model's)."})
     embedding_init: str = field(
-        default="offset_fit",
+        default="piece_fit",
         metadata={"help": f"New-token rows: {', '.join(INITS)} (toolkit/embeddings.py; measured in BENCHMARKS.md). "
                   f"{' and '.join(DATA_INITS)} fit them to the base model on contexts of --train_token_dir."})
     embedding_init_context_tokens: int = field(

@@ -191,6 +191,9 @@ def test_tied_head_gets_one_fitted_row(init, smollm2_path, tmp_path, sample_data
     contexts = mine_contexts(tmp_path / "tokens", window=32, max_tokens=128, seed=0)
     model, report = fitted(smollm2_path, folder, contexts, init=init, steps=2)
     assert report["tied_embeddings"] and "one tied row" in report["fit"]["method"]
+    if init == "piece_fit":  # a tied row is also the input row: the piece weights stay subword_mean's
+        assert report["fit"]["piece_weights"]["skipped"].startswith("tied head")
+        assert "subword_mean output row" in report["fit"]["method"]
     assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     fit = report["fit"]
     assert fit["objective_after"]["next_token_cross_entropy"] < fit["objective_before"]["next_token_cross_entropy"]
@@ -226,6 +229,30 @@ def test_bad_input_falls_back_to_subword_mean_counted(init, tiny_mistral_path, m
     assert report["fit"]["new_tokens_without_contexts"] == report["new_tokens"]
     assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)
     assert torch.equal(model.get_output_embeddings().weight, reference.get_output_embeddings().weight)
+
+
+def test_piece_fit_starts_at_subword_mean_and_lowers_its_first_stage(tiny_mistral_path, mistral_merged, merged_shards):
+    """Before its first stage, piece_fit's row (first, middle mean and last piece at 1/k, (k-2)/k, 1/k)
+    is the subword_mean row; the stage then lowers its own cross-entropy."""
+    from toolkit.embeddings import PIECE_BUCKETS, _piece_rows, _subword_mean_piece_weights
+
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_mistral_path)
+    reference, _ = fitted(tiny_mistral_path, mistral_merged, None, init="subword_mean")
+    decompositions = decompose_new_tokens(base_tokenizer, AutoTokenizer.from_pretrained(mistral_merged))
+    assert {len(parts) for parts in decompositions.values()} >= {2, 3, 4}  # no middle, one middle piece, several
+    new_ids = torch.tensor(sorted(decompositions))
+    output = reference.get_output_embeddings().weight.detach()
+    slots, bucket = _piece_rows(decompositions, new_ids, output[:32000], output[new_ids])
+    rows = (_subword_mean_piece_weights("cpu")[bucket][:, :, None] * slots).sum(1)
+    short = torch.tensor([len(decompositions[int(i)]) < PIECE_BUCKETS for i in new_ids])
+    torch.testing.assert_close(rows[short], output[new_ids][short])
+
+    _, report = fitted(tiny_mistral_path, mistral_merged, mine_contexts(merged_shards, window=32, max_tokens=512),
+                       init="piece_fit")
+    first_stage = report["fit"]["piece_weights"]
+    assert first_stage["positions"] == 16 * 31  # fewer positions than piece_weight_positions: all of them
+    assert first_stage["next_token_cross_entropy_after"] < first_stage["next_token_cross_entropy_before"]
+    assert "first, middle and last piece" in report["fit"]["method"]
 
 
 def test_data_aware_init_needs_contexts(tiny_mistral_path, mistral_merged):

@@ -39,11 +39,23 @@ Inits (`--embedding_init`), measured side by side in benchmarks/bench_embedding_
   rows fixed, with an L2 pull on d_t (`offset_pull`); a token seen in no context gets m[its count].
   Few free numbers per token: it does not memorise its contexts the way free rows do. A tied head:
   the same row is the input row too (measured in BENCHMARKS.md). No backward pass through the body.
-Both run on every process before `accelerator.prepare` (`fit_new_rows`): contexts are split over
+- piece_fit: offset_fit with a better start for the output rows. Instead of the plain mean of its
+  pieces' output rows, a new token's output row is w_first * (first piece's row) + w_middle * (mean of
+  the middle pieces' rows) + w_last * (last piece's row), the three weights shared by all tokens with
+  the same number of pieces (8 or more together: 27 numbers). Its logit is linear in the weights, so
+  the fit is convex too; it starts at subword_mean's weights (1/k, (k-2)/k, 1/k) and runs first, by
+  L-BFGS on a fixed draw of `piece_weight_positions` positions (with a logit offset per number of
+  pieces); then the offsets b_t are fitted on every position exactly as in offset_fit, from those
+  weighted rows. On byte-level Japanese the first piece's row carries most of the weight (what comes
+  next starts with it). Cost: offset_fit's plus the first stage (~20 s at demo size). A tied head
+  keeps subword_mean's weights (the row would also move the token's input, which measured worse), so
+  there piece_fit gives offset_fit's rows, and says so in its report.
+All three run on every process before `accelerator.prepare` (`fit_new_rows`): contexts are split over
 processes, the base model's features gathered and the gradients summed, so every process ends with
 the same rows; all parameters are gathered for it under zero3_init (GatheredParameters).
-offset_fit is pretrain.py's default: the only init measured to beat subword_mean at step 0 (held-out JA
-bits/char 1.22x the base against 1.29x, tied and untied SmolLM2, EN unchanged; BENCHMARKS.md).
+piece_fit is pretrain.py's default: the best init measured at step 0 (held-out JA bits/char 1.19x the
+base on the untied SmolLM2, the Mistral case, against offset_fit's 1.22x and subword_mean's 1.29x; a tied
+head gets offset_fit's 1.22x; EN within 0.3%; BENCHMARKS.md).
 - subword_mean (the baseline, and extend_embeddings' default, which needs no contexts):
   each new row is the mean of the base model's rows for the token's base
   decomposition, in the input embedding and, separately, in an untied LM head (a tied
@@ -77,9 +89,10 @@ from dataclasses import dataclass
 
 import torch
 
-DATA_INITS = ("distill", "offset_fit")  # need contexts from the training token shards
+DATA_INITS = ("distill", "offset_fit", "piece_fit")  # need contexts from the training token shards
 INITS = ("subword_mean",) + DATA_INITS + ("hf_mean", "random")
 PIECE_SLOTS = 8  # output fit: weights for the first 7 pieces, the 8th holds the mean of the rest
+PIECE_BUCKETS = 8  # piece_fit: piece weights per number of pieces, 8 or more together
 PIECE_LEARNING_RATE = 0.05  # Adam on the piece weights and offsets (0.5 diverges: BENCHMARKS.md)
 
 
@@ -191,7 +204,7 @@ def extend_embeddings(model, tokenizer, base_tokenizer, init="subword_mean", pad
                 _set_subword_means(weight, decompositions, fallback)
     fit_report = None
     if init in DATA_INITS and decompositions:
-        fit_report = fit_new_rows(model, decompositions, len(base_tokenizer), contexts, distill=(init == "distill"),
+        fit_report = fit_new_rows(model, decompositions, len(base_tokenizer), contexts, method=init,
                                   settings=fit or FitSettings())
     lengths = [len(parts) for parts in decompositions.values()]
     examples = list(decompositions.items())[:5]
@@ -232,6 +245,10 @@ class FitSettings:
     offset_iterations: int = 200  # offset_fit: L-BFGS iterations (strong Wolfe line search; convex objective)
     # offset_fit: L2 pull of the per-token offsets d_t towards their piece-count offset, sum(d^2) / positions
     offset_pull: float = 1.0
+    # piece_fit's first stage: the piece weights are fitted on this many positions (a fixed draw), with at
+    # most this many L-BFGS iterations; the offsets are then fitted on all positions as in offset_fit
+    piece_weight_positions: int = 2048
+    piece_weight_iterations: int = 50
 
 
 def mine_contexts(token_dir, window=64, max_tokens=8192, seed=0):
@@ -293,10 +310,10 @@ def _base_sequence(context, decompositions, base_size):
     return torch.tensor(ids), torch.tensor(ends)
 
 
-def fit_new_rows(model, decompositions, base_size, contexts, distill=True, settings=None) -> dict:
+def fit_new_rows(model, decompositions, base_size, contexts, method="distill", settings=None) -> dict:
     """Data-aware new rows (see the module doc), written into the model; a report.
 
-    distill=False: offset_fit (`_fit_logit_offsets`). Every process runs it (before
+    method: one of DATA_INITS; offset_fit and piece_fit run `_fit_logit_offsets`. Every process runs it (before
     accelerator.prepare): each computes its share of the contexts,
     features and gradients are gathered/summed over processes, so all end with the same rows (rank
     0's are written under ZeRO-3). The rows start from subword_mean (already set by the caller).
@@ -328,9 +345,9 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
                     "contexts_with_a_token_without_pieces": without_pieces, "new_tokens_with_contexts": 0,
                     "new_tokens_without_contexts": len(decompositions), "seconds": time.time() - started}
         mine = usable[rank::world]
-        if not distill:
+        if method != "distill":
             return _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, started,
-                                      report={"contexts": len(usable), "context_tokens": len(usable) * contexts.shape[1],
+                                      piece_weights=(method == "piece_fit"), report={"contexts": len(usable), "context_tokens": len(usable) * contexts.shape[1],
                                               "contexts_with_a_token_without_pieces": without_pieces})
         progress = tqdm(total=len(mine) + settings.steps, desc="embedding init", unit="step",
                         disable=rank != 0)
@@ -494,8 +511,76 @@ def fit_new_rows(model, decompositions, base_size, contexts, distill=True, setti
     }
 
 
-def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, started, report):
-    """offset_fit (module doc): new output row = its subword_mean row + b_t v; runs inside fit_new_rows'
+def _piece_rows(decompositions, new_ids, base_output, start_rows):
+    """[new tokens, 3, d]: the output rows of each new token's first piece, the mean of its middle
+    pieces (0 with fewer than 3) and its last piece; a token without pieces has its start row as first
+    and last. And the bucket of each token: its number of pieces, those with PIECE_BUCKETS or more
+    together."""
+    slots = torch.zeros(len(new_ids), 3, base_output.shape[1], device=base_output.device)
+    bucket = torch.zeros(len(new_ids), dtype=torch.long, device=base_output.device)
+    for row, index in enumerate(new_ids.tolist()):
+        parts = decompositions[index]
+        if not parts:
+            slots[row, 0] = slots[row, 2] = start_rows[row]
+            continue
+        slots[row, 0], slots[row, 2] = base_output[parts[0]], base_output[parts[-1]]
+        if len(parts) > 2:
+            slots[row, 1] = base_output[parts[1:-1]].mean(0)
+        bucket[row] = min(len(parts), PIECE_BUCKETS)
+    return slots, bucket
+
+
+def _subword_mean_piece_weights(device):
+    """[buckets, 3] weights of (first, middle mean, last) that give subword_mean: 1/k, (k-2)/k, 1/k
+    (bucket 0, no pieces, and 1, one piece: the first slot alone)."""
+    weights = torch.zeros(PIECE_BUCKETS + 1, 3, device=device)
+    weights[:2, 0] = 1.0
+    for pieces in range(2, PIECE_BUCKETS + 1):
+        weights[pieces] = torch.tensor([1.0, pieces - 2.0, 1.0]) / pieces
+    return weights
+
+
+def _fit_piece_weights(features, new_target, base_lse, base_target_logit, along, slot_rows, bucket, count,
+                       settings, progress):
+    """piece_fit's first stage: per bucket of piece counts, the weights of the (first, middle mean,
+    last) piece rows and a logit offset per piece count, by L-BFGS on `piece_weight_positions`
+    positions drawn once (seed 0: the same draw on every process). Linear logits, so convex."""
+    draw = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:settings.piece_weight_positions]
+    draw = draw.to(features.device)
+    slot_logits = torch.einsum("pd,nsd->spn", features[draw], slot_rows)  # [3, positions, new]
+    lse, target_logit, target, shift = base_lse[draw], base_target_logit[draw], new_target[draw], along[draw]
+    column = target.clamp(min=0)[:, None]
+    weights = _subword_mean_piece_weights(features.device).requires_grad_(True)
+    by_count = torch.zeros(int(count.max()) + 1, device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, by_count], lr=1, max_iter=settings.piece_weight_iterations,
+                                  line_search_fn="strong_wolfe")
+
+    def objective():
+        per_token = weights[bucket]  # [new, 3]
+        logits = (slot_logits[0] * per_token[:, 0] + slot_logits[1] * per_token[:, 1] + slot_logits[2] * per_token[:, 2]
+                  + by_count[count][None, :] * shift[:, None])  # [positions, new]
+        total = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        return (total - torch.where(target >= 0, logits.gather(1, column)[:, 0], target_logit)).mean()
+
+    def closure():
+        optimizer.zero_grad()
+        value = objective()
+        value.backward()
+        progress.update(1)
+        return value
+
+    with torch.no_grad():
+        before = float(objective())
+    optimizer.step(closure)
+    with torch.no_grad():
+        after = float(objective())
+    return weights.detach(), {"positions": len(draw), "next_token_cross_entropy_before": before,
+                              "next_token_cross_entropy_after": after}
+
+
+def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, started, report, piece_weights=False):
+    """offset_fit (module doc): new output row = its subword_mean row + b_t v; piece_fit: the row is a
+    fitted weighting of its pieces' rows (`_fit_piece_weights`) + b_t v. Runs inside fit_new_rows'
     gathered parameters. Every process computes the hidden states of its share of the contexts; all
     gather them and run the same deterministic fit."""
     from tqdm.auto import tqdm
@@ -507,8 +592,10 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
     device = input_weight.device
     decoder = model.get_decoder()
     rank = _rank_and_world()[0]
-    progress = tqdm(total=len(mine) + settings.offset_iterations, desc="embedding init (offset fit)", unit="step",
-                    disable=rank != 0)
+    progress = tqdm(total=len(mine) + settings.offset_iterations
+                    + (settings.piece_weight_iterations if piece_weights else 0),
+                    desc="embedding init (piece fit)" if piece_weights else "embedding init (offset fit)",
+                    unit="step", disable=rank != 0)
     was_training = model.training
     model.eval()
     features, targets = [], []
@@ -532,9 +619,25 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
         gram = features.T @ features + ridge * torch.eye(features.shape[1], device=device)
         direction = torch.linalg.solve(gram, features.sum(0))
         along = features @ direction  # ~1 at every position
-        start_logits = features @ start_rows.T  # [P, new]
         new_target = torch.where(targets >= base_size, targets - base_size, -1)
         target_column = new_target.clamp(min=0)[:, None]
+    piece_report = None
+    if piece_weights and tied:
+        # a tied row is also the token's input row: the weighting moved held-out JA the wrong way there
+        # (1.233x the base against offset_fit's 1.219x, BENCHMARKS.md), so a tied head keeps subword_mean's
+        piece_report = {"skipped": "tied head: the output row is also the input row; subword_mean weights kept "
+                                   "(the rows are offset_fit's)"}
+    elif piece_weights:
+        slot_rows, bucket = _piece_rows(decompositions, new_ids, base_output, start_rows)
+        weights, piece_report = _fit_piece_weights(features, new_target, base_lse, base_target_logit, along, slot_rows,
+                                                   bucket, count, settings, progress)
+        start_rows = (weights[bucket][:, :, None] * slot_rows).sum(1)
+        piece_report["weights_first_middle_last_by_number_of_pieces"] = {
+            ("no pieces" if k == 0 else f"{k}+" if k == PIECE_BUCKETS else str(k)): [round(float(x), 3) for x in row]
+            for k, row in enumerate(weights)}
+        del slot_rows
+    with torch.no_grad():
+        start_logits = features @ start_rows.T  # [P, new]
     seen = torch.zeros(len(new_ids), dtype=torch.bool, device=device)
     seen[new_target[new_target >= 0]] = True
     by_count = torch.zeros(int(count.max()) + 1, device=device, requires_grad=True)
@@ -574,9 +677,13 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
         figures["hidden_state_mse"] = 0.0
     new_tokens_seen = int(seen.sum())
     return {
-        "method": "subword_mean (input) + subword_mean output row + a fitted logit offset along a bias direction"
+        "method": "subword_mean (input) + "
+                  + ("fitted weights of the first, middle and last piece's output rows" if piece_weights and not tied
+                     else "subword_mean output row")
+                  + " + a fitted logit offset along a bias direction"
                   + (", one tied row (input rows change too)" if tied else ""),
         **report,
+        "piece_weights": piece_report,
         "positions": len(targets),
         "new_tokens_with_contexts": new_tokens_seen,
         "new_tokens_without_contexts": len(new_ids) - new_tokens_seen,

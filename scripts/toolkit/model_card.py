@@ -137,6 +137,12 @@ TERMS = {
                          "token on contexts of the training data (`offset_fit`)",
                    "ja": "ピースの埋め込みの平均に、学習データの文脈で次トークンに当てはめたトークンごとのロジットのオフセットを加えたもの"
                          "（`offset_fit`）"},
+    "piece_fit": {"en": "input rows: subword means; output rows: a weighting of the first, middle and last piece's "
+                        "rows fitted per number of pieces, shifted by a per-token logit offset, both fitted to the "
+                        "next token on contexts of the training data (`piece_fit`)",
+                  "ja": "入力側はピースの埋め込みの平均。出力側は先頭・中間・末尾のピースの行をピース数ごとに重み付けし、"
+                        "トークンごとのロジットのオフセットを加えたもの。どちらも学習データの文脈で次トークンに当てはめる"
+                        "（`piece_fit`）"},
     "hf_mean": {"en": "the mean of all base embeddings (`hf_mean`)", "ja": "ベースの全埋め込みの平均（`hf_mean`）"},
     "random": {"en": "random (`random`)", "ja": "ランダム（`random`）"},
     # ablation effects and readings
