@@ -308,3 +308,17 @@ def test_the_card_states_the_base_models_real_provenance_and_credits_the_recipes
     arguments["model"]["model_name_or_path"] = "mistralai/Mistral-7B-v0.1"
     edit(path, arguments=arguments)
     assert "Q4_1" not in render(reports)  # a Hub base is what it says
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_card_says_when_piece_fit_kept_the_mean_on_a_tied_head(reports, tied):
+    path = reports / "pretrain" / "training_report.json"
+    training = json.loads(path.read_text())
+    fit = {"piece_weights": {"skipped": "tied head: ..."} if tied else {"positions": 2048}}
+    edit(path, arguments={**training.get("arguments", {}), "embedding_init": "piece_fit"},
+         embeddings={**(training.get("embeddings") or {}), "fit": fit})
+    english, japanese = mc.split_languages(render(reports))
+    line = next(line for line in english.splitlines() if line.startswith("- New embedding rows initialised with:"))
+    assert "(`piece_fit`)" in line
+    assert ("the pieces' weights stayed at the mean" in line) == tied
+    assert ("ピースの重みは平均のまま" in japanese) == tied

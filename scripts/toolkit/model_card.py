@@ -143,6 +143,10 @@ TERMS = {
                   "ja": "入力側はピースの埋め込みの平均。出力側は先頭・中間・末尾のピースの行をピース数ごとに重み付けし、"
                         "トークンごとのロジットのオフセットを加えたもの。どちらも学習データの文脈で次トークンに当てはめる"
                         "（`piece_fit`）"},
+    "piece_weights_skipped": {"en": "this model's head is tied to its input embeddings, so the pieces' weights "
+                                    "stayed at the mean: the rows are those of `offset_fit`",
+                              "ja": "このモデルは入力と出力で埋め込みを共有しているため、ピースの重みは平均のまま"
+                                    "（行は `offset_fit` と同じ）"},
     "hf_mean": {"en": "the mean of all base embeddings (`hf_mean`)", "ja": "ベースの全埋め込みの平均（`hf_mean`）"},
     "random": {"en": "random (`random`)", "ja": "ランダム（`random`）"},
     # ablation effects and readings
@@ -410,6 +414,8 @@ def training_facts(report):
         "block_size": _number(_find(arguments, "block_size")),
         "learning_rate": _number(_find(arguments, "learning_rate")),
         "embedding_init": _find(arguments, "embedding_init"),
+        # piece_fit on a tied head keeps the pieces' mean (toolkit.embeddings): say so, not what was not done
+        "piece_weights_skipped": bool(_get(report, "embeddings", "fit", "piece_weights", "skipped")),
         "parameters": _number(_get(report, "parameters")),
     }
     facts["deepspeed"] = facts["zero_stage"] is not None or "DEEPSPEED" in str(_get(report, "distributed_type")).upper()
