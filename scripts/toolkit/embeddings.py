@@ -93,6 +93,7 @@ DATA_INITS = ("distill", "offset_fit", "piece_fit")  # need contexts from the tr
 INITS = ("subword_mean",) + DATA_INITS + ("hf_mean", "random")
 PIECE_SLOTS = 8  # output fit: weights for the first 7 pieces, the 8th holds the mean of the rest
 PIECE_BUCKETS = 8  # piece_fit: piece weights per number of pieces, 8 or more together
+PIECE_ROW_CHUNK = 4096  # piece_fit: new tokens whose piece rows are built at once
 PIECE_LEARNING_RATE = 0.05  # Adam on the piece weights and offsets (0.5 diverges: BENCHMARKS.md)
 
 
@@ -540,14 +541,27 @@ def _subword_mean_piece_weights(device):
     return weights
 
 
-def _fit_piece_weights(features, new_target, base_lse, base_target_logit, along, slot_rows, bucket, count,
+def _piece_row_chunks(decompositions, new_ids, base_output, start_rows):
+    """(piece rows [chunk, 3, d], bucket [chunk]) a chunk of new tokens at a time: all at once they
+    would be [new tokens, 3, d], 4 GiB of fp32 for 88,000 new rows of 4,096 at 7B."""
+    for ids, rows in zip(new_ids.split(PIECE_ROW_CHUNK), start_rows.split(PIECE_ROW_CHUNK)):
+        yield _piece_rows(decompositions, ids, base_output, rows)
+
+
+def _fit_piece_weights(features, new_target, base_lse, base_target_logit, along, piece_row_chunks, count,
                        settings, progress):
     """piece_fit's first stage: per bucket of piece counts, the weights of the (first, middle mean,
     last) piece rows and a logit offset per piece count, by L-BFGS on `piece_weight_positions`
-    positions drawn once (seed 0: the same draw on every process). Linear logits, so convex."""
+    positions drawn once (seed 0: the same draw on every process). Linear logits, so convex.
+    `piece_row_chunks()` yields (piece rows, bucket) per chunk of new tokens, in id order."""
     draw = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:settings.piece_weight_positions]
     draw = draw.to(features.device)
-    slot_logits = torch.einsum("pd,nsd->spn", features[draw], slot_rows)  # [3, positions, new]
+    drawn, slot_logits, buckets = features[draw], [], []
+    with torch.no_grad():
+        for slot_rows, chunk_bucket in piece_row_chunks():
+            slot_logits.append(torch.einsum("pd,nsd->spn", drawn, slot_rows))
+            buckets.append(chunk_bucket)
+    slot_logits, bucket = torch.cat(slot_logits, dim=2), torch.cat(buckets)  # [3, positions, new], [new]
     lse, target_logit, target, shift = base_lse[draw], base_target_logit[draw], new_target[draw], along[draw]
     column = target.clamp(min=0)[:, None]
     weights = _subword_mean_piece_weights(features.device).requires_grad_(True)
@@ -628,14 +642,19 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
         piece_report = {"skipped": "tied head: the output row is also the input row; subword_mean weights kept "
                                    "(the rows are offset_fit's)"}
     elif piece_weights:
-        slot_rows, bucket = _piece_rows(decompositions, new_ids, base_output, start_rows)
-        weights, piece_report = _fit_piece_weights(features, new_target, base_lse, base_target_logit, along, slot_rows,
-                                                   bucket, count, settings, progress)
-        start_rows = (weights[bucket][:, :, None] * slot_rows).sum(1)
+        subword_rows = start_rows
+
+        def piece_row_chunks():
+            return _piece_row_chunks(decompositions, new_ids, base_output, subword_rows)
+
+        weights, piece_report = _fit_piece_weights(features, new_target, base_lse, base_target_logit, along,
+                                                   piece_row_chunks, count, settings, progress)
+        with torch.no_grad():
+            start_rows = torch.cat([(weights[bucket][:, :, None] * slot_rows).sum(1)
+                                    for slot_rows, bucket in piece_row_chunks()])
         piece_report["weights_first_middle_last_by_number_of_pieces"] = {
             ("no pieces" if k == 0 else f"{k}+" if k == PIECE_BUCKETS else str(k)): [round(float(x), 3) for x in row]
             for k, row in enumerate(weights)}
-        del slot_rows
     with torch.no_grad():
         start_logits = features @ start_rows.T  # [P, new]
     seen = torch.zeros(len(new_ids), dtype=torch.bool, device=device)
