@@ -348,7 +348,8 @@ def fit_new_rows(model, decompositions, base_size, contexts, method="distill", s
         mine = usable[rank::world]
         if method != "distill":
             return _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, started,
-                                      piece_weights=(method == "piece_fit"), report={"contexts": len(usable), "context_tokens": len(usable) * contexts.shape[1],
+                                      piece_weights=(method == "piece_fit"),
+                                      report={"contexts": len(usable), "context_tokens": len(usable) * contexts.shape[1],
                                               "contexts_with_a_token_without_pieces": without_pieces})
         progress = tqdm(total=len(mine) + settings.steps, desc="embedding init", unit="step",
                         disable=rank != 0)
@@ -607,7 +608,7 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
     decoder = model.get_decoder()
     rank = _rank_and_world()[0]
     progress = tqdm(total=len(mine) + settings.offset_iterations
-                    + (settings.piece_weight_iterations if piece_weights else 0),
+                    + (settings.piece_weight_iterations if piece_weights and not tied else 0),
                     desc="embedding init (piece fit)" if piece_weights else "embedding init (offset fit)",
                     unit="step", disable=rank != 0)
     was_training = model.training
