@@ -311,6 +311,16 @@ def _base_sequence(context, decompositions, base_size):
     return torch.tensor(ids), torch.tensor(ends)
 
 
+def _next_token_cross_entropy(new_logits, base_lse, new_target, base_target_logit):
+    """Mean cross-entropy of the next extended token over the whole vocabulary, the base rows fixed:
+    `new_logits` [positions, new tokens]; `base_lse` the base rows' log-sum-exp at each position
+    (computed once); `new_target` the target's index among the new tokens, -1 where the target is a
+    base token, whose logit is then `base_target_logit`. The objective of every data-aware fit."""
+    total = torch.logaddexp(base_lse, torch.logsumexp(new_logits, dim=1))
+    new_target_logit = new_logits.gather(1, new_target.clamp(min=0)[:, None])[:, 0]
+    return (total - torch.where(new_target >= 0, new_target_logit, base_target_logit)).mean()
+
+
 def fit_new_rows(model, decompositions, base_size, contexts, method="distill", settings=None) -> dict:
     """Data-aware new rows (see the module doc), written into the model; a report.
 
@@ -371,7 +381,7 @@ def fit_new_rows(model, decompositions, base_size, contexts, method="distill", s
         with torch.no_grad():  # the base rows' part of the softmax is fixed: once
             base_logits = features @ base_output.T
             base_lse = torch.logsumexp(base_logits, dim=-1)
-            target_is_new = targets >= base_size
+            new_target = torch.where(targets >= base_size, targets - base_size, -1)
             base_target_logit = base_logits.gather(1, targets.clamp(max=base_size - 1)[:, None])[:, 0]
             del base_logits
         seen = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -431,12 +441,7 @@ def fit_new_rows(model, decompositions, base_size, contexts, method="distill", s
 
         def objective():
             current = output_rows()
-            logits = features @ current.T
-            lse = torch.logaddexp(base_lse, torch.logsumexp(logits, dim=-1))
-            target_logit = torch.where(target_is_new,
-                                       logits.gather(1, (targets - base_size).clamp(min=0)[:, None])[:, 0],
-                                       base_target_logit)
-            cross_entropy = (lse - target_logit).mean()
+            cross_entropy = _next_token_cross_entropy(features @ current.T, base_lse, new_target, base_target_logit)
             moved = row_delta if free_rows else new_input - initial_input
             change = moved.pow(2).mean(1).sum() / scale ** 2 / len(targets)
             table = current if tied else torch.where(keep_input, new_input, initial_input)
@@ -564,7 +569,6 @@ def _fit_piece_weights(features, new_target, base_lse, base_target_logit, along,
             buckets.append(chunk_bucket)
     slot_logits, bucket = torch.cat(slot_logits, dim=2), torch.cat(buckets)  # [3, positions, new], [new]
     lse, target_logit, target, shift = base_lse[draw], base_target_logit[draw], new_target[draw], along[draw]
-    column = target.clamp(min=0)[:, None]
     weights = _subword_mean_piece_weights(features.device).requires_grad_(True)
     by_count = torch.zeros(int(count.max()) + 1, device=features.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weights, by_count], lr=1, max_iter=settings.piece_weight_iterations,
@@ -574,8 +578,7 @@ def _fit_piece_weights(features, new_target, base_lse, base_target_logit, along,
         per_token = weights[bucket]  # [new, 3]
         logits = (slot_logits[0] * per_token[:, 0] + slot_logits[1] * per_token[:, 1] + slot_logits[2] * per_token[:, 2]
                   + by_count[count][None, :] * shift[:, None])  # [positions, new]
-        total = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        return (total - torch.where(target >= 0, logits.gather(1, column)[:, 0], target_logit)).mean()
+        return _next_token_cross_entropy(logits, lse, target, target_logit)
 
     def closure():
         optimizer.zero_grad()
@@ -635,7 +638,6 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
         direction = torch.linalg.solve(gram, features.sum(0))
         along = features @ direction  # ~1 at every position
         new_target = torch.where(targets >= base_size, targets - base_size, -1)
-        target_column = new_target.clamp(min=0)[:, None]
     piece_report = None
     if piece_weights and tied:
         # a tied row is also the token's input row: the weighting moved held-out JA the wrong way there
@@ -668,10 +670,8 @@ def _fit_logit_offsets(model, decompositions, base_size, mine, world, settings, 
 
     def objective():
         offsets = by_count[count] + per_token
-        logits = start_logits + offsets[None, :] * along[:, None]
-        lse = torch.logaddexp(base_lse, torch.logsumexp(logits, dim=1))
-        target_logit = torch.where(new_target >= 0, logits.gather(1, target_column)[:, 0], base_target_logit)
-        cross_entropy = (lse - target_logit).mean()
+        cross_entropy = _next_token_cross_entropy(start_logits + offsets[None, :] * along[:, None], base_lse,
+                                                  new_target, base_target_logit)
         pull = settings.offset_pull * per_token.pow(2).sum() / len(targets)
         return cross_entropy, pull
 
